@@ -1,0 +1,37 @@
+# feedloop: `make up` runs the whole loop on this machine, `make test` runs the suite.
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: install install-test up demo test test-fast lint typecheck bench clean
+
+install:
+	@scripts/install.sh
+
+install-test:
+	@scripts/install.sh --test
+
+up: install
+	$(BIN)/feedloop up
+
+demo: install
+	$(BIN)/feedloop demo
+
+test: install-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy services workers
+
+bench: install
+	$(BIN)/python bench/chat_vs_vllm.py
+
+clean:
+	rm -rf .pytest_cache build *.egg-info

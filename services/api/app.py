@@ -1,0 +1,70 @@
+"""The FastAPI app factory and its lifespan (engine, Redis, interaction log)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import ORJSONResponse
+
+from services.api.body_limit import BodySizeLimit
+from services.api.errors import install_error_handlers
+from services.api.routes import admin, chat, health
+from services.config import Settings, get_settings
+from services.engine.engine import Engine
+from services.store.interactions import InteractionLog
+from services.store.keys import Keys
+from services.store.redis import check_redis_safety, connect
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = connect(settings.redis_url)
+        await check_redis_safety(redis)
+        own_engine = engine is None
+        eng = engine or Engine(settings)
+        if not eng.ready:
+            log.info("starting the engine on %s", eng.model_path)
+            eng.start()
+        interactions = InteractionLog(
+            redis, Keys(settings.redis_prefix), settings.interactions.ttl_s,
+            settings.interactions.flush_interval_ms / 1000, settings.interactions.batch_size,
+        )
+        interactions.start()
+        app.state.settings = settings
+        app.state.engine = eng
+        app.state.redis = redis
+        app.state.keys = Keys(settings.redis_prefix)
+        app.state.interactions = interactions
+        try:
+            yield
+        finally:
+            await interactions.close()
+            if own_engine:
+                eng.shutdown()
+            await redis.aclose()
+
+    app = FastAPI(title="feedloop", version="0.1.0", lifespan=lifespan, default_response_class=ORJSONResponse)
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(chat.router)
+    app.include_router(admin.router)
+    if settings.api.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=[o for o in settings.api.cors_origins if o != "*"],
+            allow_credentials=False,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Content-Type", "Authorization"],
+            max_age=600,
+        )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.api.max_body_bytes)
+    return app

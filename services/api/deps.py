@@ -1,0 +1,40 @@
+"""Annotated dependencies: what routes get from the app's state."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from redis.asyncio import Redis
+
+from services.config import Settings
+from services.engine.engine import Engine
+from services.store.interactions import InteractionLog
+from services.store.keys import Keys
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def _redis(request: Request) -> Redis:
+    return request.app.state.redis
+
+
+def _keys(request: Request) -> Keys:
+    return request.app.state.keys
+
+
+def _interactions(request: Request) -> InteractionLog:
+    return request.app.state.interactions
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+EngineDep = Annotated[Engine, Depends(_engine)]
+RedisDep = Annotated[Redis, Depends(_redis)]
+KeysDep = Annotated[Keys, Depends(_keys)]
+InteractionsDep = Annotated[InteractionLog, Depends(_interactions)]

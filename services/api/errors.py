@@ -1,0 +1,81 @@
+"""OpenAI's error body for every error the API returns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import ORJSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    410: "expired_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+
+class ApiError(Exception):
+    """Raise anywhere in a route: becomes {"error": {...}} with this status."""
+
+    def __init__(
+        self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+        type: str | None = None, headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type or _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        self.headers = headers
+
+
+def error_body(status: int, message: str, *, type: str | None = None, param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type or _TYPE_BY_STATUS.get(status, "server_error"),
+                      "param": param, "code": code}}
+
+
+def error_response(err: ApiError) -> ORJSONResponse:
+    return ORJSONResponse(
+        error_body(err.status, err.message, type=err.type, param=err.param, code=err.code),
+        status_code=err.status, headers=err.headers,
+    )
+
+
+def _validation_response(exc: RequestValidationError) -> ORJSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return error_response(ApiError(400, f"Malformed JSON body: {first.get('ctx', {}).get('error', '')}".strip(),
+                                       code="invalid_json"))
+    loc = [str(p) for p in first.get("loc", []) if p not in ("body", "query", "path")]
+    param = ".".join(loc) or None
+    message = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', []) if p != 'body') or 'body'}: {e.get('msg')}" for e in errors[:5]
+    )
+    return error_response(ApiError(422, message, param=param, code="invalid_value"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> ORJSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> ORJSONResponse:
+        return _validation_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+        return error_response(ApiError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None)))

@@ -1,0 +1,194 @@
+"""Shared fixtures: the tiny model, a real Redis, and one real API server (vLLM on CPU) per test run.
+
+The server is started once (`feedloop serve` in a subprocess, ~20-60 s on CPU) with its own Redis key
+prefix, so tests can inspect exactly what it wrote. Set FEEDLOOP_TEST_REDIS_URL to use another Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from services.config import Settings
+from services.store.keys import Keys
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_REDIS_URL = os.environ.get("FEEDLOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+CACHE = REPO / "data" / "test-cache"
+ARTIFACTS = REPO / "test-artifacts"
+ADMIN_TOKEN = "test-admin-token"
+FEEDBACK_SECRET = "test-feedback-secret"
+ALLOWED_ORIGIN = "http://127.0.0.1:18765"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def delete_prefix(client: redis.Redis, prefix: str) -> None:
+    for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+        client.delete(key)
+
+
+def keys_with_prefix(client: redis.Redis, prefix: str) -> set[bytes]:
+    return set(client.scan_iter(match=f"{prefix}:*", count=1000))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from services.tinymodel import build_tiny_model
+
+    return build_tiny_model(CACHE / "tiny-model")
+
+
+@pytest.fixture(scope="session")
+def redis_client() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.fail(f"no Redis at {TEST_REDIS_URL}: start redis-server (the CI script does)")
+    yield client
+    client.close()
+
+
+@dataclass
+class ServerProcess:
+    """A `feedloop` subprocess and where it listens."""
+
+    proc: subprocess.Popen[bytes]
+    base_url: str
+    log_path: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+
+def start_feedloop(args: list[str], env: dict[str, str], port: int, log_path: Path,
+                   ready_path: str = "/readyz", timeout: float = 300) -> ServerProcess:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], cwd=REPO, env=full_env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"feedloop {' '.join(args)} exited with {proc.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(server.base_url + ready_path, timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    server.stop(signal.SIGKILL)
+    raise RuntimeError(f"feedloop {' '.join(args)} was not ready in {timeout}s:\n{server.log()}")
+
+
+@dataclass
+class LiveApi:
+    base_url: str
+    redis: redis.Redis
+    keys: Keys
+    settings: Settings
+    admin_token: str = ADMIN_TOKEN
+    env: dict[str, str] = field(default_factory=dict)
+
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
+    def flush_interactions(self, completion_id: str, timeout: float = 5.0) -> bytes | None:
+        """Wait until the interaction log has written a completion (it writes off the hot path)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            raw = self.redis.get(self.keys.interaction(completion_id))
+            if raw:
+                return raw
+            time.sleep(0.02)
+        return None
+
+
+@pytest.fixture(scope="session")
+def live_api(tiny_model_dir: Path, redis_client: redis.Redis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApi]:
+    prefix = f"fltest-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    data_dir = tmp_path_factory.mktemp("feedloop-data")
+    env = {
+        "FEEDLOOP_REDIS_URL": TEST_REDIS_URL,
+        "FEEDLOOP_REDIS_PREFIX": prefix,
+        "FEEDLOOP_DATA_DIR": str(data_dir),
+        "FEEDLOOP_ENGINE__MODEL": str(tiny_model_dir),
+        "FEEDLOOP_ENGINE__MAX_MODEL_LEN": "1024",
+        "FEEDLOOP_API__PORT": str(port),
+        "FEEDLOOP_API__ADMIN_TOKEN": ADMIN_TOKEN,
+        "FEEDLOOP_API__CORS_ORIGINS": f'["{ALLOWED_ORIGIN}"]',
+        "FEEDLOOP_API__MAX_BODY_BYTES": "200000",
+        "FEEDLOOP_FEEDBACK__SECRET": FEEDBACK_SECRET,
+        "FEEDLOOP_TRAINING__ADAPTERS_DIR": str(data_dir / "adapters"),
+        "FEEDLOOP_PAIRS__DATA_DIR": str(data_dir / "datasets"),
+    }
+    server = start_feedloop(["serve"], env, port, ARTIFACTS / "logs" / "live-api.log")
+    settings = Settings(**{  # the server's settings, as the server parsed them from env
+        "redis_url": TEST_REDIS_URL, "redis_prefix": prefix, "data_dir": data_dir,
+        "engine": {"model": str(tiny_model_dir)}, "api": {"port": port, "admin_token": ADMIN_TOKEN,
+                                                           "cors_origins": [ALLOWED_ORIGIN], "max_body_bytes": 200000},
+        "feedback": {"secret": FEEDBACK_SECRET},
+        "training": {"adapters_dir": data_dir / "adapters"}, "pairs": {"data_dir": data_dir / "datasets"},
+    })
+    try:
+        yield LiveApi(server.base_url, redis_client, Keys(prefix), settings, env=env)
+    finally:
+        server.stop()
+        delete_prefix(redis_client, prefix)
+
+
+@pytest.fixture(scope="session")
+def openai_client(live_api: LiveApi):
+    from openai import OpenAI
+
+    return OpenAI(base_url=live_api.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def random_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PEFT LoRA adapter with random (non-zero) weights for the tiny model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    config = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.5)
+    out = tmp_path_factory.mktemp("adapter") / "random-lora"
+    model.save_pretrained(out)
+    return out
