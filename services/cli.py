@@ -18,8 +18,11 @@ import typer
 
 from services.config import DEFAULT_MODEL_DIR, Settings, get_settings
 
-app = typer.Typer(help="feedloop: chat on vLLM, collect feedback, train DPO adapters, hot-swap them.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="feedloop: chat on vLLM, collect feedback, train DPO adapters, hot-swap them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 
 
 def fail(message: str) -> typer.Exit:
@@ -70,9 +73,25 @@ def private_redis(data_dir: Path):
     data_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     proc = subprocess.Popen(
-        [server, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir.resolve()),
-         "--appendonly", "yes", "--maxmemory-policy", "noeviction", "--save", "", "--protected-mode", "yes"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        [
+            server,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(data_dir.resolve()),
+            "--appendonly",
+            "yes",
+            "--maxmemory-policy",
+            "noeviction",
+            "--save",
+            "",
+            "--protected-mode",
+            "yes",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
     )
     url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + 10
@@ -110,10 +129,19 @@ def _run_api(settings: Settings) -> None:
 
     from services.api.app import create_app
 
-    typer.echo(f"feedloop: serving {settings.model_path()} on http://{settings.api.host}:{settings.api.port} "
-               f"(models: {settings.engine.alias}, {settings.engine.served_model_name})")
-    uvicorn.run(create_app(settings), host=settings.api.host, port=settings.api.port,
-                log_level=settings.log_level.lower(), access_log=False, timeout_graceful_shutdown=10)
+    typer.echo(
+        f"feedloop: serving {settings.model_path()} on http://{settings.api.host}:{settings.api.port} "
+        f"(models: {settings.engine.alias}, {settings.engine.served_model_name})"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.api.host,
+        port=settings.api.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        timeout_keep_alive=settings.api.keep_alive_s,
+    )
 
 
 @app.command()

@@ -51,6 +51,13 @@ class ApiSettings(BaseModel):
         description="Origins allowed to call the API from a browser (JSON list). Never '*'.",
     )
     admin_token: str = Field("", description="Bearer token for /admin routes. Empty: admin routes are off.")
+    keep_alive_s: int = Field(
+        75,
+        description="Idle keep-alive of client connections; keep it above your load balancer's idle timeout.",
+    )
+    trust_forwarded_for: bool = Field(
+        False, description="Take the client IP from X-Forwarded-For (only behind a proxy you trust)."
+    )
 
 
 class InteractionSettings(BaseModel):
@@ -143,6 +150,12 @@ class TrainingSettings(BaseModel):
         description="Modules LoRA adapts.",
     )
     beta: float = Field(0.1, description="DPO beta.")
+    sft_weight: float = Field(
+        0.0,
+        description="Weight of an SFT term (NLL of the chosen answer) added to the DPO loss, as in RPO; it "
+        "keeps the chosen answers likely and guards against degenerate generations. 0: pure DPO. "
+        "Ignored by KTO.",
+    )
     learning_rate: float = Field(5e-4, description="Learning rate.")
     epochs: float = Field(3.0, description="Epochs over the training split.")
     batch_size: int = Field(16, description="Pairs per optimizer step.")
@@ -156,8 +169,8 @@ class TrainingSettings(BaseModel):
     seed: int = Field(0, description="Seed of adapter initialisation and data order.")
     cpu_threads: int = Field(
         1,
-        description="torch threads for training and gate scoring on CPU (0: torch's default). More than 1 only "
-        "pays on idle cores: OpenMP threads competing with the engine for cores run many times slower.",
+        description="torch threads for training and gate scoring on CPU (0: torch's default). More than 1 "
+        "only pays on idle cores: OpenMP threads competing with the engine for cores run many times slower.",
     )
     max_length: int = Field(512, description="Longest prompt+completion in tokens during training.")
     qlora: bool = Field(False, description="Load the base in 4 bit (GPU only, needs bitsandbytes).")

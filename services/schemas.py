@@ -63,14 +63,27 @@ class ChatCompletionRequest(BaseModel):
         return stops
 
     def conversation(self) -> list[dict[str, str]]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in self.messages
+        ]
 
     def sampling(self) -> dict[str, object]:
         """The sampling parameters as given (recorded with the interaction)."""
         return self.model_dump(
             include={
-                "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "n", "seed",
-                "presence_penalty", "frequency_penalty", "top_k", "min_tokens", "ignore_eos",
+                "temperature",
+                "top_p",
+                "max_tokens",
+                "max_completion_tokens",
+                "stop",
+                "n",
+                "seed",
+                "presence_penalty",
+                "frequency_penalty",
+                "top_k",
+                "min_tokens",
+                "ignore_eos",
             },
             exclude_none=True,
         )
@@ -82,8 +95,8 @@ class FeedbackRequest(BaseModel):
     completion_id: str = Field(min_length=1, max_length=128)
     token: str = Field(min_length=1, max_length=512)
     rating: Literal["like", "dislike"]
-    comment: str | None = None
-    correction: str | None = None
+    comment: str | None = Field(None, min_length=1)
+    correction: str | None = Field(None, min_length=1)
     user: str | None = Field(None, max_length=256)
 
 

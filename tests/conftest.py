@@ -48,6 +48,26 @@ def keys_with_prefix(client: redis.Redis, prefix: str) -> set[bytes]:
     return set(client.scan_iter(match=f"{prefix}:*", count=1000))
 
 
+def redis_state(client: redis.Redis, prefix: str) -> dict[bytes, object]:
+    """Every key under a prefix with its content, to prove that a request wrote nothing."""
+    state: dict[bytes, object] = {}
+    for key in sorted(keys_with_prefix(client, prefix)):
+        kind = client.type(key)
+        if kind == b"string":
+            state[key] = client.get(key)
+        elif kind == b"hash":
+            state[key] = client.hgetall(key)
+        elif kind == b"list":
+            state[key] = client.lrange(key, 0, -1)
+        elif kind == b"stream":
+            state[key] = client.xrange(key)
+        elif kind == b"zset":
+            state[key] = client.zrange(key, 0, -1, withscores=True)
+        elif kind == b"set":
+            state[key] = client.smembers(key)
+    return state
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     from services.tinymodel import build_tiny_model
@@ -88,13 +108,25 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")[-6000:]
 
 
-def start_feedloop(args: list[str], env: dict[str, str], port: int, log_path: Path,
-                   ready_path: str = "/readyz", timeout: float = 300) -> ServerProcess:
+def start_feedloop(
+    args: list[str],
+    env: dict[str, str],
+    port: int,
+    log_path: Path,
+    ready_path: str = "/readyz",
+    timeout: float = 300,
+) -> ServerProcess:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], cwd=REPO, env=full_env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", *args],
+            cwd=REPO,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -134,7 +166,9 @@ class LiveApi:
 
 
 @pytest.fixture(scope="session")
-def live_api(tiny_model_dir: Path, redis_client: redis.Redis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApi]:
+def live_api(
+    tiny_model_dir: Path, redis_client: redis.Redis, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveApi]:
     prefix = f"fltest-{uuid.uuid4().hex[:8]}"
     port = free_port()
     data_dir = tmp_path_factory.mktemp("feedloop-data")
@@ -149,17 +183,30 @@ def live_api(tiny_model_dir: Path, redis_client: redis.Redis, tmp_path_factory: 
         "FEEDLOOP_API__CORS_ORIGINS": f'["{ALLOWED_ORIGIN}"]',
         "FEEDLOOP_API__MAX_BODY_BYTES": "200000",
         "FEEDLOOP_FEEDBACK__SECRET": FEEDBACK_SECRET,
+        # The per-IP bucket is tested against the store directly; every test here comes from one IP.
+        "FEEDLOOP_FEEDBACK__RATE_PER_IP": "10000",
+        "FEEDLOOP_FEEDBACK__BURST_PER_IP": "100000",
         "FEEDLOOP_TRAINING__ADAPTERS_DIR": str(data_dir / "adapters"),
         "FEEDLOOP_PAIRS__DATA_DIR": str(data_dir / "datasets"),
     }
     server = start_feedloop(["serve"], env, port, ARTIFACTS / "logs" / "live-api.log")
-    settings = Settings(**{  # the server's settings, as the server parsed them from env
-        "redis_url": TEST_REDIS_URL, "redis_prefix": prefix, "data_dir": data_dir,
-        "engine": {"model": str(tiny_model_dir)}, "api": {"port": port, "admin_token": ADMIN_TOKEN,
-                                                           "cors_origins": [ALLOWED_ORIGIN], "max_body_bytes": 200000},
-        "feedback": {"secret": FEEDBACK_SECRET},
-        "training": {"adapters_dir": data_dir / "adapters"}, "pairs": {"data_dir": data_dir / "datasets"},
-    })
+    settings = Settings(
+        **{  # the server's settings, as the server parsed them from env
+            "redis_url": TEST_REDIS_URL,
+            "redis_prefix": prefix,
+            "data_dir": data_dir,
+            "engine": {"model": str(tiny_model_dir)},
+            "api": {
+                "port": port,
+                "admin_token": ADMIN_TOKEN,
+                "cors_origins": [ALLOWED_ORIGIN],
+                "max_body_bytes": 200000,
+            },
+            "feedback": {"secret": FEEDBACK_SECRET, "rate_per_ip": 10000, "burst_per_ip": 100000},
+            "training": {"adapters_dir": data_dir / "adapters"},
+            "pairs": {"data_dir": data_dir / "datasets"},
+        }
+    )
     try:
         yield LiveApi(server.base_url, redis_client, Keys(prefix), settings, env=env)
     finally:
@@ -183,7 +230,9 @@ def random_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
     torch.manual_seed(1)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    config = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    config = LoraConfig(
+        r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False
+    )
     model = get_peft_model(base, config)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -10,11 +10,15 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import ORJSONResponse
 
+from services import metrics
 from services.api.body_limit import BodySizeLimit
 from services.api.errors import install_error_handlers
-from services.api.routes import admin, chat, health
+from services.api.observe import RequestMetrics
+from services.api.observe import router as metrics_router
+from services.api.routes import admin, chat, feedback, health, widget
 from services.config import Settings, get_settings
 from services.engine.engine import Engine
+from services.store.feedback import FeedbackStore, Limits
 from services.store.interactions import InteractionLog
 from services.store.keys import Keys
 from services.store.redis import check_redis_safety, connect
@@ -35,10 +39,22 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             log.info("starting the engine on %s", eng.model_path)
             eng.start()
         interactions = InteractionLog(
-            redis, Keys(settings.redis_prefix), settings.interactions.ttl_s,
-            settings.interactions.flush_interval_ms / 1000, settings.interactions.batch_size,
+            redis,
+            Keys(settings.redis_prefix),
+            settings.interactions.ttl_s,
+            settings.interactions.flush_interval_ms / 1000,
+            settings.interactions.batch_size,
         )
         interactions.start()
+        fb = settings.feedback
+        app.state.feedback_store = FeedbackStore(
+            redis,
+            Keys(settings.redis_prefix),
+            settings.interactions.ttl_s,
+            Limits(fb.rate_per_user, fb.burst_per_user, fb.rate_per_ip, fb.burst_per_ip),
+            fb.stream_maxlen,
+        )
+        metrics.engine_collector(eng.stats)
         app.state.settings = settings
         app.state.engine = eng
         app.state.redis = redis
@@ -47,6 +63,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         try:
             yield
         finally:
+            metrics.unregister_engine_collector()
             await interactions.close()
             if own_engine:
                 eng.shutdown()
@@ -57,6 +74,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(health.router)
     app.include_router(chat.router)
     app.include_router(admin.router)
+    app.include_router(feedback.router)
+    app.include_router(metrics_router)
+    widget.mount(app)
     if settings.api.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -67,4 +87,5 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             max_age=600,
         )
     app.add_middleware(BodySizeLimit, max_bytes=settings.api.max_body_bytes)
+    app.add_middleware(RequestMetrics)
     return app

@@ -28,28 +28,44 @@ class ApiError(Exception):
     """Raise anywhere in a route: becomes {"error": {...}} with this status."""
 
     def __init__(
-        self, status: int, message: str, *, code: str | None = None, param: str | None = None,
-        type: str | None = None, headers: dict[str, str] | None = None,
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.param = param
-        self.type = type or _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        self.type = type or _TYPE_BY_STATUS.get(
+            status, "server_error" if status >= 500 else "invalid_request_error"
+        )
         self.headers = headers
 
 
-def error_body(status: int, message: str, *, type: str | None = None, param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type or _TYPE_BY_STATUS.get(status, "server_error"),
-                      "param": param, "code": code}}
+def error_body(
+    status: int, message: str, *, type: str | None = None, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": type or _TYPE_BY_STATUS.get(status, "server_error"),
+            "param": param,
+            "code": code,
+        }
+    }
 
 
 def error_response(err: ApiError) -> ORJSONResponse:
     return ORJSONResponse(
         error_body(err.status, err.message, type=err.type, param=err.param, code=err.code),
-        status_code=err.status, headers=err.headers,
+        status_code=err.status,
+        headers=err.headers,
     )
 
 
@@ -57,12 +73,18 @@ def _validation_response(exc: RequestValidationError) -> ORJSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
-        return error_response(ApiError(400, f"Malformed JSON body: {first.get('ctx', {}).get('error', '')}".strip(),
-                                       code="invalid_json"))
+        return error_response(
+            ApiError(
+                400,
+                f"Malformed JSON body: {first.get('ctx', {}).get('error', '')}".strip(),
+                code="invalid_json",
+            )
+        )
     loc = [str(p) for p in first.get("loc", []) if p not in ("body", "query", "path")]
     param = ".".join(loc) or None
     message = "; ".join(
-        f"{'.'.join(str(p) for p in e.get('loc', []) if p != 'body') or 'body'}: {e.get('msg')}" for e in errors[:5]
+        f"{'.'.join(str(p) for p in e.get('loc', []) if p != 'body') or 'body'}: {e.get('msg')}"
+        for e in errors[:5]
     )
     return error_response(ApiError(422, message, param=param, code="invalid_value"))
 
@@ -78,4 +100,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> ORJSONResponse:
-        return error_response(ApiError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None)))
+        return error_response(
+            ApiError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        )

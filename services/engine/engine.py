@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from services import metrics
 from services.config import Settings
 
 if TYPE_CHECKING:
@@ -162,7 +163,9 @@ class Engine:
             raise AdapterError(f"adapter {name!r} is still the target of an alias")
         adapter = self._adapters.pop(name)  # no new request can resolve it from here on
         async with self._drained:
-            await asyncio.wait_for(self._drained.wait_for(lambda: self._in_flight[name] == 0), drain_timeout_s)
+            await asyncio.wait_for(
+                self._drained.wait_for(lambda: self._in_flight[name] == 0), drain_timeout_s
+            )
         await self._llm.remove_lora(adapter.lora_id)
 
     def in_flight(self, name: str | None) -> int:
@@ -198,6 +201,12 @@ class Engine:
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:
             await self._llm.abort(request_id)
+
+    def stats(self) -> metrics.EngineStats:
+        # KV cache and queue depths come from vLLM's own vllm:* metrics in the same registry.
+        return metrics.EngineStats(
+            lora_slots_used=len(self._adapters), lora_slots_max=self.settings.engine.max_loras
+        )
 
     def num_unfinished_requests(self) -> int:
         return self._llm.get_num_unfinished_requests() if self._llm is not None else 0

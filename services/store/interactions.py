@@ -8,6 +8,7 @@ arrives before the write lands still finds its interaction.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
 from typing import Any
@@ -21,7 +22,9 @@ log = logging.getLogger(__name__)
 
 
 class InteractionLog:
-    def __init__(self, redis: Redis, keys: Keys, ttl_s: int, flush_interval_s: float = 0.005, batch_size: int = 256):
+    def __init__(
+        self, redis: Redis, keys: Keys, ttl_s: int, flush_interval_s: float = 0.005, batch_size: int = 256
+    ):
         self.redis = redis
         self.keys = keys
         self.ttl_s = ttl_s
@@ -53,10 +56,8 @@ class InteractionLog:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         await self.flush()
 
     async def flush(self) -> None:

@@ -9,7 +9,7 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import LiveApi, keys_with_prefix
+from tests.conftest import LiveApi, redis_state
 
 HELLO = [{"role": "user", "content": "Hello! What is the capital of France?"}]
 
@@ -35,7 +35,13 @@ def test_non_streaming_completion_has_usage_and_is_logged(openai_client, live_ap
     assert record["model"] == "feedloop"
     assert record["adapter"] is None
     assert record["user"] == "alice"
-    assert record["sampling"] == {"max_tokens": 12, "temperature": 0.7, "seed": 3, "n": 1, "ignore_eos": False}
+    assert record["sampling"] == {
+        "max_tokens": 12,
+        "temperature": 0.7,
+        "seed": 3,
+        "n": 1,
+        "ignore_eos": False,
+    }
     assert record["created_at"] <= record["finished_at"]
     assert record["usage"]["completion_tokens"] == r.usage.completion_tokens
     ttl = live_api.redis.ttl(live_api.keys.interaction(r.id))
@@ -44,67 +50,99 @@ def test_non_streaming_completion_has_usage_and_is_logged(openai_client, live_ap
 
 def test_streaming_matches_usage_and_ends_with_done(openai_client, live_api: LiveApi):
     stream = openai_client.chat.completions.create(
-        model="feedloop", messages=HELLO, max_tokens=20, stream=True, stream_options={"include_usage": True},
-        temperature=0, seed=1,
+        model="feedloop",
+        messages=HELLO,
+        max_tokens=20,
+        stream=True,
+        stream_options={"include_usage": True},
+        temperature=0,
+        seed=1,
     )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[0].choices[0].delta.role == "assistant"
     last = chunks[-1]
     assert last.choices == [] and last.usage is not None
-    assert last.usage.completion_tokens == 20 or any(c.choices and c.choices[0].finish_reason == "stop" for c in chunks)
+    assert last.usage.completion_tokens == 20 or any(
+        c.choices and c.choices[0].finish_reason == "stop" for c in chunks
+    )
     feedback = last.model_extra["feedback"]
     assert feedback["completion_id"] == last.id
     record = orjson.loads(live_api.flush_interactions(last.id))
     assert record["response"] == text
 
     # The same greedy request without streaming gives the same text.
-    r = openai_client.chat.completions.create(model="feedloop", messages=HELLO, max_tokens=20, temperature=0, seed=1)
+    r = openai_client.chat.completions.create(
+        model="feedloop", messages=HELLO, max_tokens=20, temperature=0, seed=1
+    )
     assert r.choices[0].message.content == text
 
 
 def test_stream_without_usage_option_has_no_usage(openai_client):
-    chunks = list(openai_client.chat.completions.create(model="feedloop", messages=HELLO, max_tokens=4, stream=True))
+    chunks = list(
+        openai_client.chat.completions.create(model="feedloop", messages=HELLO, max_tokens=4, stream=True)
+    )
     assert all(c.usage is None for c in chunks)
     assert "feedback" in chunks[-1].model_extra
 
 
 def test_n_two_gives_two_choices(openai_client):
-    r = openai_client.chat.completions.create(model="feedloop", messages=HELLO, n=2, max_tokens=16, temperature=1.0,
-                                              seed=7)
+    r = openai_client.chat.completions.create(
+        model="feedloop", messages=HELLO, n=2, max_tokens=16, temperature=1.0, seed=7
+    )
     assert [c.index for c in r.choices] == [0, 1]
     assert all(c.message.content for c in r.choices)
     assert 2 <= r.usage.completion_tokens <= 32  # both choices' tokens are counted
 
-    stream = openai_client.chat.completions.create(model="feedloop", messages=HELLO, n=2, max_tokens=8,
-                                                   temperature=1.0, stream=True)
+    stream = openai_client.chat.completions.create(
+        model="feedloop", messages=HELLO, n=2, max_tokens=8, temperature=1.0, stream=True
+    )
     seen = {c.choices[0].index for c in stream if c.choices}
     assert seen == {0, 1}
 
 
 def test_stop_sequence_cuts_the_answer(openai_client):
-    full = openai_client.chat.completions.create(model="feedloop", messages=HELLO, max_tokens=40, temperature=0,
-                                                 extra_body={"ignore_eos": True})
+    full = openai_client.chat.completions.create(
+        model="feedloop", messages=HELLO, max_tokens=40, temperature=0, extra_body={"ignore_eos": True}
+    )
     text = full.choices[0].message.content
     assert len(text) > 8, text
     stop = text[4:7]
-    cut = openai_client.chat.completions.create(model="feedloop", messages=HELLO, max_tokens=40, temperature=0,
-                                                stop=[stop], extra_body={"ignore_eos": True})
+    cut = openai_client.chat.completions.create(
+        model="feedloop",
+        messages=HELLO,
+        max_tokens=40,
+        temperature=0,
+        stop=[stop],
+        extra_body={"ignore_eos": True},
+    )
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].message.content == text[: text.index(stop)]
 
 
 def test_lora_adapter_changes_the_output(openai_client, live_api: LiveApi, random_adapter):
-    r = httpx.post(live_api.base_url + "/admin/engine/adapters", headers=live_api.admin_headers(),
-                   json={"name": "test-random-v1", "path": str(random_adapter)})
+    r = httpx.post(
+        live_api.base_url + "/admin/engine/adapters",
+        headers=live_api.admin_headers(),
+        json={"name": "test-random-v1", "path": str(random_adapter)},
+    )
     assert r.status_code == 201, r.text
     ids = {m.id for m in openai_client.models.list().data}
     assert {"feedloop", "feedloop-base", "test-random-v1"} <= ids
 
     def greedy(model: str) -> str:
-        return openai_client.chat.completions.create(
-            model=model, messages=HELLO, max_tokens=24, temperature=0, seed=5, extra_body={"ignore_eos": True}
-        ).choices[0].message.content
+        return (
+            openai_client.chat.completions.create(
+                model=model,
+                messages=HELLO,
+                max_tokens=24,
+                temperature=0,
+                seed=5,
+                extra_body={"ignore_eos": True},
+            )
+            .choices[0]
+            .message.content
+        )
 
     base = greedy("feedloop-base")
     adapted = greedy("test-random-v1")
@@ -114,17 +152,31 @@ def test_lora_adapter_changes_the_output(openai_client, live_api: LiveApi, rando
     r = openai_client.chat.completions.create(model="test-random-v1", messages=HELLO, max_tokens=4)
     assert orjson.loads(live_api.flush_interactions(r.id))["adapter"] == "test-random-v1"
     # Unloading is refused while an alias points at it, allowed after.
-    put = httpx.put(live_api.base_url + "/admin/engine/aliases/feedloop", headers=live_api.admin_headers(),
-                    json={"target": "test-random-v1"})
+    put = httpx.put(
+        live_api.base_url + "/admin/engine/aliases/feedloop",
+        headers=live_api.admin_headers(),
+        json={"target": "test-random-v1"},
+    )
     assert put.status_code == 200
     assert greedy("feedloop") == adapted
-    assert httpx.delete(live_api.base_url + "/admin/engine/adapters/test-random-v1",
-                        headers=live_api.admin_headers()).status_code == 409
-    httpx.put(live_api.base_url + "/admin/engine/aliases/feedloop", headers=live_api.admin_headers(),
-              json={"target": None})
+    assert (
+        httpx.delete(
+            live_api.base_url + "/admin/engine/adapters/test-random-v1", headers=live_api.admin_headers()
+        ).status_code
+        == 409
+    )
+    httpx.put(
+        live_api.base_url + "/admin/engine/aliases/feedloop",
+        headers=live_api.admin_headers(),
+        json={"target": None},
+    )
     assert greedy("feedloop") == base
-    assert httpx.delete(live_api.base_url + "/admin/engine/adapters/test-random-v1",
-                        headers=live_api.admin_headers()).status_code == 200
+    assert (
+        httpx.delete(
+            live_api.base_url + "/admin/engine/adapters/test-random-v1", headers=live_api.admin_headers()
+        ).status_code
+        == 200
+    )
     with pytest.raises(openai.NotFoundError):
         greedy("test-random-v1")
 
@@ -132,41 +184,79 @@ def test_lora_adapter_changes_the_output(openai_client, live_api: LiveApi, rando
 BAD_INPUTS = [
     pytest.param(b'{"model": "feedloop", "messages": [', 400, "invalid_json", id="malformed-json"),
     pytest.param(b'{"model": "feedloop", "messages": "hi"}', 422, "invalid_value", id="messages-not-a-list"),
-    pytest.param(b'{"model": "feedloop", "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}', 422,
-                 "invalid_value", id="max-tokens-wrong-type"),
-    pytest.param(b'{"model": "feedloop", "messages": [{"role": "user", "content": "x"}], "temperature": 9}', 422,
-                 "invalid_value", id="temperature-out-of-range"),
-    pytest.param(b'{"model": "feedloop", "messages": [{"role": "robot", "content": "x"}]}', 422, "invalid_value",
-                 id="unknown-role"),
-    pytest.param(b'{"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}', 404,
-                 "model_not_found", id="unknown-model"),
-    pytest.param(b'{"model": "feedloop", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}', 400,
-                 "context_length_exceeded", id="max-tokens-beyond-context"),
-    pytest.param(orjson.dumps({"model": "feedloop", "messages": [{"role": "user", "content": "hello " * 1100}]}), 400,
-                 "context_length_exceeded", id="prompt-beyond-context"),
+    pytest.param(
+        b'{"model": "feedloop", "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}',
+        422,
+        "invalid_value",
+        id="max-tokens-wrong-type",
+    ),
+    pytest.param(
+        b'{"model": "feedloop", "messages": [{"role": "user", "content": "x"}], "temperature": 9}',
+        422,
+        "invalid_value",
+        id="temperature-out-of-range",
+    ),
+    pytest.param(
+        b'{"model": "feedloop", "messages": [{"role": "robot", "content": "x"}]}',
+        422,
+        "invalid_value",
+        id="unknown-role",
+    ),
+    pytest.param(
+        b'{"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}',
+        404,
+        "model_not_found",
+        id="unknown-model",
+    ),
+    pytest.param(
+        b'{"model": "feedloop", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}',
+        400,
+        "context_length_exceeded",
+        id="max-tokens-beyond-context",
+    ),
+    pytest.param(
+        orjson.dumps({"model": "feedloop", "messages": [{"role": "user", "content": "hello " * 1100}]}),
+        400,
+        "context_length_exceeded",
+        id="prompt-beyond-context",
+    ),
     pytest.param(b'{"model": "feedloop", "messages": []}', 400, "empty_messages", id="empty-messages"),
-    pytest.param(orjson.dumps({"model": "feedloop", "messages": [{"role": "user", "content": "x" * 250_000}]}), 413,
-                 "request_too_large", id="body-too-large"),
-    pytest.param(b'{"model": "feedloop", "messages": [{"role": "user", "content": "x"}], "n": 2, "temperature": 0}',
-                 400, "invalid_sampling_parameters", id="n-with-greedy"),
+    pytest.param(
+        orjson.dumps({"model": "feedloop", "messages": [{"role": "user", "content": "x" * 250_000}]}),
+        413,
+        "request_too_large",
+        id="body-too-large",
+    ),
+    pytest.param(
+        b'{"model": "feedloop", "messages": [{"role": "user", "content": "x"}], "n": 2, "temperature": 0}',
+        400,
+        "invalid_sampling_parameters",
+        id="n-with-greedy",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("body", "status", "code"), BAD_INPUTS)
 @pytest.mark.parametrize("stream", [False, True])
-def test_bad_input_gets_openai_error_and_writes_nothing(live_api: LiveApi, body: bytes, status: int, code: str,
-                                                        stream: bool):
+def test_bad_input_gets_openai_error_and_writes_nothing(
+    live_api: LiveApi, body: bytes, status: int, code: str, stream: bool
+):
     if stream and body.rstrip().endswith(b"}"):
         body = body.rstrip()[:-1] + b', "stream": true}'
-    before = keys_with_prefix(live_api.redis, live_api.keys.prefix)
-    r = httpx.post(live_api.base_url + "/v1/chat/completions", content=body,
-                   headers={"content-type": "application/json"}, timeout=30)
+    time.sleep(0.1)  # let earlier tests' interaction writes land
+    before = redis_state(live_api.redis, live_api.keys.prefix)
+    r = httpx.post(
+        live_api.base_url + "/v1/chat/completions",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["code"] == code and error["message"]
     time.sleep(0.1)  # the interaction writer flushes within milliseconds
-    assert keys_with_prefix(live_api.redis, live_api.keys.prefix) == before
+    assert redis_state(live_api.redis, live_api.keys.prefix) == before
 
 
 def test_openai_client_raises_typed_errors(openai_client):
@@ -178,10 +268,18 @@ def test_openai_client_raises_typed_errors(openai_client):
 
 
 def test_client_disconnect_aborts_generation(live_api: LiveApi):
-    body = {"model": "feedloop", "messages": HELLO, "max_tokens": 1000, "stream": True, "ignore_eos": True,
-            "temperature": 1.0}
-    with httpx.Client(timeout=30) as client, client.stream("POST", live_api.base_url + "/v1/chat/completions",
-                                                           json=body) as r:
+    body = {
+        "model": "feedloop",
+        "messages": HELLO,
+        "max_tokens": 1000,
+        "stream": True,
+        "ignore_eos": True,
+        "temperature": 1.0,
+    }
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream("POST", live_api.base_url + "/v1/chat/completions", json=body) as r,
+    ):
         lines = r.iter_lines()
         got = [next(lines) for _ in range(3)]
         assert got[0].startswith("data: ")

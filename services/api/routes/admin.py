@@ -19,8 +19,12 @@ def require_admin(settings: SettingsDep, authorization: Annotated[str | None, He
         raise ApiError(404, "Admin routes are off: set FEEDLOOP_API__ADMIN_TOKEN.", code="admin_disabled")
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
-        raise ApiError(401, "A valid admin bearer token is required.", code="invalid_admin_token",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401,
+            "A valid admin bearer token is required.",
+            code="invalid_admin_token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
@@ -41,8 +45,10 @@ async def engine_state(engine: EngineDep) -> dict[str, Any]:
         "model": engine.model_path,
         "base": engine.base_name,
         "running_requests": engine.num_unfinished_requests(),
-        "adapters": [{"name": a.name, "path": a.path, "lora_id": a.lora_id, "in_flight": engine.in_flight(a.name)}
-                     for a in engine.list_adapters()],
+        "adapters": [
+            {"name": a.name, "path": a.path, "lora_id": a.lora_id, "in_flight": engine.in_flight(a.name)}
+            for a in engine.list_adapters()
+        ],
         "aliases": engine.aliases(),
     }
 
@@ -73,7 +79,9 @@ async def set_alias(alias: str, body: SetAlias, engine: EngineDep) -> dict[str, 
     try:
         engine.set_alias(alias, body.target)
     except UnknownModel:
-        raise ApiError(404, f"No adapter named '{body.target}' is loaded.", code="adapter_not_found") from None
+        raise ApiError(
+            404, f"No adapter named '{body.target}' is loaded.", code="adapter_not_found"
+        ) from None
     except AdapterError as e:
         raise ApiError(409, str(e), code="alias_conflict") from None
     return {"alias": alias, "target": body.target}

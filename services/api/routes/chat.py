@@ -11,6 +11,7 @@ import orjson
 from fastapi import APIRouter
 from fastapi.responses import ORJSONResponse, StreamingResponse
 
+from services import metrics
 from services.api.deps import EngineDep, InteractionsDep, SettingsDep
 from services.api.errors import ApiError
 from services.config import Settings
@@ -30,12 +31,15 @@ class Prepared:
         from vllm.sampling_params import RequestOutputKind
 
         if not req.messages:
-            raise ApiError(400, "'messages' must contain at least one message.", param="messages", code="empty_messages")
+            raise ApiError(
+                400, "'messages' must contain at least one message.", param="messages", code="empty_messages"
+            )
         try:
             self.target: Resolved = engine.resolve(req.model)
         except UnknownModel:
-            raise ApiError(404, f"The model '{req.model}' does not exist.", param="model",
-                           code="model_not_found") from None
+            raise ApiError(
+                404, f"The model '{req.model}' does not exist.", param="model", code="model_not_found"
+            ) from None
         self.req = req
         self.conversation = req.conversation()
         self.prompt_ids = engine.render(self.conversation)
@@ -47,7 +51,8 @@ class Prepared:
                 f"This model's maximum context length is {engine.max_model_len} tokens. However, you requested "
                 f"{len(self.prompt_ids) + (max_tokens or 0)} tokens ({len(self.prompt_ids)} in the messages, "
                 f"{max_tokens or 0} in the completion). Please reduce the length of the messages or completion.",
-                param="messages", code="context_length_exceeded",
+                param="messages",
+                code="context_length_exceeded",
             )
         self.max_tokens = max_tokens or min(settings.engine.default_max_tokens, room)
         try:
@@ -68,6 +73,7 @@ class Prepared:
         except (VLLMValidationError, ValueError) as e:
             raise ApiError(400, str(e), code="invalid_sampling_parameters") from None
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.started = time.perf_counter()
         self.created = int(time.time())
 
     def feedback(self, settings: Settings) -> dict[str, Any]:
@@ -75,8 +81,13 @@ class Prepared:
         token = sign(settings.feedback.secret, self.id, self.req.user, expires_at)
         return {"completion_id": self.id, "token": token, "expires_at": expires_at}
 
-    def record(self, texts: list[str], finish_reasons: list[str | None], usage: dict[str, int],
-               feedback: dict[str, Any]) -> dict[str, Any]:
+    def record(
+        self,
+        texts: list[str],
+        finish_reasons: list[str | None],
+        usage: dict[str, int],
+        feedback: dict[str, Any],
+    ) -> dict[str, Any]:
         return {
             "id": self.id,
             "messages": self.conversation,
@@ -101,7 +112,8 @@ async def chat_completions(
     p = Prepared(req, engine, settings)
     if req.stream:
         return StreamingResponse(
-            _stream(p, engine, settings, interactions), media_type="text/event-stream",
+            _stream(p, engine, settings, interactions),
+            media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     texts = [""] * req.n
@@ -113,48 +125,62 @@ async def chat_completions(
             reasons[o.index] = o.finish_reason
             completion_tokens += len(o.token_ids)
     usage = _usage(len(p.prompt_ids), completion_tokens)
+    metrics.observe_tokens(req.model, usage["prompt_tokens"], completion_tokens)
     feedback = p.feedback(settings)
     interactions.record(p.record(texts, reasons, usage, feedback))
-    return ORJSONResponse({
-        "id": p.id,
-        "object": "chat.completion",
-        "created": p.created,
-        "model": req.model,
-        "choices": [
-            {"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
-             "finish_reason": _finish(reasons[i])}
-            for i in range(req.n)
-        ],
-        "usage": usage,
-        "system_fingerprint": p.target.adapter_name or engine.base_name,
-        "feedback": feedback,
-    })
+    return ORJSONResponse(
+        {
+            "id": p.id,
+            "object": "chat.completion",
+            "created": p.created,
+            "model": req.model,
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": texts[i]},
+                    "logprobs": None,
+                    "finish_reason": _finish(reasons[i]),
+                }
+                for i in range(req.n)
+            ],
+            "usage": usage,
+            "system_fingerprint": p.target.adapter_name or engine.base_name,
+            "feedback": feedback,
+        }
+    )
 
 
-async def _stream(p: Prepared, engine: Engine, settings: Settings, interactions: InteractionsDep) -> AsyncIterator[bytes]:
+async def _stream(
+    p: Prepared, engine: Engine, settings: Settings, interactions: InteractionsDep
+) -> AsyncIterator[bytes]:
     n = p.req.n
-    head = {"id": p.id, "object": "chat.completion.chunk", "created": p.created, "model": p.req.model,
-            "system_fingerprint": p.target.adapter_name or engine.base_name}
+    head = {
+        "id": p.id,
+        "object": "chat.completion.chunk",
+        "created": p.created,
+        "model": p.req.model,
+        "system_fingerprint": p.target.adapter_name or engine.base_name,
+    }
     texts = [""] * n
     reasons: list[str | None] = [None] * n
     started = [False] * n
     completion_tokens = 0
-    # A client that disconnects cancels this generator; engine.generate then aborts the request.
-    async for out in engine.generate(p.prompt_ids, p.params, p.id, p.target):
-        choices = []
-        for o in out.outputs:
-            i = o.index
-            delta: dict[str, str] = {"content": o.text}
-            if not started[i]:
-                started[i] = True
-                delta["role"] = "assistant"
-            texts[i] += o.text
-            completion_tokens += len(o.token_ids)
-            reasons[i] = o.finish_reason
-            choices.append({"index": i, "delta": delta, "logprobs": None, "finish_reason": _finish(o.finish_reason)})
-        if choices:
-            yield b"data: " + orjson.dumps({**head, "choices": choices}) + b"\n\n"
+    first = True
+    metrics.ACTIVE_STREAMS.inc()
+    try:
+        # A client that disconnects cancels this generator; engine.generate then aborts the request.
+        async for out in engine.generate(p.prompt_ids, p.params, p.id, p.target):
+            if first:
+                first = False
+                metrics.TIME_TO_FIRST_TOKEN.labels(p.req.model).observe(time.perf_counter() - p.started)
+            chunk = _chunk(out, head, texts, reasons, started)
+            completion_tokens += chunk[1]
+            if chunk[0]:
+                yield chunk[0]
+    finally:
+        metrics.ACTIVE_STREAMS.dec()
     usage = _usage(len(p.prompt_ids), completion_tokens)
+    metrics.observe_tokens(p.req.model, usage["prompt_tokens"], completion_tokens)
     feedback = p.feedback(settings)
     interactions.record(p.record(texts, reasons, usage, feedback))
     last: dict[str, Any] = {**head, "choices": [], "feedback": feedback}
@@ -163,9 +189,35 @@ async def _stream(p: Prepared, engine: Engine, settings: Settings, interactions:
     yield b"data: " + orjson.dumps(last) + b"\n\ndata: [DONE]\n\n"
 
 
+def _chunk(
+    out: Any, head: dict[str, Any], texts: list[str], reasons: list[str | None], started: list[bool]
+) -> tuple[bytes, int]:
+    """One SSE event for an engine output (empty if it carries nothing), and its token count."""
+    tokens = 0
+    choices = []
+    for o in out.outputs:
+        i = o.index
+        delta: dict[str, str] = {"content": o.text}
+        if not started[i]:
+            started[i] = True
+            delta["role"] = "assistant"
+        texts[i] += o.text
+        tokens += len(o.token_ids)
+        reasons[i] = o.finish_reason
+        choices.append(
+            {"index": i, "delta": delta, "logprobs": None, "finish_reason": _finish(o.finish_reason)}
+        )
+    if not choices:
+        return b"", tokens
+    return b"data: " + orjson.dumps({**head, "choices": choices}) + b"\n\n", tokens
+
+
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def _finish(reason: str | None) -> str | None:

@@ -25,17 +25,43 @@ async def readyz(engine: EngineDep, redis: RedisDep) -> Any:
     except Exception:
         checks["redis"] = False
     ok = all(checks.values())
-    return ORJSONResponse({"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503)
+    return ORJSONResponse(
+        {"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503
+    )
 
 
 @router.get("/v1/models")
 async def list_models(engine: EngineDep) -> dict[str, Any]:
-    data = [{"id": engine.base_name, "object": "model", "created": 0, "owned_by": "feedloop", "root": engine.model_path,
-             "parent": None}]
+    data = [
+        {
+            "id": engine.base_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "feedloop",
+            "root": engine.model_path,
+            "parent": None,
+        }
+    ]
     for alias, target in engine.aliases().items():
-        data.append({"id": alias, "object": "model", "created": 0, "owned_by": "feedloop",
-                     "root": engine.model_path, "parent": target or engine.base_name})
+        data.append(
+            {
+                "id": alias,
+                "object": "model",
+                "created": 0,
+                "owned_by": "feedloop",
+                "root": engine.model_path,
+                "parent": target or engine.base_name,
+            }
+        )
     for adapter in engine.list_adapters():
-        data.append({"id": adapter.name, "object": "model", "created": 0, "owned_by": "feedloop",
-                     "root": adapter.path, "parent": engine.base_name})
+        data.append(
+            {
+                "id": adapter.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "feedloop",
+                "root": adapter.path,
+                "parent": engine.base_name,
+            }
+        )
     return {"object": "list", "data": data}

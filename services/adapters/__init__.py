@@ -1,0 +1,1 @@
+"""LoRA adapter folders on disk: the manifest, its validation, and the atomic write."""
