@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install install-test up demo test test-fast lint typecheck bench clean
+.PHONY: install install-test up demo test test-fast lint typecheck bench clean readme
 
 install:
 	@scripts/install.sh
@@ -35,3 +35,6 @@ bench: install
 
 clean:
 	rm -rf .pytest_cache build *.egg-info
+
+readme: install
+	$(BIN)/python scripts/update_readme.py

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlparse
@@ -157,22 +158,100 @@ def serve() -> None:
 
 
 @app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="Comma-separated queues: pairs (CPU), train (GPU)")] = "pairs,train",
+    concurrency: Annotated[int, typer.Option(help="Tasks run at once (threads)")] = 2,
+) -> None:
+    """Run a Celery worker (threads pool: one process, so its Prometheus metrics are complete)."""
+    settings = get_settings()
+    _configure_logging(settings)
+    if not redis_answers(settings.redis_url):
+        raise fail(f"no Redis answers at {settings.redis_url}: set REDIS_URL")
+    from workers.celery_app import app as celery
+
+    celery.worker_main(
+        [
+            "worker",
+            "-Q",
+            queues,
+            "--pool",
+            "threads",
+            "--concurrency",
+            str(concurrency),
+            "--loglevel",
+            settings.log_level,
+            "-n",
+            f"feedloop-{queues.replace(',', '-')}@%h",
+        ]
+    )
+
+
+@app.command()
+def beat() -> None:
+    """Run Celery beat, the scheduler (run exactly one; the tasks it sends are idempotent anyway)."""
+    settings = get_settings()
+    _configure_logging(settings)
+    if not redis_answers(settings.redis_url):
+        raise fail(f"no Redis answers at {settings.redis_url}: set REDIS_URL")
+    from workers.celery_app import app as celery
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    celery.start(
+        ["beat", "--loglevel", settings.log_level, "--schedule", str(settings.data_dir / "celerybeat-schedule")]
+    )
+
+
+@contextmanager
+def background(commands: list[list[str]], env: dict[str, str]):
+    """Child processes (worker, beat) that live as long as the block, each in its own process group."""
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "services.cli", *cmd], env=env, start_new_session=True)
+        for cmd in commands
+    ]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+@app.command()
 def up(
     port: Annotated[int | None, typer.Option(help="API port (default: settings)")] = None,
+    workers: Annotated[bool, typer.Option(help="Also run a Celery worker and beat")] = True,
 ) -> None:
-    """Run everything on this machine: Redis (private if none answers), the API and engine."""
+    """Run everything on this machine: Redis (private if none answers), a worker, beat, the API and engine."""
     settings = get_settings()
     _configure_logging(settings)
     _require_engine()
     if port is not None:
         settings.api.port = port
     ensure_model(settings)
-    if redis_answers(settings.redis_url):
+    with ExitStack() as stack:
+        if not redis_answers(settings.redis_url):
+            url = stack.enter_context(private_redis(settings.data_dir / "redis"))
+            settings = settings.model_copy(update={"redis_url": url})
+        env = {
+            **os.environ,
+            "FEEDLOOP_REDIS_URL": settings.redis_url,
+            "FEEDLOOP_ENGINE__MODEL": settings.model_path(),
+            "FEEDLOOP_API__PORT": str(settings.api.port),
+        }
+        if workers:
+            stack.enter_context(background([["worker"], ["beat"]], env))
+        api = f"http://{settings.api.host}:{settings.api.port}"
+        typer.echo(
+            f"feedloop: demo chat page {api}/ · OpenAI API {api}/v1 · metrics {api}/metrics"
+            + (f" and http://127.0.0.1:{settings.metrics_port}/metrics (worker)" if workers else "")
+        )
         _run_api(settings)
-        return
-    with private_redis(settings.data_dir / "redis") as url:
-        os.environ["FEEDLOOP_REDIS_URL"] = url
-        _run_api(settings.model_copy(update={"redis_url": url}))
 
 
 @app.command("settings")
