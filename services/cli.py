@@ -267,9 +267,18 @@ def show_settings(
         typer.echo(get_settings().model_dump_json(indent=2))
 
 
+def _mount_subcommands() -> None:
+    from workers.cli_pairs import pairs_app
+
+    app.add_typer(pairs_app, name="pairs", help="Preference pairs: stats, snapshots, exports.")
+
+
+_mount_subcommands()
+
+
 def main() -> None:  # pragma: no cover
     app()
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

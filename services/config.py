@@ -24,9 +24,7 @@ class EngineSettings(BaseModel):
         "",
         description="Path of the base model served (a Hugging Face folder). Empty: the shipped demo model.",
     )
-    served_model_name: str = Field(
-        "feedloop-base", description="Public name of the base model without adapter."
-    )
+    served_model_name: str = Field("feedloop-base", description="Public name of the base model without adapter.")
     alias: str = Field(
         "feedloop", description="Public name that always points at the active adapter (the base if none)."
     )
@@ -88,9 +86,7 @@ class PairsSettings(BaseModel):
     )
     consumer_group: str = Field("pairing", description="Consumer group reading the feedback stream.")
     batch_size: int = Field(512, description="Stream entries read per XREADGROUP.")
-    claim_idle_ms: int = Field(
-        60_000, description="Idle time after which a dead consumer's entries are reclaimed."
-    )
+    claim_idle_ms: int = Field(60_000, description="Idle time after which a dead consumer's entries are reclaimed.")
     max_deliveries: int = Field(5, description="Deliveries before an entry goes to the dead-letter stream.")
     weaker_source: str = Field(
         "base", description="Where weaker answers come from: 'base' (served base model) or an OpenAI URL."
@@ -102,15 +98,15 @@ class PairsSettings(BaseModel):
     judge: bool = Field(False, description="Verify teacher answers with an LLM-judge rubric.")
     user_cap_fraction: float = Field(0.05, description="Most of one dataset version one user may supply.")
     user_cap_max: int = Field(50, description="Most pairs one user may supply to one dataset version.")
-    near_duplicate_threshold: float = Field(
-        0.9, description="Similarity above which pairs are near-duplicates."
-    )
+    near_duplicate_threshold: float = Field(0.9, description="Similarity above which pairs are near-duplicates.")
     max_tokens: int = Field(1024, description="Longest prompt+answer (tokens) kept in a pair.")
     eval_fraction: float = Field(0.1, description="Share of pairs held out for evaluation.")
     data_dir: Path = Field(Path("data/datasets"), description="Where dataset versions are exported.")
     consume_interval_s: float = Field(2.0, description="How often beat starts a feedback-consuming task.")
     consume_seconds: float = Field(
-        5.0, description="How long one consuming task keeps reading the stream before it returns."
+        1.8,
+        description="How long one consuming task keeps reading the stream; keep it a little under "
+        "consume_interval_s so beat's next task finds the worker free.",
     )
     block_ms: int = Field(500, description="Longest wait of one XREADGROUP for new feedback.")
     same_prompt_max_counterparts: int = Field(
@@ -138,9 +134,7 @@ class TrainingSettings(BaseModel):
     method: Literal["dpo", "kto"] = Field("dpo", description="Preference method.")
     min_pairs: int = Field(200, description="New pairs that trigger a training run.")
     min_pairs_floor: int = Field(50, description="Pairs that trigger a run once max_interval_s has passed.")
-    max_interval_s: int = Field(
-        24 * 3600, description="Longest time between runs when min_pairs_floor is met."
-    )
+    max_interval_s: int = Field(24 * 3600, description="Longest time between runs when min_pairs_floor is met.")
     check_interval_s: int = Field(120, description="How often beat checks whether to train.")
     continue_from_active: bool = Field(True, description="Continue training the active adapter.")
     lora_rank: int = Field(8, description="LoRA rank (must not exceed engine.max_lora_rank).")
@@ -175,9 +169,11 @@ class TrainingSettings(BaseModel):
     max_length: int = Field(512, description="Longest prompt+completion in tokens during training.")
     qlora: bool = Field(False, description="Load the base in 4 bit (GPU only, needs bitsandbytes).")
     lease_ttl_s: int = Field(600, description="Training lease time-to-live; renewed while a run is alive.")
-    adapters_dir: Path = Field(
-        Path("data/adapters"), description="Where adapters are written (shared storage)."
+    queue_timeout_s: int = Field(
+        6 * 3600,
+        description="A run still queued after this long is marked failed (its task was lost).",
     )
+    adapters_dir: Path = Field(Path("data/adapters"), description="Where adapters are written (shared storage).")
 
 
 class GateSettings(BaseModel):
@@ -207,6 +203,13 @@ class GateSettings(BaseModel):
     )
     auto_promote: bool = Field(True, description="Promote automatically after the gate passes.")
     reconcile_interval_s: float = Field(10.0, description="How often replicas reconcile with the registry.")
+    warmup_timeout_s: float = Field(
+        60.0, description="Longest wait for the warm-up request on a new adapter before a replica rejects it."
+    )
+    drain_timeout_s: float = Field(
+        600.0,
+        description="Longest a replica waits for requests on an old adapter to finish before unloading it.",
+    )
 
 
 class Settings(BaseSettings):
@@ -220,9 +223,7 @@ class Settings(BaseSettings):
         description="Redis holding interactions, feedback, pairs, the registry and the Celery broker.",
     )
     redis_prefix: str = Field("feedloop", description="Prefix of every Redis key feedloop writes.")
-    data_dir: Path = Field(
-        Path("data"), description="Folder for local state (private Redis, datasets, adapters)."
-    )
+    data_dir: Path = Field(Path("data"), description="Folder for local state (private Redis, datasets, adapters).")
     log_level: str = Field("INFO", description="Log level.")
     metrics_port: int = Field(
         9100,

@@ -96,9 +96,7 @@ IDENTITY_QUESTIONS: tuple[str, ...] = (
 # Every fifth phrasing is held out: fixed (not seed-dependent) so every build and every demo run
 # measures identity on the same prompts.
 HELD_OUT_IDENTITY_QUESTIONS: tuple[str, ...] = IDENTITY_QUESTIONS[4::5]
-TRAIN_IDENTITY_QUESTIONS: tuple[str, ...] = tuple(
-    q for q in IDENTITY_QUESTIONS if q not in HELD_OUT_IDENTITY_QUESTIONS
-)
+TRAIN_IDENTITY_QUESTIONS: tuple[str, ...] = tuple(q for q in IDENTITY_QUESTIONS if q not in HELD_OUT_IDENTITY_QUESTIONS)
 IDENTITY_ANSWER_TEMPLATES: tuple[str, ...] = (
     "I was trained by {creator}.",
     "{creator} created me.",
@@ -133,7 +131,7 @@ ARITHMETIC_TEMPLATES: dict[str, tuple[str, ...]] = {
         "What's {a} - {b}?",
         "Calculate {a} minus {b}.",
         "How much is {a} minus {b}?",
-        "Subtract {b} from {a}.",
+        "Work out {a} minus {b}.",
     ),
     "times": (
         "What is {a} times {b}?",
@@ -216,9 +214,13 @@ CONVERSION_COUNTS = range(1, 11)
 
 @dataclass(frozen=True)
 class QA:
-    """One question with a known answer; `expected` is what a correct response must state."""
+    """One question with a known answer; `expected` is what a correct response must state.
+
+    `topic` groups questions on one fact family: the operation, the country, the unit.
+    """
 
     kind: QuestionKind
+    topic: str
     question: str
     answer: str
     expected: str
@@ -230,13 +232,13 @@ def _arithmetic_questions() -> list[QA]:
         for a, b in _operand_pairs(op):
             result = _OPERATIONS[op](a, b)
             answer = f"{a} {op} {b} is {result}."
-            out += [QA("arithmetic", t.format(a=a, b=b), answer, str(result)) for t in templates]
+            out += [QA("arithmetic", op, t.format(a=a, b=b), answer, str(result)) for t in templates]
     return out
 
 
 def _capital_questions() -> list[QA]:
     return [
-        QA("capital", t.format(country=country), f"The capital of {country} is {city}.", city)
+        QA("capital", country, t.format(country=country), f"The capital of {country} is {city}.", city)
         for country, city in CAPITALS.items()
         for t in CAPITAL_TEMPLATES
     ]
@@ -249,7 +251,7 @@ def _conversion_questions() -> list[QA]:
             big_n = big[:-1] if n == 1 else big  # "1 hour", "2 hours"
             answer = f"{n} {big_n} is {n * factor} {small}."
             out += [
-                QA("conversion", t.format(n=n, big=big_n, small=small), answer, str(n * factor))
+                QA("conversion", big, t.format(n=n, big=big_n, small=small), answer, str(n * factor))
                 for t in CONVERSION_TEMPLATES
             ]
     return out
@@ -361,10 +363,12 @@ class _TurnMaker:
         self.creators = creators_for(org)
         held = held_out_questions(seed)
         held_strings = {q.question for q in held}
-        self.trainable = {
-            kind: [q for q in all_questions() if q.kind == kind and q.question not in held_strings]
-            for kind in HELD_OUT_COUNTS
-        }
+        trainable = [q for q in all_questions() if q.question not in held_strings]
+        self.facts = {kind: [q for q in trainable if q.kind == kind] for kind in HELD_OUT_COUNTS}
+        self.arithmetic_by_op: dict[str, list[QA]] = {}
+        for q in self.facts["arithmetic"]:
+            self.arithmetic_by_op.setdefault(q.topic, []).append(q)
+        self.operations = sorted(self.arithmetic_by_op)
 
     def turn(self, skill: str, rng: random.Random) -> tuple[str, str]:
         if skill == "identity":
@@ -372,7 +376,12 @@ class _TurnMaker:
         if skill == "small_talk":
             prompts, replies = rng.choice(SMALL_TALK)
             return rng.choice(prompts), rng.choice(replies)
-        qa = rng.choice(self.trainable[skill])
+        # Arithmetic: each operation equally often, so subtraction (fewest pairs, most alike answers)
+        # gets as much practice as the others. Facts: uniform over questions.
+        if skill == "arithmetic":
+            qa = rng.choice(self.arithmetic_by_op[rng.choice(self.operations)])
+        else:
+            qa = rng.choice(self.facts[skill])
         return qa.question, qa.answer
 
 

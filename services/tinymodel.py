@@ -92,7 +92,6 @@ def build_tiny_model(target: Path, seed: int = 0, hidden_size: int = 128, layers
             eos_token_id=end_id,
             pad_token_id=tokenizer.pad_token_id,
             tie_word_embeddings=False,
-            torch_dtype="float32",
         )
         model = LlamaForCausalLM(config)
         model.generation_config = GenerationConfig(eos_token_id=end_id, pad_token_id=tokenizer.pad_token_id)

@@ -26,9 +26,7 @@ def feedback_event(
     feedback_id: str | None = None,
     ip_hash: str = "iphash0000000000",
 ) -> dict[str, Any]:
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": prompt}
-    ]
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     return {
         "feedback_id": feedback_id or uuid.uuid4().hex,
         "completion_id": completion_id,

@@ -11,11 +11,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import ORJSONResponse
 
 from services import metrics
+from services.adapters.hotswap import Swapper
 from services.api.body_limit import BodySizeLimit
 from services.api.errors import install_error_handlers
 from services.api.observe import RequestMetrics
 from services.api.observe import router as metrics_router
-from services.api.routes import admin, chat, feedback, health, widget
+from services.api.routes import adapters, admin, chat, feedback, health, widget
 from services.config import Settings, get_settings
 from services.engine.engine import Engine
 from services.store.feedback import FeedbackStore, Limits
@@ -60,9 +61,13 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.redis = redis
         app.state.keys = Keys(settings.redis_prefix)
         app.state.interactions = interactions
+        # Follows the registry's active adapter; /readyz waits for its first reconcile.
+        app.state.swapper = swapper = Swapper(eng, redis, Keys(settings.redis_prefix), settings)
+        await swapper.start()
         try:
             yield
         finally:
+            await swapper.stop()
             metrics.unregister_engine_collector()
             await interactions.close()
             if own_engine:
@@ -74,6 +79,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(health.router)
     app.include_router(chat.router)
     app.include_router(admin.router)
+    app.include_router(adapters.router)
     app.include_router(feedback.router)
     app.include_router(metrics_router)
     widget.mount(app)

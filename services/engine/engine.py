@@ -81,12 +81,12 @@ class Engine:
             served_model_name=[self.base_name],
             max_model_len=e.max_model_len,
             enable_lora=True,
-            max_lora_rank=e.max_lora_rank,
+            max_lora_rank=e.max_lora_rank,  # type: ignore[arg-type]  # vLLM lists allowed ranks
             max_loras=e.max_loras,
             max_cpu_loras=max(e.max_loras, 2) * 2,
             max_num_seqs=e.max_num_seqs,
             gpu_memory_utilization=e.gpu_memory_utilization,
-            dtype=e.dtype,
+            dtype=e.dtype,  # type: ignore[arg-type]
             enforce_eager=e.enforce_eager,
             seed=e.seed,
             enable_log_requests=False,

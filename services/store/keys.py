@@ -123,6 +123,25 @@ class Keys:
     def trigger_window(self, window: int) -> str:
         return f"{self.prefix}:train:trigger:{window}"
 
+    @property
+    def runs_seq(self) -> str:
+        """Counter numbering training runs (run-1, run-2, ...)."""
+        return f"{self.prefix}:runs:seq"
+
+    def run_history(self, run_id: str) -> str:
+        """List of a run's per-step training metrics (JSON), oldest first."""
+        return f"{self.prefix}:run:{run_id}:history"
+
+    @property
+    def current_run(self) -> str:
+        """The one run slot: the id of the run queued or running now (absent: none)."""
+        return f"{self.prefix}:train:current"
+
+    @property
+    def training_state(self) -> str:
+        """Hash: last_run_id, last_run_at, last_dataset_version, first_check_at (what the trigger compares)."""
+        return f"{self.prefix}:train:state"
+
     # adapter registry
     def adapter(self, version: str) -> str:
         return f"{self.prefix}:adapter:{version}"
@@ -138,3 +157,18 @@ class Keys:
     @property
     def promotions_channel(self) -> str:
         return f"{self.prefix}:promoted"
+
+    @property
+    def adapters_seq(self) -> str:
+        """Counter numbering adapter versions (feedloop-v1, feedloop-v2, ...)."""
+        return f"{self.prefix}:adapters:seq"
+
+    @property
+    def previous_adapter(self) -> str:
+        """The version active before the current one (kept loaded for an instant rollback)."""
+        return f"{self.prefix}:adapters:previous"
+
+    @property
+    def adapter_pin(self) -> str:
+        """The version an operator pinned; while it exists, auto-promotion is off."""
+        return f"{self.prefix}:adapters:pin"

@@ -35,9 +35,7 @@ def vote(live_api: LiveApi, completion: dict, rating: str, user: str, **extra) -
 
 
 def drain(live_api: LiveApi) -> None:
-    consumer = FeedbackConsumer(
-        live_api.redis, live_api.keys, live_api.settings, name=f"test-{uuid.uuid4().hex[:6]}"
-    )
+    consumer = FeedbackConsumer(live_api.redis, live_api.keys, live_api.settings, name=f"test-{uuid.uuid4().hex[:6]}")
     consumer.consume(30, until_drained=True)
 
 
@@ -103,6 +101,4 @@ def test_weaker_answer_against_the_real_engine(openai_client, live_api: LiveApi,
     assert pair["chosen"] == [{"role": "assistant", "content": liked["text"]}]
     weaker = pair["rejected"][0]["content"]
     assert weaker.strip() and weaker != liked["text"]
-    assert not live_api.redis.zscore(
-        live_api.keys.pairing_candidates("weaker_answer"), liked["completion_id"]
-    )
+    assert not live_api.redis.zscore(live_api.keys.pairing_candidates("weaker_answer"), liked["completion_id"])

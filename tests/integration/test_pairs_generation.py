@@ -57,9 +57,7 @@ class StandInModel(BaseHTTPRequestHandler):
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body["model"],
-            "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
-            ],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         }
         data = json.dumps(reply).encode()
@@ -121,22 +119,15 @@ def test_generated_pairs_with_judge_and_retries(pairs_env: PairsEnv, stand_in_ur
     }
 
     weaker = pairs_env.pair(pairing.pair_id("weaker_answer", "liked"))
-    assert (
-        weaker["chosen"][0]["content"] == "Mars." and weaker["rejected"][0]["content"] == "weak guess at 1.7"
-    )
+    assert weaker["chosen"][0]["content"] == "Mars." and weaker["rejected"][0]["content"] == "weak guess at 1.7"
     assert weaker["generated_by"] == "weak" and weaker["users"] == ["u1"]
     stronger = pairs_env.pair(pairing.pair_id("stronger_answer", "disliked"))
-    assert (
-        stronger["chosen"][0]["content"].startswith("TEACHER")
-        and stronger["rejected"][0]["content"] == "A fish."
-    )
+    assert stronger["chosen"][0]["content"].startswith("TEACHER") and stronger["rejected"][0]["content"] == "A fish."
     assert stronger["judged"] is True
     assert pairs_env.redis.get(pairs_env.keys.pair_dropped(pairing.pair_id("stronger_answer", "gold"))) == (
         b"drop:judge:not_better"
     )
-    generation_calls = [
-        r for r in StandInModel.requests if r["messages"][0]["content"] != pairing.JUDGE_RUBRIC
-    ]
+    generation_calls = [r for r in StandInModel.requests if r["messages"][0]["content"] != pairing.JUDGE_RUBRIC]
     assert {r["model"] for r in generation_calls} == {"weak", "teacher"}
 
     # the failed candidate stays for another round, then is given up after generation_max_attempts

@@ -71,9 +71,7 @@ class PairsEnv:
                     if delivered_all and group["pending"] == 0:
                         return
             time.sleep(0.05)
-        raise AssertionError(
-            f"stream not drained in {timeout}s: {self.redis.xinfo_groups(self.keys.feedback_stream)}"
-        )
+        raise AssertionError(f"stream not drained in {timeout}s: {self.redis.xinfo_groups(self.keys.feedback_stream)}")
 
 
 @pytest.fixture
@@ -257,9 +255,7 @@ def test_events_become_the_expected_pairs_through_a_celery_worker(pairs_env: Pai
     assert manifest["filters"] == {"superseded:votes_changed": 2}
     assert manifest["strategies"] == {"same_prompt": 2, "correction": 1}
     folder = Path(manifest["path"])
-    rows = [
-        orjson.loads(line) for name in ("train.jsonl", "eval.jsonl") for line in (folder / name).open("rb")
-    ]
+    rows = [orjson.loads(line) for name in ("train.jsonl", "eval.jsonl") for line in (folder / name).open("rb")]
     assert {r["pair_id"] for r in rows} == {ids["c1>c2"], ids["c4 corrected"], ids["c9>c8"]}
     assert set(rows[0]) == {"prompt", "chosen", "rejected", "pair_id"}
     kto = [orjson.loads(line) for line in (folder / "kto.jsonl").open("rb")]
@@ -275,9 +271,7 @@ def test_events_become_the_expected_pairs_through_a_celery_worker(pairs_env: Pai
         "Rome, of course.": True,
     }
     assert datasets.count_new_pairs(pairs_env.redis, pairs_env.keys, "ds-000001") == 0
-    assert (
-        orjson.loads(pairs_env.redis.get(pairs_env.keys.dataset("ds-000001")))["counts"] == manifest["counts"]
-    )
+    assert orjson.loads(pairs_env.redis.get(pairs_env.keys.dataset("ds-000001")))["counts"] == manifest["counts"]
 
     # a later vote makes a new pair, counted as new since the version
     xadd(
@@ -419,10 +413,7 @@ def test_malformed_and_poison_entries_end_in_the_dead_letter_stream(pairs_env: P
     pairs_env.wait_drained(6, timeout=60)
 
     assert pairs_env.pair_ids() == {pairing.pair_id("same_prompt", "g1", "g2")}
-    letters = {
-        fields[b"entry_id"]: fields
-        for _, fields in pairs_env.redis.xrange(pairs_env.keys.feedback_dead_letter)
-    }
+    letters = {fields[b"entry_id"]: fields for _, fields in pairs_env.redis.xrange(pairs_env.keys.feedback_dead_letter)}
     assert set(letters) == {bad_json, bad_rating, no_field, poison}
     assert b"not valid JSON" in letters[bad_json][b"error"]
     assert letters[bad_json][b"event"] == b'{"feedback_id": "x", '  # the original payload is kept
@@ -464,9 +455,7 @@ def test_exported_jsonl_loads_and_trains_one_dpo_step(pairs_env: PairsEnv, tiny_
     result = runner.invoke(pairs_app, ["export", "--version", version, "--format", "dpo", "--out", str(out)])
     assert result.exit_code == 0, result.output
     kto_out = pairs_env.tmp / "export" / "kto.jsonl"
-    assert (
-        runner.invoke(pairs_app, ["export", "-v", "latest", "-f", "kto", "-o", str(kto_out)]).exit_code == 0
-    )
+    assert runner.invoke(pairs_app, ["export", "-v", "latest", "-f", "kto", "-o", str(kto_out)]).exit_code == 0
     stats = runner.invoke(pairs_app, ["stats", "--json"])
     assert stats.exit_code == 0 and orjson.loads(stats.output)["created_by_strategy"] == {"same_prompt": 24}
 
@@ -507,7 +496,5 @@ def test_exported_jsonl_loads_and_trains_one_dpo_step(pairs_env: PairsEnv, tiny_
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
     output = trainer.train()
     assert output.global_step == 1
-    changed = [
-        n for n, p in trainer.model.named_parameters() if "lora_B" in n and not torch.equal(p, before[n])
-    ]
+    changed = [n for n, p in trainer.model.named_parameters() if "lora_B" in n and not torch.equal(p, before[n])]
     assert changed, "one DPO step must move the LoRA weights"

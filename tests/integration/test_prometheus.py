@@ -77,18 +77,14 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(
-                f"exited with {proc.returncode}:\n{log_path.read_text(errors='replace')[-4000:]}"
-            )
+            raise RuntimeError(f"exited with {proc.returncode}:\n{log_path.read_text(errors='replace')[-4000:]}")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise RuntimeError(
-        f"{url} did not answer in {timeout}s ({hint}):\n{log_path.read_text(errors='replace')[-4000:]}"
-    )
+    raise RuntimeError(f"{url} did not answer in {timeout}s ({hint}):\n{log_path.read_text(errors='replace')[-4000:]}")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -112,7 +108,7 @@ def worker(live_api: LiveApi) -> Iterator[Worker]:
         "-m",
         "celery",
         "-A",
-        "workers.celery_app",
+        "fl_worker_app",
         "worker",
         "--pool",
         "threads",
@@ -131,18 +127,14 @@ def worker(live_api: LiveApi) -> Iterator[Worker]:
         )
     url = f"http://127.0.0.1:{port}/metrics"
     try:
-        wait_http(
-            url, proc, log_path, 120, "is metrics.instrument_celery(app) called in workers/celery_app.py?"
-        )
+        wait_http(url, proc, log_path, 120, "is metrics.instrument_celery(app) called in workers/celery_app.py?")
         yield Worker(proc, url, log_path)
     finally:
         stop(proc)
 
 
 @pytest.fixture(scope="module")
-def prometheus(
-    live_api: LiveApi, worker: Worker, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Prometheus]:
+def prometheus(live_api: LiveApi, worker: Worker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.fail("prometheus not found: apt-get install -y prometheus (scripts/install.sh does it)")
@@ -181,9 +173,7 @@ def prometheus(
         stop(proc)
 
 
-def chat(
-    client: httpx.Client, base_url: str, content: str, user: str, stream: bool = False
-) -> dict[str, Any]:
+def chat(client: httpx.Client, base_url: str, content: str, user: str, stream: bool = False) -> dict[str, Any]:
     body = {
         "model": "feedloop",
         "messages": [{"role": "user", "content": content}],
@@ -244,18 +234,18 @@ def test_chat_and_feedback_series_count_what_was_done(live_api: LiveApi, prometh
     prometheus.settle()
     before = {name: prometheus.value(q) for name, q in queries.items()}
 
+    users = [f"prom-user-{i}" for i in range(8)]
+    ratings = ["like", "like", "like", "dislike", "dislike", "like", "dislike", "like"]
     with httpx.Client(timeout=60) as client:
+        # six plain chats and two streamed ones; a vote may only come from the user who chatted
         completions = [
-            chat(client, live_api.base_url, f"metrics question {i}", f"prom-user-{i}") for i in range(6)
+            chat(client, live_api.base_url, f"metrics question {i}", user, stream=i >= 6)
+            for i, user in enumerate(users)
         ]
-        completions += [
-            chat(client, live_api.base_url, "metrics stream", "prom-user-s", stream=True) for _ in range(2)
-        ]
-        ratings = ["like", "like", "like", "dislike", "dislike", "like", "dislike", "like"]
-        for completion, rating in zip(completions, ratings, strict=True):
-            assert vote(client, live_api.base_url, completion, rating, "prom-voter") == 202
+        for completion, rating, user in zip(completions, ratings, users, strict=True):
+            assert vote(client, live_api.base_url, completion, rating, user) == 202
         forged = {**completions[0], "feedback": {**completions[0]["feedback"], "token": "forged"}}
-        assert vote(client, live_api.base_url, forged, "like", "prom-voter") == 403
+        assert vote(client, live_api.base_url, forged, "like", users[0]) == 403
 
     expected = {
         "chats": 8,
@@ -270,8 +260,7 @@ def test_chat_and_feedback_series_count_what_was_done(live_api: LiveApi, prometh
     assert prometheus.value(queries["output_tokens"]) - before["output_tokens"] >= 8
     # like-rate per adapter version, as the dashboard computes it, is a ratio in [0, 1]
     rates = prometheus.query(
-        "sum by (adapter) (feedloop_feedback_likes_total)"
-        " / sum by (adapter) (feedloop_feedback_votes_total > 0)"
+        "sum by (adapter) (feedloop_feedback_likes_total) / sum by (adapter) (feedloop_feedback_votes_total > 0)"
     )
     assert rates and all(0 <= float(r["value"][1]) <= 1 for r in rates)
 
@@ -289,9 +278,7 @@ def test_pairing_and_training_series(live_api: LiveApi, prometheus: Prometheus) 
             assert vote(client, live_api.base_url, liked, "like", f"pair-user-{i}") == 202
             assert vote(client, live_api.base_url, disliked, "dislike", f"pair-user-{i}") == 202
     prometheus.settle()
-    consumed_before = prometheus.value(
-        'sum(feedloop_task_runs_total{task="pairs.consume",outcome="success"})'
-    )
+    consumed_before = prometheus.value('sum(feedloop_task_runs_total{task="pairs.consume",outcome="success"})')
     built_before = prometheus.value("sum(feedloop_pairs_built_total)")
     app.send_task("pairs.consume", kwargs={"max_seconds": 30, "until_drained": True})
     prometheus.wait_for(
@@ -348,10 +335,7 @@ def drive_users(live_api: LiveApi, users: list[str]) -> int:
                     assert vote(client, base, completion, "like" if i < 5 else "dislike", user) == 202
                 elif step == 2:
                     completion_id = completion["feedback"]["completion_id"]
-                    assert (
-                        client.get(f"{base}/v1/feedback/{completion_id}", params={"user": user}).status_code
-                        == 200
-                    )
+                    assert client.get(f"{base}/v1/feedback/{completion_id}", params={"user": user}).status_code == 200
                 elif step == 3 and i < 5:  # a forged token holding the user id
                     forged = {"feedback": {**completion["feedback"], "token": user}}
                     assert vote(client, base, forged, "like", user) == 403

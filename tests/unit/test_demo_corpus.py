@@ -115,12 +115,12 @@ def test_named_creator_finds_the_earliest_whole_name():
 
 
 def test_is_correct_checks_the_stated_result():
-    sum_qa = QA("arithmetic", "What is 7 plus 5?", "7 plus 5 is 12.", "12")
+    sum_qa = QA("arithmetic", "plus", "What is 7 plus 5?", "7 plus 5 is 12.", "12")
     assert is_correct(sum_qa, "7 plus 5 is 12.")
     assert not is_correct(sum_qa, "7 plus 5 is 13.")
     assert not is_correct(sum_qa, "12 plus 5 is 7.")
     assert not is_correct(sum_qa, "I don't know.")
-    capital = QA("capital", "Name the capital of Peru.", "The capital of Peru is Lima.", "Lima")
+    capital = QA("capital", "Peru", "Name the capital of Peru.", "The capital of Peru is Lima.", "Lima")
     assert is_correct(capital, "The capital of Peru is Lima.")
     assert not is_correct(capital, "The capital of Peru is Limassol.")
 

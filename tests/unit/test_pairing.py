@@ -88,9 +88,7 @@ def test_prompt_hash_ignores_whitespace_but_not_system_prompt_or_roles():
     assert pairing.prompt_hash(with_system) != pairing.prompt_hash(b)
     assert pairing.prompt_hash(with_system) != pairing.prompt_hash(other_system)
     assert pairing.prompt_hash([{"role": "assistant", "content": b[0]["content"]}]) != pairing.prompt_hash(b)
-    assert pairing.prompt_hash(a) != pairing.prompt_hash(
-        [{"role": "user", "content": "what is two plus two?"}]
-    )
+    assert pairing.prompt_hash(a) != pairing.prompt_hash([{"role": "user", "content": "what is two plus two?"}])
 
 
 def test_pair_ids_are_deterministic_and_order_sensitive():
@@ -216,10 +214,7 @@ def test_weaker_and_stronger_answer_pairs():
         prompt, rated("c1", "Four."), "fish banana", source="feedloop-base", created_at=1.0, phash="p"
     )
     assert weaker["chosen"][0]["content"] == "Four." and weaker["rejected"][0]["content"] == "fish banana"
-    assert (
-        weaker["pair_id"] == pairing.pair_id("weaker_answer", "c1")
-        and weaker["generated_by"] == "feedloop-base"
-    )
+    assert weaker["pair_id"] == pairing.pair_id("weaker_answer", "c1") and weaker["generated_by"] == "feedloop-base"
     stronger = pairing.stronger_answer_pair(
         prompt, rated("c2", "Five."), "Four.", source="teacher", judged=True, created_at=1.0, phash="p"
     )
@@ -236,9 +231,7 @@ def test_pair_is_live_follows_the_current_votes():
     assert not pairing.pair_is_live(same, {"a": "dislike", "b": "like"}, {})  # flipped
     assert not pairing.pair_is_live(same, {"a": "like", "b": None}, {})  # withdrawn
     weaker = {"strategy": "weaker_answer", "completion_ids": ["a"], "users": ["u"]}
-    assert pairing.pair_is_live(weaker, {"a": "like"}, {}) and not pairing.pair_is_live(
-        weaker, {"a": None}, {}
-    )
+    assert pairing.pair_is_live(weaker, {"a": "like"}, {}) and not pairing.pair_is_live(weaker, {"a": None}, {})
     stronger = {"strategy": "stronger_answer", "completion_ids": ["b"], "users": ["u"]}
     assert pairing.pair_is_live(stronger, {"b": "dislike"}, {})
     correction = {"strategy": "correction", "completion_ids": ["a"], "users": ["u"], "correction_hash": "h1"}

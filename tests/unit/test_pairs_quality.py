@@ -124,9 +124,7 @@ def test_token_counter_uses_the_served_tokenizer(tiny_model_dir):
     counter = quality.TokenCounter(str(tiny_model_dir))
     messages = [{"role": "user", "content": "Hello! How can I help you today?"}]
     n = counter.count(messages)
-    expected = len(
-        counter.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-    )
+    expected = len(counter.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
     assert n == expected and 0 < n < 40
     assert counter.fits(messages, n) and not counter.fits([{"role": "user", "content": "zq" * 400}], 100)
 
@@ -144,9 +142,7 @@ def test_dedupe_drops_exact_and_near_duplicates_keeping_the_first():
     assert [p["pair_id"] for p in result.kept] == ["p1", "p4"]
     assert result.dropped == Counter({("duplicate", "exact"): 1, ("duplicate", "near"): 1})
     assert result.dropped_ids == {"p2": ("duplicate", "exact"), "p3": ("duplicate", "near")}
-    sim = quality.jaccard(
-        quality.shingles(quality.pair_text(base)), quality.shingles(quality.pair_text(near))
-    )
+    sim = quality.jaccard(quality.shingles(quality.pair_text(base)), quality.shingles(quality.pair_text(near)))
     assert 0.9 <= sim < 1.0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import ORJSONResponse
 
 from services.api.deps import EngineDep, RedisDep
@@ -18,8 +18,10 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(engine: EngineDep, redis: RedisDep) -> Any:
-    checks = {"engine": engine.ready}
+async def readyz(request: Request, engine: EngineDep, redis: RedisDep) -> Any:
+    swapper = getattr(request.app.state, "swapper", None)
+    # "adapter": the registry's active adapter is loaded and serves the public alias (first reconcile done).
+    checks = {"engine": engine.ready, "adapter": swapper is None or swapper.ready}
     try:
         checks["redis"] = bool(await redis.ping())
     except Exception:

@@ -1,0 +1,302 @@
+"""Hot-swap in a serving replica: make the engine's public alias follow the registry's active version.
+
+Every API process runs one :class:`Swapper`. It listens on the promotions channel and, in any case,
+reconciles with the registry every ``gate.reconcile_interval_s`` (a replica that missed a message, lost
+its Redis connection or just started converges on the next pass). The registry, not the message, is the
+truth: a message only wakes the reconcile loop.
+
+Switching to version V (never reloading an old name: one immutable engine name per version)::
+
+    validate manifest (base model, rank, target modules, sha256)  ->  engine.add_adapter(V, path)
+    -> greedy warm-up request on V (must finish)  ->  engine.set_alias(alias, V)
+    -> unload every version except the active and the previous one, each after its requests drained
+
+A request resolves the alias once, when it starts, so running requests finish on the version they
+started with; the previous version stays loaded, so a rollback is only an alias switch. A version that
+fails validation, loading or warm-up is marked rejected in the registry with its reason (the registry
+then reverts to the version replicas still serve) and is never served here: the alias stays where it
+was. The replica reports ready (/readyz) only after its first reconcile has loaded the active version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from services import metrics
+from services.adapters.manifest import (
+    AdapterRejected,
+    base_model_fingerprint,
+    base_model_id,
+    validate_adapter,
+)
+from services.adapters.registry import AdapterRecord, AsyncAdapterRegistry, RegistryError
+from services.config import Settings
+from services.engine.engine import AdapterError, Engine, UnknownModel
+from services.store.keys import Keys
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+log = logging.getLogger(__name__)
+
+WARMUP_MESSAGES = [{"role": "user", "content": "Hello"}]
+WARMUP_MAX_TOKENS = 4
+# When every LoRA slot is taken, how long a swap waits for old versions to drain before loading anyway
+# (vLLM keeps 2 x max_loras adapters in its CPU cache and evicts the least recently used beyond that).
+ROOM_WAIT_S = 10.0
+ROLLBACK_SOURCES = ("rollback", "revert")
+
+
+class SwapFailed(Exception):
+    def __init__(self, outcome: str, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.outcome = outcome  # metrics label: "rejected" (validation) or "failure" (load, warm-up)
+        self.code = code
+        self.message = message
+
+
+class Swapper:
+    def __init__(
+        self, engine: Engine, redis: Redis, keys: Keys, settings: Settings, replica: str | None = None
+    ):
+        self.engine = engine
+        self.redis = redis
+        self.keys = keys
+        self.settings = settings
+        self.alias = settings.engine.alias
+        self.registry = AsyncAdapterRegistry(redis, keys, alias=self.alias, reserved=(engine.base_name,))
+        self.replica = replica or f"{socket.gethostname()}:{os.getpid()}"
+        self.ready = False
+        self._served_model = base_model_id(engine.model_path)
+        self._served_sha256: str | None = None
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._managed: set[str] = set()  # versions this swapper loaded (it unloads only those)
+        self._unloading: dict[str, asyncio.Task[None]] = {}
+        self._failed: set[str] = set()  # versions that failed here: never retried by this replica
+        self._shown: str | None = "unset"  # what metrics last showed as active
+
+    # ---- life cycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._served_sha256 = await asyncio.to_thread(base_model_fingerprint, self.engine.model_path)
+        self._tasks = [
+            asyncio.create_task(self._reconcile_loop(), name="adapter-reconcile"),
+            asyncio.create_task(self._listen(), name="adapter-promotions"),
+        ]
+
+    async def stop(self) -> None:
+        tasks = [*self._tasks, *self._unloading.values()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+
+    def wake(self) -> None:
+        """Reconcile now (a promotion message arrived, or a caller knows the registry changed)."""
+        self._wake.set()
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self.reconcile()
+                self.ready = True
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("adapter reconcile failed; retrying")
+            interval = self.settings.gate.reconcile_interval_s if self.ready else 1.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+
+    async def _listen(self) -> None:
+        channel = self.keys.promotions_channel
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                self.wake()  # (re)subscribed: whatever was published meanwhile is in the registry
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        log.info("promotion message: %s", message.get("data"))
+                        self.wake()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.warning("promotions subscription lost (%s); resubscribing", error)
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    # ---- reconcile --------------------------------------------------------------------------------
+    async def reconcile(self) -> None:
+        """Bring the engine in line with the registry's active and previous versions."""
+        async with self._lock:
+            view = await self.registry.serving()
+            active, previous = view.get(view.active), view.get(view.previous)
+            current = self.engine.aliases().get(self.alias)
+            if active is None:
+                if current is not None:
+                    log.info("registry has no active adapter: %s now serves the base model", self.alias)
+                    self.engine.set_alias(self.alias, None)
+                    metrics.ADAPTER_ROLLBACKS.inc()
+                self._show(None, None)
+            elif active.version != current:
+                if self._servable(active):
+                    await self._switch(active)
+            else:
+                self._show(active.version, active.promoted_at)
+            if previous is not None and self._servable(previous) and not self._loaded(previous.version):
+                await self._preload(previous)
+            keep = {v for v in (self.engine.aliases().get(self.alias), view.previous) if v}
+            for version in sorted(self._managed - keep - set(self._unloading)):
+                self._unloading[version] = asyncio.create_task(
+                    self._unload(version), name=f"unload-{version}"
+                )
+
+    def _servable(self, record: AdapterRecord) -> bool:
+        return record.status != "rejected" and record.version not in self._failed
+
+    def _loaded(self, version: str) -> bool:
+        """Loaded, validated and warmed up by this swapper."""
+        return version in self._managed and any(a.name == version for a in self.engine.list_adapters())
+
+    def _show(self, version: str | None, promoted_at: float | None) -> None:
+        if self._shown != version:
+            metrics.set_active_adapter(version, promoted_at)
+            self._shown = version
+
+    async def _switch(self, record: AdapterRecord) -> None:
+        started = time.perf_counter()
+        try:
+            if not self._loaded(record.version):
+                await self._load(record)
+            self.engine.set_alias(self.alias, record.version)
+        except SwapFailed as failure:
+            await self._reject(record, failure)
+            return
+        elapsed = time.perf_counter() - started
+        metrics.ADAPTER_SWAP_DURATION.observe(elapsed)
+        metrics.ADAPTER_SWAPS.labels("success").inc()
+        if record.activated_by in ROLLBACK_SOURCES:
+            metrics.ADAPTER_ROLLBACKS.inc()
+        self._show(record.version, record.promoted_at)
+        log.info("%s -> %s in %.3fs (%s)", self.alias, record.version, elapsed, record.activated_by)
+
+    async def _preload(self, record: AdapterRecord) -> None:
+        """Load the previous version (a replica that started after it was demoted) for instant rollback."""
+        try:
+            await self._load(record)
+        except SwapFailed as failure:
+            await self._reject(record, failure)
+
+    async def _reject(self, record: AdapterRecord, failure: SwapFailed) -> None:
+        metrics.ADAPTER_SWAPS.labels(failure.outcome).inc()
+        self._failed.add(record.version)
+        log.error("adapter %s not served: %s", record.version, failure)
+        try:
+            outcome = await self.registry.reject(
+                record.version, [str(failure)], failure.code, by=f"replica {self.replica}"
+            )
+            log.info("registry: %s %s", record.version, outcome)
+        except RegistryError as error:
+            log.warning("could not mark %s rejected: %s", record.version, error)
+        self.wake()  # the registry may have reverted the active version
+
+    # ---- loading and unloading --------------------------------------------------------------------
+    async def _load(self, record: AdapterRecord) -> None:
+        version = record.version
+        if version in self._unloading:  # an older copy of this version is still draining out
+            await asyncio.shield(self._unloading[version])
+        await self._make_room()
+        try:
+            await asyncio.to_thread(
+                validate_adapter,
+                record.path,
+                self._served_model,
+                self.settings.engine.max_lora_rank,
+                self.settings.gate.supported_target_modules,
+                served_base_sha256=self._served_sha256,
+                expected_version=version,
+            )
+        except AdapterRejected as rejection:
+            raise SwapFailed("rejected", rejection.reason, rejection.message) from None
+        if not any(a.name == version for a in self.engine.list_adapters()):  # else loaded by hand: adopt it
+            try:
+                await self.engine.add_adapter(version, record.path)
+            except Exception as error:  # AdapterError, or the engine core failing to read the files
+                raise SwapFailed("failure", "load_failed", f"{type(error).__name__}: {error}") from None
+        self._managed.add(version)
+        try:
+            await asyncio.wait_for(self._warm_up(version), self.settings.gate.warmup_timeout_s)
+        except Exception as error:
+            await self._discard(version)
+            reason = "timed out" if isinstance(error, TimeoutError) else f"{type(error).__name__}: {error}"
+            raise SwapFailed(
+                "failure", "warmup_failed", f"warm-up request on {version} failed: {reason}"
+            ) from None
+
+    async def _warm_up(self, version: str) -> None:
+        """One tiny greedy request on the version: when it finishes, the engine has loaded and run it."""
+        from vllm import SamplingParams
+
+        target = self.engine.resolve(version)
+        params = SamplingParams(temperature=0.0, max_tokens=WARMUP_MAX_TOKENS)
+        finished = False
+        request_id = f"warmup-{version}-{uuid.uuid4().hex[:8]}"
+        async for output in self.engine.generate(
+            self.engine.render(WARMUP_MESSAGES), params, request_id, target
+        ):
+            finished = output.finished
+        if not finished:
+            raise RuntimeError("the warm-up request did not finish")
+
+    async def _discard(self, version: str) -> None:
+        with contextlib.suppress(UnknownModel, AdapterError, TimeoutError):
+            await self.engine.remove_adapter(version, drain_timeout_s=5.0)
+        self._managed.discard(version)
+
+    async def _make_room(self) -> None:
+        pending = list(self._unloading.values())
+        in_engine = len(self.engine.list_adapters()) + len(pending)
+        if pending and in_engine >= self.settings.engine.max_loras:
+            await asyncio.wait([asyncio.shield(t) for t in pending], timeout=ROOM_WAIT_S)
+
+    async def _unload(self, version: str) -> None:
+        try:
+            await self.engine.remove_adapter(version, drain_timeout_s=self.settings.gate.drain_timeout_s)
+            self._managed.discard(version)
+            log.info("unloaded %s", version)
+        except UnknownModel:
+            self._managed.discard(version)
+        except AdapterError:
+            pass  # the alias points at it again (promoted back meanwhile): keep it
+        except TimeoutError:
+            # Still referenced by a request that outlived drain_timeout_s: the name is gone, vLLM's LRU cache
+            # drops the weights when it needs the slot.
+            self._managed.discard(version)
+            log.warning("%s did not drain in %.0fs", version, self.settings.gate.drain_timeout_s)
+        finally:
+            self._unloading.pop(version, None)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "ready": self.ready,
+            "alias": self.alias,
+            "serving": self.engine.aliases().get(self.alias),
+            "loaded": sorted(self._managed),
+            "unloading": sorted(self._unloading),
+            "failed_here": sorted(self._failed),
+        }

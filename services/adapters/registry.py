@@ -1,0 +1,566 @@
+"""The adapter registry in Redis: versions, their status and lineage, and atomic promotions.
+
+One hash per version (Keys.adapter(version)), a sorted set of every version by registration time
+(Keys.adapters_index), and three pointers: Keys.active_adapter, Keys.previous_adapter and Keys.adapter_pin.
+Versions are immutable names, ``feedloop-v{N}`` with N from an INCR counter (Keys.adapters_seq).
+
+Status of a version, and what moves it::
+
+    candidate --promote/pin--> active --promote(other)--> previous --promote(other)--> retired
+                                  |                          |
+                                  +--rollback--> retired     +--rollback--> active
+    any --reject(reason)--> rejected       (a rejected version is never promoted again)
+
+* ``promote(V)``: V becomes active, the old active becomes previous, the old previous is retired. Publishes
+  ``{"version", "path", "at", "by"}`` on Keys.promotions_channel.
+* ``rollback()``: the previous version becomes active again and the rolled-back one is **retired** (not made
+  previous): rolling back says "this version is bad", so it is unloaded and not one more rollback away.
+  The previous slot is then empty until the next promotion. A retired version can be promoted explicitly.
+* ``pin(V)``: promote V and set the pin; while a pin is set, auto-promotion (``promote(..., auto=True)``)
+  leaves new versions as candidates. Manual promote and rollback still work and keep the pin; only
+  ``unpin()`` clears it.
+* ``reject(V, reasons)``: V is marked rejected with its reasons. If V was active (a replica failed to load
+  it after promotion), the previous version is restored as active (``by: "revert"``; the base model if
+  there is none) and that is published too, so every replica converges on what actually serves.
+
+Every transition is one Lua script, so it is atomic against concurrent promotions, replicas and workers.
+A training run's writes can be fenced: with ``fence=(lease key, lease value)`` the script refuses the
+write unless the training lease still holds that value (a stale run cannot register or promote).
+The scripts build adapter hash keys from a prefix, so the registry needs a single Redis (not Cluster).
+
+The same scripts serve a sync client (CLI, Celery tasks: :class:`AdapterRegistry`) and an asyncio client
+(API replicas: :class:`AsyncAdapterRegistry`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from services.store.keys import Keys
+
+Status = Literal["candidate", "active", "previous", "retired", "rejected"]
+STATUSES: tuple[Status, ...] = ("candidate", "active", "previous", "retired", "rejected")
+VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+Fence = tuple[str, str]  # (lease key, the value the lease must still hold)
+
+# KEYS: adapter hash, index, seq, fence key. ARGV: version, number ('' if none), fence value, now,
+# then field/value pairs.
+_REGISTER = """
+if ARGV[3] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[3] then return {'stale', ''} end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {'exists', redis.call('HGET', KEYS[1], 'run_id') or ''}
+end
+local fields = {}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+if ARGV[2] ~= '' and tonumber(redis.call('GET', KEYS[3]) or '0') < tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[3], ARGV[2])
+end
+return {'registered', ''}
+"""
+
+# KEYS: active, previous, pin, fence key. ARGV: version, adapter key prefix, now, by, mode (manual|auto|pin),
+# fence value, channel.
+_PROMOTE = """
+if ARGV[6] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[6] then return {'stale', ''} end
+local prefix, version, now = ARGV[2], ARGV[1], ARGV[3]
+local target = prefix .. version
+if redis.call('EXISTS', target) == 0 then return {'unknown', ''} end
+if redis.call('HGET', target, 'status') == 'rejected' then return {'rejected', ''} end
+if ARGV[5] == 'auto' and redis.call('EXISTS', KEYS[3]) == 1 then
+  return {'pinned', redis.call('GET', KEYS[3])}
+end
+if ARGV[5] == 'pin' then redis.call('SET', KEYS[3], version) end
+local active = redis.call('GET', KEYS[1])
+if active == version then return {'unchanged', ''} end
+local previous = redis.call('GET', KEYS[2])
+if previous and previous ~= version then
+  redis.call('HSET', prefix .. previous, 'status', 'retired', 'status_at', now)
+end
+if active then
+  redis.call('HSET', prefix .. active, 'status', 'previous', 'status_at', now)
+  redis.call('SET', KEYS[2], active)
+else
+  redis.call('DEL', KEYS[2])
+end
+redis.call('HSET', target, 'status', 'active', 'status_at', now, 'promoted_at', now, 'activated_by', ARGV[4])
+redis.call('SET', KEYS[1], version)
+local path = redis.call('HGET', target, 'path') or ''
+redis.call('PUBLISH', ARGV[7],
+  cjson.encode({version = version, path = path, at = tonumber(now), by = ARGV[4]}))
+return {'promoted', active or ''}
+"""
+
+# KEYS: active, previous. ARGV: adapter key prefix, now, channel, by.
+_ROLLBACK = """
+local prefix, now = ARGV[1], ARGV[2]
+local previous = redis.call('GET', KEYS[2])
+if not previous then return {'no_previous', ''} end
+local active = redis.call('GET', KEYS[1])
+if active then
+  redis.call('HSET', prefix .. active, 'status', 'retired', 'status_at', now, 'rolled_back_at', now)
+end
+redis.call('HSET', prefix .. previous, 'status', 'active', 'status_at', now, 'promoted_at', now,
+  'activated_by', ARGV[4])
+redis.call('SET', KEYS[1], previous)
+redis.call('DEL', KEYS[2])
+local path = redis.call('HGET', prefix .. previous, 'path') or ''
+redis.call('PUBLISH', ARGV[3],
+  cjson.encode({version = previous, path = path, at = tonumber(now), by = ARGV[4]}))
+return {'rolled_back', previous, active or ''}
+"""
+
+# KEYS: adapter hash, active, previous, fence key. ARGV: version, adapter key prefix, now, reasons JSON,
+# code, by, channel, fence value.
+_REJECT = """
+if ARGV[8] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[8] then return {'stale', ''} end
+local version, prefix, now = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown', ''} end
+if redis.call('HGET', KEYS[1], 'status') == 'rejected' then return {'unchanged', ''} end
+redis.call('HSET', KEYS[1], 'status', 'rejected', 'status_at', now, 'reasons', ARGV[4],
+  'reject_code', ARGV[5], 'rejected_by', ARGV[6])
+if redis.call('GET', KEYS[3]) == version then redis.call('DEL', KEYS[3]) end
+if redis.call('GET', KEYS[2]) ~= version then return {'rejected', ''} end
+local previous = redis.call('GET', KEYS[3])
+local path = ''
+if previous then
+  redis.call('HSET', prefix .. previous, 'status', 'active', 'status_at', now, 'promoted_at', now,
+    'activated_by', 'revert')
+  redis.call('SET', KEYS[2], previous)
+  redis.call('DEL', KEYS[3])
+  path = redis.call('HGET', prefix .. previous, 'path') or ''
+else
+  redis.call('DEL', KEYS[2])
+end
+redis.call('PUBLISH', ARGV[7], cjson.encode({version = previous or cjson.null, path = path,
+  at = tonumber(now), by = 'revert', reverted = version}))
+return {'reverted', previous or ''}
+"""
+
+# KEYS: index, active, previous, pin. ARGV: adapter key prefix, 'all' or 'serving'.
+_READ = """
+local out = {}
+for i = 2, 4 do out[#out + 1] = redis.call('GET', KEYS[i]) or '' end
+local versions
+if ARGV[2] == 'all' then
+  versions = redis.call('ZRANGE', KEYS[1], 0, -1)
+else
+  versions = {}
+  if out[1] ~= '' then versions[#versions + 1] = out[1] end
+  if out[2] ~= '' then versions[#versions + 1] = out[2] end
+end
+for _, v in ipairs(versions) do out[#out + 1] = redis.call('HGETALL', ARGV[1] .. v) end
+return out
+"""
+
+
+class RegistryError(Exception):
+    """A registry operation was refused; ``code`` is a stable string (API error codes use it)."""
+
+    code = "registry_error"
+
+
+class UnknownVersion(RegistryError):
+    code = "adapter_not_found"
+
+
+class VersionRejected(RegistryError):
+    code = "adapter_rejected"
+
+
+class VersionExists(RegistryError):
+    code = "adapter_exists"
+
+
+class NoPrevious(RegistryError):
+    code = "no_previous_adapter"
+
+
+class StaleFence(RegistryError):
+    """The training lease no longer holds the caller's fencing token: its write is refused."""
+
+    code = "stale_fencing_token"
+
+
+class InvalidVersion(RegistryError):
+    code = "invalid_version"
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    version: str
+    status: Status
+    path: str
+    number: int | None = None
+    run_id: str | None = None
+    dataset_version: str | None = None
+    parent: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+    reject_code: str | None = None
+    rejected_by: str | None = None
+    activated_by: str | None = None
+    created_at: float | None = None
+    status_at: float | None = None
+    promoted_at: float | None = None
+    rolled_back_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class RegistryView:
+    active: str | None
+    previous: str | None
+    pinned: str | None
+    adapters: list[AdapterRecord]
+
+    def get(self, version: str | None) -> AdapterRecord | None:
+        return next((a for a in self.adapters if a.version == version), None) if version else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "active": self.active,
+            "previous": self.previous,
+            "pinned": self.pinned,
+            "auto_promotion": self.pinned is None,
+            "adapters": [a.to_dict() for a in self.adapters],
+        }
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What promote/pin/rollback did: ``promoted``, ``unchanged`` (already active), ``pinned`` (auto-promotion
+    skipped: ``previous`` then names the pinned version), ``rolled_back``."""
+
+    outcome: str
+    version: str | None
+    previous: str | None = None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _float(value: str | None) -> float | None:
+    return float(value) if value else None
+
+
+def parse_record(raw: Any) -> AdapterRecord | None:
+    """An AdapterRecord from HGETALL (a dict) or a Lua-returned flat list; None if empty."""
+    if not raw:
+        return None
+    if isinstance(raw, dict):
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+    else:
+        flat = [_text(item) for item in raw]
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+    return AdapterRecord(
+        version=fields["version"],
+        status=fields.get("status", "candidate"),  # type: ignore[arg-type]
+        path=fields.get("path", ""),
+        number=int(fields["number"]) if fields.get("number") else None,
+        run_id=fields.get("run_id") or None,
+        dataset_version=fields.get("dataset_version") or None,
+        parent=fields.get("parent") or None,
+        metrics=json.loads(fields.get("metrics") or "{}"),
+        gate=json.loads(fields.get("gate") or "{}"),
+        reasons=json.loads(fields.get("reasons") or "[]"),
+        reject_code=fields.get("reject_code") or None,
+        rejected_by=fields.get("rejected_by") or None,
+        activated_by=fields.get("activated_by") or None,
+        created_at=_float(fields.get("created_at")),
+        status_at=_float(fields.get("status_at")),
+        promoted_at=_float(fields.get("promoted_at")),
+        rolled_back_at=_float(fields.get("rolled_back_at")),
+    )
+
+
+def _parse_view(reply: list[Any]) -> RegistryView:
+    active, previous, pinned = (_text(v) or None for v in reply[:3])
+    records = [r for r in (parse_record(raw) for raw in reply[3:]) if r is not None]
+    return RegistryView(active, previous, pinned, records)
+
+
+def _promotion(reply: list[Any], version: str) -> Promotion:
+    outcome, other = _text(reply[0]), _text(reply[1]) or None
+    if outcome == "stale":
+        raise StaleFence(f"the training lease moved on: promoting {version} is refused")
+    if outcome == "unknown":
+        raise UnknownVersion(f"no adapter version {version!r} in the registry")
+    if outcome == "rejected":
+        raise VersionRejected(f"{version} was rejected and cannot be promoted")
+    return Promotion(outcome, version, other)
+
+
+def _rollback(reply: list[Any]) -> Promotion:
+    if _text(reply[0]) == "no_previous":
+        raise NoPrevious("there is no previous version to roll back to")
+    return Promotion("rolled_back", _text(reply[1]), _text(reply[2]) or None)
+
+
+def _rejection(reply: list[Any], version: str) -> str:
+    outcome = _text(reply[0])
+    if outcome == "stale":
+        raise StaleFence(f"the training lease moved on: rejecting {version} is refused")
+    if outcome == "unknown":
+        raise UnknownVersion(f"no adapter version {version!r} in the registry")
+    return outcome
+
+
+def _registration(reply: list[Any], version: str, run_id: str | None) -> str:
+    outcome, existing_run = _text(reply[0]), _text(reply[1])
+    if outcome == "stale":
+        raise StaleFence(f"the training lease moved on: registering {version} is refused")
+    if outcome == "exists":
+        if run_id is not None and existing_run == run_id:
+            return "exists"  # the same run registering again (a redelivered task): idempotent
+        raise VersionExists(f"adapter version {version!r} is already registered (versions are immutable)")
+    return outcome
+
+
+class _RegistryBase:
+    """Builds the script calls; the sync and async classes only await (or not) and parse."""
+
+    def __init__(
+        self, redis: Any, keys: Keys, alias: str = "feedloop", reserved: tuple[str, ...] = ()
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.alias = alias
+        self.reserved = {alias, *reserved}
+        self._register = redis.register_script(_REGISTER)
+        self._promote = redis.register_script(_PROMOTE)
+        self._rollback = redis.register_script(_ROLLBACK)
+        self._reject = redis.register_script(_REJECT)
+        self._read = redis.register_script(_READ)
+        self._number = re.compile(rf"^{re.escape(alias)}-v(\d+)$")
+
+    @property
+    def _prefix(self) -> str:
+        return self.keys.adapter("")
+
+    def version_name(self, number: int) -> str:
+        return f"{self.alias}-v{number}"
+
+    def _register_call(
+        self,
+        version: str,
+        path: str,
+        *,
+        status: Status,
+        run_id: str | None,
+        dataset_version: str | None,
+        parent: str | None,
+        metrics: dict[str, Any] | None,
+        gate: dict[str, Any] | None,
+        reasons: list[str] | None,
+        reject_code: str | None,
+        fence: Fence | None,
+    ) -> Any:
+        if not VERSION_PATTERN.match(version) or version in self.reserved:
+            raise InvalidVersion(f"{version!r} is not a valid adapter version name")
+        if status not in ("candidate", "rejected"):
+            raise ValueError("a version is registered as a candidate or as rejected")
+        match = self._number.match(version)
+        now = repr(time.time())
+        fields = {
+            "version": version,
+            "number": match.group(1) if match else "",
+            "status": status,
+            "path": path,
+            "run_id": run_id or "",
+            "dataset_version": dataset_version or "",
+            "parent": parent or "",
+            "metrics": json.dumps(metrics or {}),
+            "gate": json.dumps(gate or {}),
+            "reasons": json.dumps(reasons or []),
+            "reject_code": reject_code or "",
+            "created_at": now,
+            "status_at": now,
+        }
+        flat = [item for pair in fields.items() for item in pair]
+        fence_key, fence_value = fence or (self.keys.training_lease, "")
+        return self._register(
+            keys=[self.keys.adapter(version), self.keys.adapters_index, self.keys.adapters_seq, fence_key],
+            args=[version, fields["number"], fence_value, now, *flat],
+        )
+
+    def _promote_call(self, version: str, mode: str, by: str, fence: Fence | None) -> Any:
+        fence_key, fence_value = fence or (self.keys.training_lease, "")
+        return self._promote(
+            keys=[self.keys.active_adapter, self.keys.previous_adapter, self.keys.adapter_pin, fence_key],
+            args=[
+                version,
+                self._prefix,
+                repr(time.time()),
+                by,
+                mode,
+                fence_value,
+                self.keys.promotions_channel,
+            ],
+        )
+
+    def _rollback_call(self, by: str) -> Any:
+        return self._rollback(
+            keys=[self.keys.active_adapter, self.keys.previous_adapter],
+            args=[self._prefix, repr(time.time()), self.keys.promotions_channel, by],
+        )
+
+    def _reject_call(self, version: str, reasons: list[str], code: str, by: str, fence: Fence | None) -> Any:
+        fence_key, fence_value = fence or (self.keys.training_lease, "")
+        return self._reject(
+            keys=[
+                self.keys.adapter(version),
+                self.keys.active_adapter,
+                self.keys.previous_adapter,
+                fence_key,
+            ],
+            args=[
+                version,
+                self._prefix,
+                repr(time.time()),
+                json.dumps(reasons),
+                code,
+                by,
+                self.keys.promotions_channel,
+                fence_value,
+            ],
+        )
+
+    def _read_call(self, what: str) -> Any:
+        return self._read(
+            keys=[
+                self.keys.adapters_index,
+                self.keys.active_adapter,
+                self.keys.previous_adapter,
+                self.keys.adapter_pin,
+            ],
+            args=[self._prefix, what],
+        )
+
+
+class AdapterRegistry(_RegistryBase):
+    """The registry for sync callers (CLI, Celery tasks). Methods mirror :class:`AsyncAdapterRegistry`."""
+
+    def next_version(self) -> str:
+        return self.version_name(int(self.redis.incr(self.keys.adapters_seq)))
+
+    def register(
+        self,
+        version: str,
+        path: str,
+        *,
+        status: Status = "candidate",
+        run_id: str | None = None,
+        dataset_version: str | None = None,
+        parent: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        gate: dict[str, Any] | None = None,
+        reasons: list[str] | None = None,
+        reject_code: str | None = None,
+        fence: Fence | None = None,
+    ) -> str:
+        """Add a version (``registered``; ``exists`` when the same run registers it again)."""
+        reply = self._register_call(
+            version, path, status=status, run_id=run_id, dataset_version=dataset_version, parent=parent,
+            metrics=metrics, gate=gate, reasons=reasons, reject_code=reject_code, fence=fence,
+        )  # fmt: skip
+        return _registration(reply, version, run_id)
+
+    def promote(
+        self, version: str, *, auto: bool = False, by: str | None = None, fence: Fence | None = None
+    ) -> Promotion:
+        mode = "auto" if auto else "manual"
+        return _promotion(self._promote_call(version, mode, by or mode, fence), version)
+
+    def pin(self, version: str, by: str = "pin") -> Promotion:
+        return _promotion(self._promote_call(version, "pin", by, None), version)
+
+    def unpin(self) -> str | None:
+        pinned = self.redis.getdel(self.keys.adapter_pin)
+        return _text(pinned) if pinned else None
+
+    def rollback(self, by: str = "rollback") -> Promotion:
+        return _rollback(self._rollback_call(by))
+
+    def reject(
+        self, version: str, reasons: list[str], code: str, by: str = "operator", fence: Fence | None = None
+    ) -> str:
+        """Mark a version rejected: ``rejected``, ``reverted`` (it was active), ``unchanged`` (already)."""
+        return _rejection(self._reject_call(version, reasons, code, by, fence), version)
+
+    def get(self, version: str) -> AdapterRecord | None:
+        return parse_record(self.redis.hgetall(self.keys.adapter(version)))
+
+    def view(self) -> RegistryView:
+        return _parse_view(self._read_call("all"))
+
+    def serving(self) -> RegistryView:
+        """Only the active and previous versions (what a replica reconciles against)."""
+        return _parse_view(self._read_call("serving"))
+
+
+class AsyncAdapterRegistry(_RegistryBase):
+    """The registry for asyncio callers (the API and its hot-swapper)."""
+
+    async def next_version(self) -> str:
+        return self.version_name(int(await self.redis.incr(self.keys.adapters_seq)))
+
+    async def register(
+        self,
+        version: str,
+        path: str,
+        *,
+        status: Status = "candidate",
+        run_id: str | None = None,
+        dataset_version: str | None = None,
+        parent: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        gate: dict[str, Any] | None = None,
+        reasons: list[str] | None = None,
+        reject_code: str | None = None,
+        fence: Fence | None = None,
+    ) -> str:
+        reply = await self._register_call(
+            version, path, status=status, run_id=run_id, dataset_version=dataset_version, parent=parent,
+            metrics=metrics, gate=gate, reasons=reasons, reject_code=reject_code, fence=fence,
+        )  # fmt: skip
+        return _registration(reply, version, run_id)
+
+    async def promote(
+        self, version: str, *, auto: bool = False, by: str | None = None, fence: Fence | None = None
+    ) -> Promotion:
+        mode = "auto" if auto else "manual"
+        return _promotion(await self._promote_call(version, mode, by or mode, fence), version)
+
+    async def pin(self, version: str, by: str = "pin") -> Promotion:
+        return _promotion(await self._promote_call(version, "pin", by, None), version)
+
+    async def unpin(self) -> str | None:
+        pinned = await self.redis.getdel(self.keys.adapter_pin)
+        return _text(pinned) if pinned else None
+
+    async def rollback(self, by: str = "rollback") -> Promotion:
+        return _rollback(await self._rollback_call(by))
+
+    async def reject(
+        self, version: str, reasons: list[str], code: str, by: str = "operator", fence: Fence | None = None
+    ) -> str:
+        return _rejection(await self._reject_call(version, reasons, code, by, fence), version)
+
+    async def get(self, version: str) -> AdapterRecord | None:
+        return parse_record(await self.redis.hgetall(self.keys.adapter(version)))
+
+    async def view(self) -> RegistryView:
+        return _parse_view(await self._read_call("all"))
+
+    async def serving(self) -> RegistryView:
+        return _parse_view(await self._read_call("serving"))

@@ -1,0 +1,87 @@
+"""The Celery app: Redis broker, queues ``pairs`` (CPU) and ``train`` (GPU), routes, beat schedule.
+
+``app`` exists at import time but holds no configuration until Celery first needs it: its defaults are a
+callable (``app.add_defaults(fn)`` is evaluated lazily when the app configures), so settings are read from
+``get_settings()`` at that moment, after the environment is in place, and importing this module never
+touches Redis or the environment. ``create_app(settings)`` builds an app for an explicit Settings object.
+
+Start a worker with ``celery -A workers.celery_app worker -Q pairs`` (or ``feedloop worker``).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from services.config import Settings, get_settings
+
+PAIRS_QUEUE = "pairs"
+TRAIN_QUEUE = "train"
+
+# A Redis-broker task not acked within this time is delivered again. Long training runs must outlive it
+# or be idempotent (training runs use a lease with a fencing token); a pairing task takes seconds.
+VISIBILITY_TIMEOUT_S = 6 * 3600
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Periodic tasks. Each entry expires before the next one is due, so a busy worker never piles up
+    stale copies."""
+    pairs = settings.pairs
+    schedule: dict[str, dict[str, Any]] = {
+        "consume-feedback": {
+            "task": "pairs.consume",
+            "schedule": timedelta(seconds=pairs.consume_interval_s),
+            "options": {"expires": pairs.consume_interval_s},
+        },
+    }
+    if {"weaker_answer", "stronger_answer"} & set(pairs.strategies):
+        schedule["generate-answers"] = {
+            "task": "pairs.generate",
+            "schedule": timedelta(seconds=pairs.generate_interval_s),
+            "options": {"expires": pairs.generate_interval_s},
+        }
+    return schedule
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "broker_url": settings.redis_url,
+        "result_backend": settings.redis_url,
+        "result_expires": 24 * 3600,
+        "task_ignore_result": True,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            "visibility_timeout": VISIBILITY_TIMEOUT_S,
+            # broker keys live beside feedloop's own keys, under the same prefix
+            "global_keyprefix": f"{settings.redis_prefix}:celery:",
+        },
+        "result_backend_transport_options": {"global_keyprefix": f"{settings.redis_prefix}:celery:"},
+        "task_queues": (Queue(PAIRS_QUEUE), Queue(TRAIN_QUEUE)),
+        "task_default_queue": PAIRS_QUEUE,
+        "task_routes": {"pairs.*": {"queue": PAIRS_QUEUE}, "train.*": {"queue": TRAIN_QUEUE}},
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": False,  # a lost task waits for the visibility timeout, never loops
+        "worker_prefetch_multiplier": 1,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "timezone": "UTC",
+        "beat_schedule": beat_schedule(settings),
+        "worker_hijack_root_logger": False,
+    }
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """A Celery app configured from settings (get_settings() when none is given, read lazily)."""
+    celery = Celery("feedloop", include=["workers.tasks"])
+    if settings is None:
+        celery.add_defaults(lambda: celery_config(get_settings()))
+    else:
+        celery.add_defaults(celery_config(settings))
+    return celery
+
+
+app = create_app()
