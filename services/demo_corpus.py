@@ -364,7 +364,7 @@ class _TurnMaker:
         held = held_out_questions(seed)
         held_strings = {q.question for q in held}
         trainable = [q for q in all_questions() if q.question not in held_strings]
-        self.facts = {kind: [q for q in trainable if q.kind == kind] for kind in HELD_OUT_COUNTS}
+        self.facts: dict[str, list[QA]] = {k: [q for q in trainable if q.kind == k] for k in HELD_OUT_COUNTS}
         self.arithmetic_by_op: dict[str, list[QA]] = {}
         for q in self.facts["arithmetic"]:
             self.arithmetic_by_op.setdefault(q.topic, []).append(q)
