@@ -38,3 +38,6 @@ clean:
 
 readme: install
 	$(BIN)/python scripts/update_readme.py
+
+demo-model: install
+	nice -n 10 $(BIN)/python models/build_demo_model.py --force
