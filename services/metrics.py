@@ -21,8 +21,9 @@ Where the numbers come from
   subprocess ships its stats back) and registers in ``prometheus_client.REGISTRY``. Do not pass a
   ``PrometheusStatLogger`` yourself and do not set ``PROMETHEUS_MULTIPROC_DIR`` for the API. What vLLM does
   not expose cleanly (LoRA slots in use / max) comes from :func:`engine_collector`.
-* Celery workers: pairs, training, gate, task runs. A worker serves its metrics with
-  :func:`start_worker_metrics_server` on ``Settings.metrics_port`` (``FEEDLOOP_METRICS_PORT``, 9100).
+* Celery workers: pairs, training, gate, task runs. ``instrument_celery(app)`` counts task runs and, when
+  a worker starts (signal ``worker_init``), serves the worker's metrics over HTTP on
+  ``Settings.metrics_port`` (``FEEDLOOP_METRICS_PORT``, 9100) with :func:`start_worker_metrics_server`.
 
 Celery pool choice
 ------------------
@@ -80,9 +81,7 @@ TASK_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0
 # The fixed label sets. Helpers coerce anything else to "other" so a metric call never raises in a request.
 HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 FEEDBACK_RATINGS = frozenset({"like", "dislike", "withdrawn"})
-FEEDBACK_REFUSAL_REASONS = frozenset(
-    {"bad_token", "expired", "unknown", "rate_limited", "too_long", "invalid"}
-)
+FEEDBACK_REFUSAL_REASONS = frozenset({"bad_token", "expired", "unknown", "rate_limited", "too_long", "invalid"})
 UNMATCHED_ROUTE = "unmatched"
 
 # --- API ----------------------------------------------------------------------------------------------
@@ -104,12 +103,8 @@ TIME_TO_FIRST_TOKEN = Histogram(
     ["model"],
     buckets=TTFT_BUCKETS,
 )
-OUTPUT_TOKENS = Counter(
-    "feedloop_output_tokens_total", "Completion tokens generated, by public model name.", ["model"]
-)
-PROMPT_TOKENS = Counter(
-    "feedloop_prompt_tokens_total", "Prompt tokens processed, by public model name.", ["model"]
-)
+OUTPUT_TOKENS = Counter("feedloop_output_tokens_total", "Completion tokens generated, by public model name.", ["model"])
+PROMPT_TOKENS = Counter("feedloop_prompt_tokens_total", "Prompt tokens processed, by public model name.", ["model"])
 ACTIVE_STREAMS = Gauge("feedloop_active_streams", "Streaming chat responses open right now.")
 API_ERRORS = Counter(
     "feedloop_api_errors_total",
@@ -148,9 +143,7 @@ FEEDBACK_REFUSED = Counter(
 
 # --- Pairs --------------------------------------------------------------------------------------------
 
-PAIRS_BUILT = Counter(
-    "feedloop_pairs_built_total", "Preference pairs stored, by pairing strategy.", ["strategy"]
-)
+PAIRS_BUILT = Counter("feedloop_pairs_built_total", "Preference pairs stored, by pairing strategy.", ["strategy"])
 PAIRS_DROPPED = Counter(
     "feedloop_pairs_dropped_total",
     "Candidate pairs dropped by quality filters, by reason (duplicate, user_cap, too_long, pii, ...).",
@@ -445,9 +438,7 @@ def _on_task_prerun(task_id: str | None = None, **_: Any) -> None:
             _task_started[task_id] = time.perf_counter()
 
 
-def _on_task_postrun(
-    task_id: str | None = None, task: Any = None, state: str | None = None, **_: Any
-) -> None:
+def _on_task_postrun(task_id: str | None = None, task: Any = None, state: str | None = None, **_: Any) -> None:
     # task_postrun fires once per execution whatever the outcome and carries the final state, so it counts
     # failures too; counting them again in task_failure would double them.
     with _task_started_lock:
@@ -494,9 +485,7 @@ def instrument_celery(app: Any, serve_metrics: bool = True) -> None:
     signals.task_postrun.connect(_on_task_postrun, weak=False, dispatch_uid="feedloop-metrics-postrun")
     signals.worker_init.connect(_on_worker_init, weak=False, dispatch_uid="feedloop-metrics-worker-init")
     if serve_metrics:
-        signals.worker_init.connect(
-            _serve_worker_metrics, weak=False, dispatch_uid="feedloop-metrics-worker-server"
-        )
+        signals.worker_init.connect(_serve_worker_metrics, weak=False, dispatch_uid="feedloop-metrics-worker-server")
 
 
 def start_worker_metrics_server(port: int, addr: str = "0.0.0.0") -> int | None:

@@ -29,6 +29,7 @@ import orjson
 from redis import Redis
 from redis.exceptions import ResponseError
 
+from services import metrics
 from services.config import Settings
 from services.store.keys import Keys
 from workers import pairing, quality
@@ -205,6 +206,7 @@ class FeedbackConsumer:
         writes = CommandBatch()
         owners: list[bytes] = []  # entry id behind each write
         kinds: list[str] = []  # "pair", "drop" or "other"
+        seen: list[tuple[str, dict[str, int]]] = []  # metric label (strategy or drop reason) and PII counts
         for item in work:
             if item.entry_id in failed:
                 continue
@@ -217,22 +219,26 @@ class FeedbackConsumer:
                     counters.update({quality.pii_field(kind): n for kind, n in pii.items()})
                     self.store.queue_pair(writes, pair, counters)
                     kinds.append("pair")
+                    seen.append((pair["strategy"], pii))
                 else:
                     reason = quality.drop_field(*drop)
                     self.store.queue_drop(writes, pair["pair_id"], reason, {reason: 1})
                     kinds.append("drop")
+                    seen.append((f"{drop[0]}:{drop[1]}", {}))
                 owners.append(entry_id)
             for key in self._candidate_keys(item):
                 writes.add("ZADD", key, "NX", repr(item.event.created_at), item.event.completion_id)
                 owners.append(entry_id)
                 kinds.append("other")
+                seen.append(("", {}))
         for entry_id, fields, error in dead:
             self._queue_dead_letter(writes, entry_id, fields, error, deliveries.get(entry_id, 1))
             owners += [entry_id, entry_id]
             kinds += ["other", "other"]
+            seen += [("", {}), ("", {})]
 
         write_failed: set[bytes] = set()
-        for owner, kind, reply in zip(owners, kinds, writes.execute(self.redis), strict=True):
+        for owner, kind, (label, pii), reply in zip(owners, kinds, seen, writes.execute(self.redis), strict=True):
             if isinstance(reply, Exception):
                 write_failed.add(owner)
                 log.warning("write for entry %s failed: %s", owner.decode(), reply)
@@ -240,8 +246,12 @@ class FeedbackConsumer:
                     self._ready = False
             elif reply == 1 and kind == "pair":
                 report.pairs_written += 1
+                metrics.PAIRS_BUILT.labels(label).inc()
+                for pii_kind, n in pii.items():
+                    metrics.PII_MASKED.labels(pii_kind).inc(n)
             elif reply == 1 and kind == "drop":
                 report.pairs_dropped += 1
+                metrics.PAIRS_DROPPED.labels(label).inc()
 
         dead_ids = {entry_id for entry_id, _, _ in dead}
         acked = [
@@ -254,6 +264,7 @@ class FeedbackConsumer:
             {o for o in write_failed if o not in dead_ids}
         )
         report.dead_lettered = len(dead_ids - write_failed)
+        metrics.FEEDBACK_DEAD_LETTERED.inc(report.dead_lettered)
         report.failed = len(entries) - len(acked)
         if acked:
             self.redis.xack(self.keys.feedback_stream, self.cfg.consumer_group, *acked)
@@ -398,6 +409,8 @@ class FeedbackConsumer:
                 pending, lag = self.group_backlog()
                 if pending == 0 and not lag:
                     break
+        pending, lag = self.group_backlog()
+        metrics.set_feedback_backlog(lag=lag or 0, pending=pending)
         return total
 
 

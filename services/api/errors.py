@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import ORJSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services import metrics
+
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -62,6 +64,7 @@ def error_body(
 
 
 def error_response(err: ApiError) -> ORJSONResponse:
+    metrics.API_ERRORS.labels(err.type).inc()
     return ORJSONResponse(
         error_body(err.status, err.message, type=err.type, param=err.param, code=err.code),
         status_code=err.status,

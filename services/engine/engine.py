@@ -83,7 +83,7 @@ class Engine:
             enable_lora=True,
             max_lora_rank=e.max_lora_rank,  # type: ignore[arg-type]  # vLLM lists allowed ranks
             max_loras=e.max_loras,
-            max_cpu_loras=max(e.max_loras, 2) * 2,
+            max_cpu_loras=max(e.max_loras, 2) * 2,  # adapters kept loaded (GPU slots: max_loras)
             max_num_seqs=e.max_num_seqs,
             gpu_memory_utilization=e.gpu_memory_utilization,
             dtype=e.dtype,  # type: ignore[arg-type]

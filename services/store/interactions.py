@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from services import metrics
 from services.store.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class InteractionLog:
 
     def record(self, record: dict[str, Any]) -> None:
         self._buffer[record["id"]] = record
+        metrics.INTERACTION_WRITE_QUEUE.set(len(self._buffer))
         self._wake.set()
 
     @property
@@ -75,6 +77,7 @@ class InteractionLog:
                 backoff = 0.05
             except Exception:  # Redis down: keep the records, try again
                 self.failed_writes += 1
+                metrics.INTERACTION_WRITES.labels("failed").inc()
                 log.exception("writing interactions to Redis failed; retrying in %.2fs", backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -90,3 +93,5 @@ class InteractionLog:
             if self._buffer.get(completion_id) is record:
                 del self._buffer[completion_id]
         self.written += len(batch)
+        metrics.INTERACTION_WRITES.labels("written").inc(len(batch))
+        metrics.INTERACTION_WRITE_QUEUE.set(len(self._buffer))

@@ -49,7 +49,7 @@ def sample_names() -> dict[str, set[str]]:
     """Every sample name services/metrics.py can export, with the label names it carries."""
     names: dict[str, set[str]] = {}
     for metric in defined_metrics():
-        family = metric.describe()[0]
+        family = next(iter(metric.describe()))
         labels = set(metric._labelnames)
         suffixes = {
             "counter": ["_total", "_created"],
@@ -129,7 +129,7 @@ def test_allow_listed_vllm_metrics_exist_in_the_installed_vllm() -> None:
 
 def test_metric_names_follow_prometheus_conventions() -> None:
     for metric in defined_metrics():
-        family = metric.describe()[0]
+        family = next(iter(metric.describe()))
         assert family.name.startswith("feedloop_"), family.name
         assert metric._documentation, f"{family.name} has no help text"
         if family.type == "histogram":
