@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install install-test up demo test test-fast lint typecheck bench clean readme
+.PHONY: install install-test up demo test test-fast lint typecheck bench clean readme demo-model test-charts image-cpu image-gpu
 
 install:
 	@scripts/install.sh
@@ -41,3 +41,12 @@ readme: install
 
 demo-model: install
 	nice -n 10 $(BIN)/python models/build_demo_model.py --force
+
+test-charts: install-test
+	$(BIN)/python -m pytest tests/charts -m "not slow"
+
+image-cpu:
+	docker build --target cpu -t feedloop:0.1.0-cpu .
+
+image-gpu:
+	docker build --target gpu -t feedloop:0.1.0-gpu .

@@ -59,4 +59,5 @@ if [[ $want_test == 1 ]]; then
   need_system chromium chromium || exit 1
   need_system prometheus prometheus || exit 1
   command -v promtool >/dev/null || need_system promtool prometheus || exit 1
+  VENV="$VENV" scripts/install-helm.sh
 fi

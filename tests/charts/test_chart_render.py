@@ -4,9 +4,12 @@ every object validates against the Kubernetes OpenAPI schemas, and the things fe
 from __future__ import annotations
 
 import base64
+import functools
+from collections.abc import Iterator
 from pathlib import Path
 
 import kubernetes_validate
+import kubernetes_validate.utils as kv_utils
 import pytest
 from chartlib import (
     NAMESPACE,
@@ -31,6 +34,14 @@ CASES = ["default", *VALUE_SETS]
 
 def values_files(case: str) -> list[Path]:
     return [] if case == "default" else [VALUES_DIR / case]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cached_kubernetes_schemas() -> Iterator[None]:
+    """kubernetes_validate re-reads its multi-megabyte definitions file on every call; read each file once."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kv_utils, "schema_contents", functools.lru_cache(maxsize=None)(kv_utils.schema_contents))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +159,7 @@ def test_adapter_storage_is_shared_by_api_and_trainer(rendered, case):
     objects = rendered[case]
     claims = {
         component: next(
-            v
-            for v in pod_spec(one(objects, "Deployment", component))["volumes"]
-            if v["name"] == "shared-data"
+            v for v in pod_spec(one(objects, "Deployment", component))["volumes"] if v["name"] == "shared-data"
         )
         for component in ("api", "trainer")
     }
@@ -237,9 +246,7 @@ def test_external_redis_replaces_the_builtin_one_and_its_url_is_secret(rendered)
 
 
 def test_external_redis_url_from_an_existing_secret(render):
-    objects = render(
-        set_values=["redis.external.existingSecret=managed-redis", "redis.external.existingSecretKey=url"]
-    )
+    objects = render(set_values=["redis.external.existingSecret=managed-redis", "redis.external.existingSecretKey=url"])
     assert not by_kind(objects, "StatefulSet")
     assert "redis-url" not in secret_values(objects)
     api = main_container(one(objects, "Deployment", "api"))
@@ -276,18 +283,12 @@ def test_generated_secrets_are_random_and_consistent(render):
     for key in ("feedback-secret", "admin-token", "redis-password"):
         assert len(first[key]) == 40 and first[key].isalnum()
         assert first[key] != second[key]
-    assert (
-        first["redis-url"] == f"redis://:{first['redis-password']}@rel-feedloop-redis.{NAMESPACE}.svc:6379/0"
-    )
+    assert first["redis-url"] == f"redis://:{first['redis-password']}@rel-feedloop-redis.{NAMESPACE}.svc:6379/0"
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_the_helm_test_pod_chats_then_votes(rendered, case):
-    pods = [
-        o
-        for o in by_kind(rendered[case], "Pod")
-        if o["metadata"]["annotations"].get("helm.sh/hook") == "test"
-    ]
+    pods = [o for o in by_kind(rendered[case], "Pod") if o["metadata"]["annotations"].get("helm.sh/hook") == "test"]
     assert len(pods) == 1
     container = main_container(pods[0])
     assert env_map(container)["FEEDLOOP_URL"]["value"] == "http://rel-feedloop-api:8000"
@@ -368,8 +369,6 @@ def test_network_policies_off_renders_none(rendered):
 
 
 def test_settings_change_rolls_the_pods(render):
-    before = one(render(), "Deployment", "api")["spec"]["template"]["metadata"]["annotations"][
-        "checksum/config"
-    ]
+    before = one(render(), "Deployment", "api")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
     after = one(render(set_values=["config.FEEDLOOP_LOG_LEVEL=DEBUG"]), "Deployment", "api")
     assert after["spec"]["template"]["metadata"]["annotations"]["checksum/config"] != before

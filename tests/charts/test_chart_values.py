@@ -93,9 +93,7 @@ def test_config_values_are_rendered_as_settings_strings(helm, tmp_path):
         "  FEEDLOOP_PAIRS__JUDGE: true\n  FEEDLOOP_PAIRS__STRATEGIES: [same_prompt, correction]\n",
     )
     (config,) = [
-        o
-        for o in template(helm, values)
-        if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-config")
+        o for o in template(helm, values) if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-config")
     ]
     data = config["data"]
     assert data["FEEDLOOP_API__MAX_BODY_BYTES"] == "1000000"  # not 1e+06
