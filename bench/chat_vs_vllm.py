@@ -285,20 +285,20 @@ async def measure(targets: dict[str, Target], args: argparse.Namespace) -> None:
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         for name in (OURS, VLLM):
-            wall, samples = await run_round(
-                session, targets[name], args.warmup, args.concurrency, args.max_tokens, seq
-            )
+            wall, samples = await run_round(session, targets[name], args.warmup, args.concurrency, args.max_tokens, seq)
             errors = [s.error for s in samples if s.error]
             print(f"warm-up {name}: {len(samples)} requests in {wall:.1f}s, {len(errors)} errors", flush=True)
             if errors:
                 raise RuntimeError(f"{name} failed during warm-up: {errors[0]}")
         plan = order(args.rounds)
+        deadline = time.monotonic() + args.time_budget
         for i, name in enumerate(plan, 1):
+            if i % 2 == 1 and i > 1 and time.monotonic() > deadline:
+                print(f"time budget of {args.time_budget:.0f}s spent: stopping after {i - 1} rounds", flush=True)
+                break
             t = targets[name]
             api0, eng0 = cpu_seconds(t.server.proc.pid)
-            wall, samples = await run_round(
-                session, t, args.requests_per_round, args.concurrency, args.max_tokens, seq
-            )
+            wall, samples = await run_round(session, t, args.requests_per_round, args.concurrency, args.max_tokens, seq)
             api1, eng1 = cpu_seconds(t.server.proc.pid)
             r = Round(name, i, wall, samples, api1 - api0, eng1 - eng0)
             t.rounds.append(r)
@@ -344,7 +344,7 @@ def report(targets: dict[str, Target], extra: dict[str, Any]) -> dict[str, Any]:
     def ratio(key: str) -> float:
         return round(ours[key] / vllm[key], 3) if vllm[key] else float("nan")
 
-    ratios = {
+    ratios: dict[str, Any] = {
         "requests_per_s": ratio("requests_per_s"),
         "output_tokens_per_s": ratio("output_tokens_per_s"),
         "ttft_p50": ratio("ttft_p50_ms"),
@@ -357,6 +357,7 @@ def report(targets: dict[str, Target], extra: dict[str, Any]) -> dict[str, Any]:
         if b["requests_per_s"]
     ]
     ratios["requests_per_s_median_of_round_pairs"] = round(percentile(per_round, 50), 3)
+    ratios["requests_per_s_round_pairs"] = [round(x, 3) for x in per_round]
     targets_met = {
         "throughput_ratio_at_least_1": ratios["output_tokens_per_s"] >= 1.0,
         "ttft_p50_within_2ms": ours["ttft_p50_ms"] - vllm["ttft_p50_ms"] <= 2.0,
@@ -413,6 +414,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=128, help="warm-up requests per server")
+    parser.add_argument(
+        "--time-budget", type=float, default=360, help="seconds of measured rounds; stops after a complete pair"
+    )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--profile", type=Path, help="py-spy (raw, collapsed stacks) of our API process")
     parser.add_argument("--output", type=Path, default=RESULTS / "chat_vs_vllm.json")
@@ -459,7 +463,7 @@ def main() -> None:
                 "ignore_eos": True,
                 "temperature": 1.0,
                 "requests_per_round": args.requests_per_round,
-                "rounds_per_server": args.rounds,
+                "rounds_per_server": len(targets[OURS].rounds),
                 "warmup_requests_per_server": args.warmup,
                 "order": "A B B A A B ... (alternating, each server first in half of the pairs)",
             },

@@ -8,6 +8,7 @@ or SIGTERM.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import socket
@@ -72,29 +73,19 @@ class Server:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def stop(self, timeout: float = 30) -> None:
+    def stop(self, timeout: float = 15) -> None:
         if self.proc.poll() is None:
-            with _suppress_lookup():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
         # The group may outlive its leader (engine core processes): make sure it is gone.
-        with _suppress_lookup():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         if self.proc.poll() is None:
             self.proc.wait()
         if self in _running:
             _running.remove(self)
-
-
-class _suppress_lookup:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: object, exc: object, tb: object) -> bool:
-        return isinstance(exc, ProcessLookupError | PermissionError)
 
 
 def stop_all() -> None:
@@ -110,6 +101,8 @@ def install_cleanup() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_term)
+    # A shell starts background jobs with SIGINT ignored; make Ctrl-C / kill -INT stop the benchmark anyway.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def tiny_model() -> Path:

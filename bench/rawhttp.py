@@ -26,8 +26,7 @@ class Connection(asyncio.Protocol):
         return protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio's classes
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

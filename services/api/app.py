@@ -76,11 +76,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     app = FastAPI(title="feedloop", version="0.1.0", lifespan=lifespan, default_response_class=ORJSONResponse)
     install_error_handlers(app)
-    app.include_router(health.router)
+    # Starlette matches routes in order: the hot routes first.
     app.include_router(chat.router)
+    app.include_router(feedback.router)
+    app.include_router(health.router)
     app.include_router(admin.router)
     app.include_router(adapters.router)
-    app.include_router(feedback.router)
     app.include_router(metrics_router)
     widget.mount(app)
     if settings.api.cors_origins:

@@ -13,23 +13,23 @@ from services.store.interactions import InteractionLog
 from services.store.keys import Keys
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def _engine(request: Request) -> Engine:
+async def _engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
-def _redis(request: Request) -> Redis:
+async def _redis(request: Request) -> Redis:
     return request.app.state.redis
 
 
-def _keys(request: Request) -> Keys:
+async def _keys(request: Request) -> Keys:
     return request.app.state.keys
 
 
-def _interactions(request: Request) -> InteractionLog:
+async def _interactions(request: Request) -> InteractionLog:
     return request.app.state.interactions
 
 

@@ -21,7 +21,7 @@ from services.store.feedback import FeedbackStore, VoteOutcome
 router = APIRouter()
 
 
-def _store(request: Request) -> FeedbackStore:
+async def _store(request: Request) -> FeedbackStore:
     return request.app.state.feedback_store
 
 
