@@ -271,6 +271,13 @@ def _mount_subcommands() -> None:
     from workers.cli_pairs import pairs_app
 
     app.add_typer(pairs_app, name="pairs", help="Preference pairs: stats, snapshots, exports.")
+    from services.cli_demo import demo_app
+
+    app.add_typer(demo_app)
+    from services.cli_adapters import adapters_app, train
+
+    app.add_typer(adapters_app, name="adapters")
+    app.command("train")(train)
 
 
 _mount_subcommands()

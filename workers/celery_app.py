@@ -17,6 +17,7 @@ from celery import Celery
 from kombu import Queue
 
 from services.config import Settings, get_settings
+from services.metrics import instrument_celery
 
 PAIRS_QUEUE = "pairs"
 TRAIN_QUEUE = "train"
@@ -36,6 +37,12 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "schedule": timedelta(seconds=pairs.consume_interval_s),
             "options": {"expires": pairs.consume_interval_s},
         },
+    }
+    schedule["check-training"] = {
+        "task": "train.check",
+        "schedule": timedelta(seconds=settings.training.check_interval_s),
+        # On the CPU queue: stale-run detection must not depend on a live train worker.
+        "options": {"expires": settings.training.check_interval_s, "queue": PAIRS_QUEUE},
     }
     if {"weaker_answer", "stronger_answer"} & set(pairs.strategies):
         schedule["generate-answers"] = {
@@ -71,6 +78,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "timezone": "UTC",
         "beat_schedule": beat_schedule(settings),
         "worker_hijack_root_logger": False,
+        # One process per worker keeps its Prometheus registry whole (see services/metrics.py).
+        "worker_pool": "threads",
     }
 
 
@@ -81,6 +90,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         celery.add_defaults(lambda: celery_config(get_settings()))
     else:
         celery.add_defaults(celery_config(settings))
+    instrument_celery(celery)
     return celery
 
 

@@ -12,7 +12,7 @@ from redis import Redis
 
 from services.config import get_settings
 from services.store.keys import Keys
-from workers.celery_app import app
+from workers.celery_app import PAIRS_QUEUE, app
 
 
 @lru_cache
@@ -52,3 +52,38 @@ def snapshot() -> dict[str, Any]:
 
     settings = get_settings()
     return take_snapshot(_redis(os.getpid()), Keys(settings.redis_prefix), settings)
+
+
+# --- training ---------------------------------------------------------------------------------------------
+
+
+@app.task(name="train.check", queue=PAIRS_QUEUE)
+def check_training() -> dict[str, Any]:
+    """Beat's periodic check: mark dead runs failed, and claim + enqueue a run when there is enough new data.
+
+    Runs on the always-on CPU queue (``pairs``), not ``train``: a train worker that died must not take the
+    stale-run detection down with it.
+    """
+    from workers.trigger import Trigger
+
+    settings = get_settings()
+    trigger = Trigger(_redis(os.getpid()), Keys(settings.redis_prefix), settings)
+    return trigger.check(enqueue=enqueue_run).to_dict()
+
+
+def enqueue_run(run_id: str) -> None:
+    # The task id is the run id: one message per run, and a duplicate delivery finds the run not queued.
+    run_training.apply_async(args=[run_id], task_id=run_id)
+
+
+# acks_late=False: the message is acknowledged when the run starts, so the broker never re-delivers a run
+# that outlives the Redis transport's visibility_timeout. A run whose worker dies is not lost: its lease
+# expires and the next train.check marks it failed (and starts a fresh run when the data still call for one).
+@app.task(name="train.run", acks_late=False)
+def run_training(run_id: str) -> dict[str, Any]:
+    """Execute one claimed training run (idempotent by run id)."""
+    from workers.train_job import execute
+
+    settings = get_settings()
+    record = execute(_redis(os.getpid()), Keys(settings.redis_prefix), settings, run_id)
+    return {"run_id": run_id, "status": record.get("status"), "version": record.get("version")}

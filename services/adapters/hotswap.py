@@ -16,6 +16,10 @@ started with; the previous version stays loaded, so a rollback is only an alias 
 fails validation, loading or warm-up is marked rejected in the registry with its reason (the registry
 then reverts to the version replicas still serve) and is never served here: the alias stays where it
 was. The replica reports ready (/readyz) only after its first reconcile has loaded the active version.
+
+The swapper acts when the registry's active version differs from the one it last applied, not from
+whatever the alias points at: a manual switch through ``PUT /admin/engine/aliases/{alias}`` (a debugging
+tool) holds until the registry's active version changes.
 """
 
 from __future__ import annotations
@@ -47,11 +51,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WARMUP_MESSAGES = [{"role": "user", "content": "Hello"}]
-WARMUP_MAX_TOKENS = 4
+WARMUP_MAX_TOKENS = 2  # prefill and one decode step on the adapter
 # When every LoRA slot is taken, how long a swap waits for old versions to drain before loading anyway
 # (vLLM keeps 2 x max_loras adapters in its CPU cache and evicts the least recently used beyond that).
 ROOM_WAIT_S = 10.0
 ROLLBACK_SOURCES = ("rollback", "revert")
+_UNSET = object()
 
 
 class SwapFailed(Exception):
@@ -82,7 +87,10 @@ class Swapper:
         self._managed: set[str] = set()  # versions this swapper loaded (it unloads only those)
         self._unloading: dict[str, asyncio.Task[None]] = {}
         self._failed: set[str] = set()  # versions that failed here: never retried by this replica
-        self._shown: str | None = "unset"  # what metrics last showed as active
+        # What this swapper last made the alias serve (None: the base model). The swapper acts when the
+        # registry's active version differs from it, so a manual switch through /admin/engine/aliases (a
+        # debugging tool) holds until the registry changes; a replica that missed an event still converges.
+        self._applied: str | object | None = _UNSET
 
     # ---- life cycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -146,21 +154,20 @@ class Swapper:
         async with self._lock:
             view = await self.registry.serving()
             active, previous = view.get(view.active), view.get(view.previous)
-            current = self.engine.aliases().get(self.alias)
             if active is None:
-                if current is not None:
-                    log.info("registry has no active adapter: %s now serves the base model", self.alias)
+                if self._applied is not None:
+                    if self._applied is not _UNSET:
+                        log.info("registry has no active adapter: %s serves the base model", self.alias)
+                        metrics.ADAPTER_ROLLBACKS.inc()
                     self.engine.set_alias(self.alias, None)
-                    metrics.ADAPTER_ROLLBACKS.inc()
-                self._show(None, None)
-            elif active.version != current:
-                if self._servable(active):
-                    await self._switch(active)
-            else:
-                self._show(active.version, active.promoted_at)
+                    self._applied = None
+                    metrics.set_active_adapter(None, None)
+            elif active.version != self._applied and self._servable(active):
+                await self._switch(active)
             if previous is not None and self._servable(previous) and not self._loaded(previous.version):
                 await self._preload(previous)
-            keep = {v for v in (self.engine.aliases().get(self.alias), view.previous) if v}
+            applied = self._applied if isinstance(self._applied, str) else None
+            keep = {v for v in (self.engine.aliases().get(self.alias), applied, view.previous) if v}
             for version in sorted(self._managed - keep - set(self._unloading)):
                 self._unloading[version] = asyncio.create_task(
                     self._unload(version), name=f"unload-{version}"
@@ -172,11 +179,6 @@ class Swapper:
     def _loaded(self, version: str) -> bool:
         """Loaded, validated and warmed up by this swapper."""
         return version in self._managed and any(a.name == version for a in self.engine.list_adapters())
-
-    def _show(self, version: str | None, promoted_at: float | None) -> None:
-        if self._shown != version:
-            metrics.set_active_adapter(version, promoted_at)
-            self._shown = version
 
     async def _switch(self, record: AdapterRecord) -> None:
         started = time.perf_counter()
@@ -192,7 +194,8 @@ class Swapper:
         metrics.ADAPTER_SWAPS.labels("success").inc()
         if record.activated_by in ROLLBACK_SOURCES:
             metrics.ADAPTER_ROLLBACKS.inc()
-        self._show(record.version, record.promoted_at)
+        self._applied = record.version
+        metrics.set_active_adapter(record.version, record.promoted_at)
         log.info("%s -> %s in %.3fs (%s)", self.alias, record.version, elapsed, record.activated_by)
 
     async def _preload(self, record: AdapterRecord) -> None:

@@ -13,6 +13,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pytest
 from services.adapters.registry import AdapterRegistry
 from tests.adapter_corpus import build_bad_adapter_corpus, publish_lora
 from tests.conftest import ARTIFACTS, LiveApi, free_port, start_feedloop
+from tests.shared_server import serve_base_model
 
 ALIAS, BASE = "feedloop", "feedloop-base"
 PROMPTS = [f"Tell me about topic number {i}." for i in range(8)]
@@ -78,8 +80,9 @@ def metric(live_api: LiveApi, name: str, labels: str = "") -> float:
 
 
 @pytest.fixture(scope="module")
-def versions(live_api: LiveApi, tiny_model_dir: Path) -> list[str]:
-    return [publish_and_register(live_api, tiny_model_dir, seed) for seed in range(11, 16)]
+def versions(live_api: LiveApi, tiny_model_dir: Path) -> Iterator[list[str]]:
+    yield [publish_and_register(live_api, tiny_model_dir, seed) for seed in range(11, 16)]
+    serve_base_model(live_api)
 
 
 def test_promoted_adapter_answers_under_the_alias(live_api: LiveApi, versions: list[str]) -> None:
@@ -125,7 +128,9 @@ def test_rollback_pin_and_unpin_through_the_admin_api(live_api: LiveApi, version
     assert metric(live_api, "feedloop_adapter_rollbacks_total") == rollbacks + 1
     again = admin(live_api, "POST", "/admin/adapters/rollback")
     assert again.status_code == 409 and again.json()["error"]["code"] == "no_previous_adapter"
-    statuses = {a["version"]: a["status"] for a in admin(live_api, "GET", "/admin/adapters").json()["adapters"]}
+    statuses = {
+        a["version"]: a["status"] for a in admin(live_api, "GET", "/admin/adapters").json()["adapters"]
+    }
     assert statuses[newer] == "retired" and statuses[older] == "active"
 
     pinned = admin(live_api, "POST", f"/admin/adapters/{newer}/pin", params={"wait": "true"}).json()
@@ -188,7 +193,8 @@ async def stream_once(client: httpx.AsyncClient, prompt: str) -> StreamResult:
 
 
 async def load_during(live_api: LiveApi, steps: list[tuple[str, str]], clients: int = 32):
-    """`clients` streaming clients in a closed loop while `steps` (admin calls, 1.5 s apart) run."""
+    """`clients` streaming clients in a closed loop while `steps` (admin calls, 1.5 s apart) run; the load
+    goes on for 3 s after the last step."""
     results: list[StreamResult] = []
     marks: list[tuple[str, float]] = []
     stop = asyncio.Event()
@@ -207,7 +213,7 @@ async def load_during(live_api: LiveApi, steps: list[tuple[str, str]], clients: 
                 response = await client.request(method, path, headers=live_api.admin_headers())
                 assert response.status_code == 200, response.text
                 marks.append((path, time.monotonic()))
-                await asyncio.sleep(1.5)
+                await asyncio.sleep(1.5 if path != steps[-1][1] else 3.0)
             stop.set()
 
         await asyncio.gather(operator(), *(user(i) for i in range(clients)))
@@ -235,7 +241,7 @@ def test_hot_swap_under_load_fails_nothing_and_never_mixes_versions(
     assert {v1, v2, v3} <= set(by_version), f"versions served: {sorted(by_version)}"
     # After the rollback has been reconciled, v2 serves again and v3 never.
     rollback_at = marks[-1][1]
-    late = [r for r in results if r.started > rollback_at + 1.0]
+    late = [r for r in results if r.started > rollback_at + 1.5]
     assert late and {next(iter(r.fingerprints)) for r in late} == {v2}
     assert len(results) > 64
 
@@ -249,15 +255,12 @@ def test_hot_swap_under_load_fails_nothing_and_never_mixes_versions(
             assert status == 200 and fingerprint == version
             expected[(version, prompt)] = text
     mismatched = [
-        (v, r.prompt, r.text)
-        for v, rs in by_version.items()
-        for r in rs
-        if r.text != expected[(v, r.prompt)]
+        (v, r.prompt, r.text) for v, rs in by_version.items() for r in rs if r.text != expected[(v, r.prompt)]
     ]
     assert not mismatched, f"{len(mismatched)} responses differ from their version's greedy output"
     for version in (v1, v2, v3):
-        first = min(r.started for r in by_version[version])
-        print(f"{version}: {len(by_version[version])} responses, first started at +{first - results[0].started:.2f}s")
+        first = min(r.started for r in by_version[version]) - results[0].started
+        print(f"{version}: {len(by_version[version])} responses, the first started at +{first:.2f}s")
 
 
 def test_bad_adapters_are_rejected_with_their_reason_and_never_served(
@@ -274,7 +277,9 @@ def test_bad_adapters_are_rejected_with_their_reason_and_never_served(
     rejected_before = metric(live_api, "feedloop_adapter_swaps_total", '{outcome="rejected"}')
     for case in corpus:
         version = case.path.name
-        registered = admin(live_api, "POST", "/admin/adapters", json={"path": str(case.path), "version": version})
+        registered = admin(
+            live_api, "POST", "/admin/adapters", json={"path": str(case.path), "version": version}
+        )
         assert registered.status_code == 201, registered.text
         response = admin(live_api, "POST", f"/admin/adapters/{version}/promote", params={"wait": "true"})
         assert response.status_code == 200
@@ -306,21 +311,27 @@ def test_a_starting_replica_serves_the_active_adapter_before_it_is_ready(
     expected = chat(live_api, active, PROMPTS[1])[1]
     port = free_port()
     replica = start_feedloop(
-        ["serve"], {**live_api.env, "FEEDLOOP_API__PORT": str(port)}, port, ARTIFACTS / "logs" / "replica-2.log"
+        ["serve"],
+        {**live_api.env, "FEEDLOOP_API__PORT": str(port)},
+        port,
+        ARTIFACTS / "logs" / "replica-2.log",
     )
     try:
         url = replica.base_url
         ready = httpx.get(url + "/readyz", timeout=30).json()
         assert ready["checks"]["adapter"] is True
+        messages = [{"role": "user", "content": PROMPTS[1]}]
         first = httpx.post(
             url + "/v1/chat/completions",
-            json={"model": ALIAS, "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": MAX_TOKENS,
-                  "temperature": 0},
+            json={"model": ALIAS, "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0},
             timeout=120,
-        ).json()  # fmt: skip
+        ).json()
         assert first["system_fingerprint"] == active and first["choices"][0]["message"]["content"] == expected
         engine = httpx.get(url + "/admin/engine", headers=live_api.admin_headers(), timeout=30).json()
-        assert {a["name"] for a in engine["adapters"]} == {active, previous}  # previous preloaded for rollback
+        assert {a["name"] for a in engine["adapters"]} == {
+            active,
+            previous,
+        }  # previous preloaded for rollback
         # A promotion on the first replica reaches this one through the registry's channel.
         admin(live_api, "POST", "/admin/adapters/rollback", params={"wait": "true"})
         deadline = time.monotonic() + 20

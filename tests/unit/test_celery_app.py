@@ -34,7 +34,7 @@ def test_config_comes_from_settings():
 def test_no_generation_schedule_without_generation_strategies():
     settings = Settings()
     settings.pairs.strategies = ["same_prompt", "correction"]
-    assert set(celery_app.beat_schedule(settings)) == {"consume-feedback"}
+    assert set(celery_app.beat_schedule(settings)) == {"consume-feedback", "check-training"}
 
 
 def test_module_app_reads_settings_only_when_configured():
