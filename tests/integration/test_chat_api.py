@@ -63,25 +63,19 @@ def test_streaming_matches_usage_and_ends_with_done(openai_client, live_api: Liv
     assert chunks[0].choices[0].delta.role == "assistant"
     last = chunks[-1]
     assert last.choices == [] and last.usage is not None
-    assert last.usage.completion_tokens == 20 or any(
-        c.choices and c.choices[0].finish_reason == "stop" for c in chunks
-    )
+    assert last.usage.completion_tokens == 20 or any(c.choices and c.choices[0].finish_reason == "stop" for c in chunks)
     feedback = last.model_extra["feedback"]
     assert feedback["completion_id"] == last.id
     record = orjson.loads(live_api.flush_interactions(last.id))
     assert record["response"] == text
 
     # The same greedy request without streaming gives the same text.
-    r = openai_client.chat.completions.create(
-        model="feedloop", messages=HELLO, max_tokens=20, temperature=0, seed=1
-    )
+    r = openai_client.chat.completions.create(model="feedloop", messages=HELLO, max_tokens=20, temperature=0, seed=1)
     assert r.choices[0].message.content == text
 
 
 def test_stream_without_usage_option_has_no_usage(openai_client):
-    chunks = list(
-        openai_client.chat.completions.create(model="feedloop", messages=HELLO, max_tokens=4, stream=True)
-    )
+    chunks = list(openai_client.chat.completions.create(model="feedloop", messages=HELLO, max_tokens=4, stream=True))
     assert all(c.usage is None for c in chunks)
     assert "feedback" in chunks[-1].model_extra
 
@@ -267,31 +261,40 @@ def test_openai_client_raises_typed_errors(openai_client):
     assert e.value.body["code"] == "empty_messages"
 
 
+def _engine_state(live_api: LiveApi) -> dict:
+    return httpx.get(live_api.base_url + "/admin/engine", headers=live_api.admin_headers()).json()
+
+
 def test_client_disconnect_aborts_generation(live_api: LiveApi):
-    body = {
-        "model": "feedloop",
-        "messages": HELLO,
-        "max_tokens": 1000,
-        "stream": True,
-        "ignore_eos": True,
-        "temperature": 1.0,
-    }
-    with (
-        httpx.Client(timeout=30) as client,
-        client.stream("POST", live_api.base_url + "/v1/chat/completions", json=body) as r,
-    ):
-        lines = r.iter_lines()
-        got = [next(lines) for _ in range(3)]
-        assert got[0].startswith("data: ")
-        running = httpx.get(live_api.base_url + "/admin/engine", headers=live_api.admin_headers()).json()
-        assert running["running_requests"] >= 1
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        state = httpx.get(live_api.base_url + "/admin/engine", headers=live_api.admin_headers()).json()
-        if state["running_requests"] == 0:
+    # The engine can outrun a descheduled client; grow the work until the disconnect lands mid-generation.
+    for n in (4, 8, 16):
+        body = {
+            "model": "feedloop-base",
+            "messages": HELLO,
+            "max_tokens": 1000,
+            "stream": True,
+            "ignore_eos": True,
+            "temperature": 1.0,
+            "n": n,
+        }
+        with (
+            httpx.Client(timeout=30) as client,
+            client.stream("POST", live_api.base_url + "/v1/chat/completions", json=body) as r,
+        ):
+            lines = r.iter_lines()
+            first = next(lines)
+            assert first.startswith("data: ")
+            completion_id = orjson.loads(first[6:])["id"]
+            caught_running = _engine_state(live_api)["running_requests"] >= 1
+        if caught_running:
             break
+    assert caught_running, "the generation always finished before the client left"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _engine_state(live_api)["running_requests"] > 0:
         time.sleep(0.1)
-    assert state["running_requests"] == 0, "the engine kept generating for a client that left"
+    assert _engine_state(live_api)["running_requests"] == 0, "the engine kept generating for a client that left"
+    time.sleep(0.2)
+    assert live_api.redis.get(live_api.keys.interaction(completion_id)) is None  # an aborted answer is not logged
 
 
 def test_health_and_readiness(live_api: LiveApi):

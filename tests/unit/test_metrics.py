@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -61,9 +63,22 @@ def test_unknown_label_values_are_coerced_to_other() -> None:
 
 
 def test_fixed_series_start_at_zero_and_last_value_gauges_at_nan() -> None:
-    assert REGISTRY.get_sample_value("feedloop_training_runs_total", {"outcome": "failure"}) is not None
-    assert REGISTRY.get_sample_value("feedloop_adapter_swaps_total", {"outcome": "failure"}) is not None
-    assert math.isnan(REGISTRY.get_sample_value("feedloop_feedback_backlog_lag") or 0)
+    # A fresh process: earlier tests in this one may already have set the gauges.
+    fresh = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import math; from prometheus_client import REGISTRY; import services.metrics; "
+            "v = REGISTRY.get_sample_value; "
+            "print(v('feedloop_training_runs_total', {'outcome': 'failure'}), "
+            "v('feedloop_adapter_swaps_total', {'outcome': 'failure'}), "
+            "math.isnan(v('feedloop_feedback_backlog_lag')))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert fresh.stdout.split() == ["0.0", "0.0", "True"]
     metrics.set_feedback_backlog(lag=7, pending=3)
     assert REGISTRY.get_sample_value("feedloop_feedback_backlog_lag") == 7
     assert REGISTRY.get_sample_value("feedloop_feedback_backlog_pending") == 3
