@@ -39,7 +39,7 @@ from services.store.keys import Keys
 # What the demo changes for its children, unless the caller's environment sets it. Measured on the 2-core
 # machine with the shipped demo model (see the README's demo section).
 DEMO_ENV: dict[str, str] = {
-    "FEEDLOOP_TRAINING__MIN_PAIRS": "300",
+    "FEEDLOOP_TRAINING__MIN_PAIRS": "200",
     "FEEDLOOP_TRAINING__CHECK_INTERVAL_S": "3",
     # Each round trains a fresh adapter on every pair so far: continuing from the active adapter trains the
     # first round's pairs (and their adversarial noise) twice as long.
@@ -520,7 +520,7 @@ def run_demo(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Start the stack, play the rounds, write demo-report.json and demo-report.png; returns the report."""
-    from services.demo_report import render_table, write_chart, write_json
+    from services.demo_report import write_chart, write_json
 
     progress = progress or Progress()
     info = DemoModelInfo.load(settings.model_path())
@@ -541,6 +541,4 @@ def run_demo(
     }
     write_chart(report, Path(report["files"]["chart"]))
     write_json(report, Path(report["files"]["json"]))
-    echo("")
-    echo(render_table(report["rounds"]))
     return report

@@ -12,9 +12,14 @@ import os
 import tempfile
 from pathlib import Path
 
+# A conversation ends at <|end|>: the newline between messages is not emitted after the last one. The
+# trainer takes a completion as "rendered conversation minus rendered prompt", so a trailing newline
+# would become the last completion token, one the engine never generates (it stops at <|end|>), and
+# DPO would put its whole margin on it.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>"
+    "{% if not loop.last or add_generation_prompt %}{{ '\\n' }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )

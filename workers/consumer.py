@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -206,7 +206,7 @@ class FeedbackConsumer:
         writes = CommandBatch()
         owners: list[bytes] = []  # entry id behind each write
         kinds: list[str] = []  # "pair", "drop" or "other"
-        seen: list[tuple[str, dict[str, int]]] = []  # metric label (strategy or drop reason) and PII counts
+        seen: list[tuple[str, Mapping[str, int]]] = []  # metric label (strategy or drop reason) and PII counts
         for item in work:
             if item.entry_id in failed:
                 continue
@@ -238,7 +238,7 @@ class FeedbackConsumer:
             seen += [("", {}), ("", {})]
 
         write_failed: set[bytes] = set()
-        for owner, kind, (label, pii), reply in zip(owners, kinds, seen, writes.execute(self.redis), strict=True):
+        for owner, kind, (label, pii_counts), reply in zip(owners, kinds, seen, writes.execute(self.redis), strict=True):
             if isinstance(reply, Exception):
                 write_failed.add(owner)
                 log.warning("write for entry %s failed: %s", owner.decode(), reply)
@@ -247,7 +247,7 @@ class FeedbackConsumer:
             elif reply == 1 and kind == "pair":
                 report.pairs_written += 1
                 metrics.PAIRS_BUILT.labels(label).inc()
-                for pii_kind, n in pii.items():
+                for pii_kind, n in pii_counts.items():
                     metrics.PII_MASKED.labels(pii_kind).inc(n)
             elif reply == 1 and kind == "drop":
                 report.pairs_dropped += 1
