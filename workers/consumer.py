@@ -238,7 +238,8 @@ class FeedbackConsumer:
             seen += [("", {}), ("", {})]
 
         write_failed: set[bytes] = set()
-        for owner, kind, (label, pii_counts), reply in zip(owners, kinds, seen, writes.execute(self.redis), strict=True):
+        replies = writes.execute(self.redis)
+        for owner, kind, (label, pii_counts), reply in zip(owners, kinds, seen, replies, strict=True):
             if isinstance(reply, Exception):
                 write_failed.add(owner)
                 log.warning("write for entry %s failed: %s", owner.decode(), reply)
