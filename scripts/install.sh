@@ -34,7 +34,7 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$fingerprint" ]]; then
 else
   [[ -x "$VENV/bin/python" ]] || { log "creating $VENV"; "$PY" -m venv "$VENV"; }
   pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
-  "${pip[@]}" --upgrade pip setuptools wheel >/dev/null
+  "${pip[@]}" --upgrade pip >/dev/null
   if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
     log "installing torch $TORCH_VERSION (CPU)"
     "${pip[@]}" "torch==$TORCH_VERSION" 2>/dev/null || "${pip[@]}" "torch==$TORCH_VERSION" --index-url "$TORCH_CPU_INDEX"
