@@ -96,10 +96,11 @@ def encode_conversation(tokenizer: Any, conversation: Conversation) -> tuple[lis
         ids.extend(piece)
         labels.extend(piece if learn else [IGNORE_INDEX] * len(piece))
 
-    for message in conversation:
+    for i, message in enumerate(conversation):
+        if i:
+            add("\n", learn=False)  # the template separates messages; a conversation ends at <|end|>
         add(f"<|{message['role']}|>\n", learn=False)
         add(f"{message['content']}<|end|>", learn=message["role"] == "assistant")
-        add("\n", learn=False)
     return ids, labels
 
 

@@ -205,8 +205,9 @@ def test_pairs_are_rendered_with_the_model_chat_template(tiny_model_dir: Path, d
     prompt, chosen, rejected = tokenize_pair(tokenizer, row, max_length=128)
     question = row["prompt"][0]["content"]
     assert tokenizer.decode(prompt) == f"<|user|>\n{question}<|end|>\n<|assistant|>\n"
-    assert tokenizer.decode(chosen) == row["chosen"][0]["content"] + "<|end|>\n"
-    assert tokenizer.decode(rejected) == row["rejected"][0]["content"] + "<|end|>\n"
+    # A completion ends where the engine stops: at <|end|>, with no token after it.
+    assert tokenizer.decode(chosen) == row["chosen"][0]["content"] + "<|end|>"
+    assert tokenizer.decode(rejected) == row["rejected"][0]["content"] + "<|end|>"
 
 
 def test_rank_above_the_engine_maximum_is_refused_before_any_work(
