@@ -81,12 +81,12 @@ async def test_a_user_over_the_rate_limit_backs_off_and_every_vote_lands(live_ap
     prefix = "sim-it-limit-"
     # Start with an empty bucket, so the first votes are refused however slowly this machine chats.
     live_api.redis.hset(live_api.keys.rate_limit("user", f"{prefix}000"), mapping={"tokens": 0, "ts": time.time()})
-    stats = await run_simulation(live_api.base_url, sim, max_chats=80, user_prefix=prefix)
+    stats = await run_simulation(live_api.base_url, sim, max_chats=20, user_prefix=prefix)
 
-    assert stats.chats == 80
+    assert stats.chats == 20
     assert stats.rate_limited > 0
-    assert stats.votes == 80 and stats.votes_given_up == 0
-    assert len(sim_events(live_api, prefix)) == 80
+    assert stats.votes == 20 and stats.votes_given_up == 0
+    assert len(sim_events(live_api, prefix)) == 20
 
 
 def test_simulate_command_prints_counts(live_api: LiveApi):
