@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import re
 import subprocess
 import sys
@@ -34,19 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import (
-    LOGS,
-    RESULTS,
-    Server,
-    delete_prefix,
-    free_port,
-    install_cleanup,
-    load_average,
-    machine,
-    markdown_table,
-    percentile,
-    tiny_model,
-)
+from bench import harness
 from services.config import Settings
 
 OURS, VLLM = "feedloop", "vllm"
@@ -77,7 +64,7 @@ class Round:
 @dataclass
 class Target:
     name: str
-    server: Server
+    server: harness.Server
     url: str
     model: str
     rounds: list[Round] = field(default_factory=list)
@@ -123,30 +110,15 @@ def engine_argv(settings: Settings, model: str, port: int) -> list[str]:
     return argv
 
 
-def start_servers(args: argparse.Namespace, prefix: str) -> tuple[Server, Server, Settings]:
-    model = str(tiny_model())
+def start_servers(args: argparse.Namespace, prefix: str) -> tuple[harness.Server, harness.Server, Settings]:
+    model = str(harness.tiny_model())
     settings = Settings(engine={"model": model, "max_model_len": 1024})
     common = {"VLLM_CPU_KVCACHE_SPACE": str(settings.engine.cpu_kvcache_gib)}
-    ours_port, vllm_port = free_port(), free_port()
-    data_dir = LOGS.parent / f"chat-{prefix}"
-    ours = Server(
-        "chat-feedloop",
-        [sys.executable, "-m", "services.cli", "serve"],
-        {
-            **common,
-            "REDIS_URL": args.redis_url,
-            "FEEDLOOP_REDIS_URL": args.redis_url,
-            "FEEDLOOP_REDIS_PREFIX": prefix,
-            "FEEDLOOP_DATA_DIR": str(data_dir),
-            "FEEDLOOP_ENGINE__MODEL": model,
-            "FEEDLOOP_ENGINE__MAX_MODEL_LEN": "1024",
-            "FEEDLOOP_API__PORT": str(ours_port),
-            "FEEDLOOP_TRAINING__ADAPTERS_DIR": str(data_dir / "adapters"),
-        },
-        ours_port,
-    )
-    vllm = Server("chat-vllm", engine_argv(settings, model, vllm_port), common, vllm_port)
-    print(f"starting feedloop serve on :{ours_port} and vLLM's server on :{vllm_port} (~1 min)", flush=True)
+    env = {**common, "FEEDLOOP_ENGINE__MAX_MODEL_LEN": "1024"}
+    ours = harness.feedloop_server("chat-feedloop", redis_url=args.redis_url, prefix=prefix, model=model, env=env)
+    vllm_port = harness.free_port()
+    vllm = harness.Server("chat-vllm", engine_argv(settings, model, vllm_port), common, vllm_port)
+    print(f"starting feedloop serve on :{ours.port} and vLLM's server on :{vllm_port} (~1 min)", flush=True)
     ours.wait_ready("/readyz")
     vllm.wait_ready("/health")
     vllm.wait_ready("/v1/models")
@@ -257,10 +229,10 @@ def summarize(rounds: list[Round]) -> dict[str, Any]:
         "requests_per_s": round(len(ok) / wall, 2),
         "output_tokens_per_s": round(tokens / wall, 1),
         "output_tokens": tokens,
-        "ttft_p50_ms": round(percentile(ttfts, 50) * 1000, 2),
-        "ttft_p99_ms": round(percentile(ttfts, 99) * 1000, 2),
-        "latency_p50_ms": round(percentile(latencies, 50) * 1000, 1),
-        "latency_p99_ms": round(percentile(latencies, 99) * 1000, 1),
+        "ttft_p50_ms": round(harness.percentile(ttfts, 50) * 1000, 2),
+        "ttft_p99_ms": round(harness.percentile(ttfts, 99) * 1000, 2),
+        "latency_p50_ms": round(harness.percentile(latencies, 50) * 1000, 1),
+        "latency_p99_ms": round(harness.percentile(latencies, 99) * 1000, 1),
         "api_cpu_ms_per_request": round(sum(r.api_cpu_s for r in rounds) / max(1, len(ok)) * 1000, 3),
         "engine_cpu_ms_per_request": round(sum(r.engine_cpu_s for r in rounds) / max(1, len(ok)) * 1000, 3),
         "rounds": [
@@ -268,7 +240,7 @@ def summarize(rounds: list[Round]) -> dict[str, Any]:
                 "index": r.index,
                 "wall_s": round(r.wall_s, 3),
                 "requests_per_s": round(len(r.ok) / r.wall_s, 2),
-                "ttft_p50_ms": round(percentile([s.ttft_s for s in r.ok if s.ttft_s], 50) * 1000, 2),
+                "ttft_p50_ms": round(harness.percentile([s.ttft_s for s in r.ok if s.ttft_s], 50) * 1000, 2),
                 "api_cpu_s": round(r.api_cpu_s, 3),
                 "engine_cpu_s": round(r.engine_cpu_s, 3),
             }
@@ -304,10 +276,11 @@ async def measure(targets: dict[str, Target], args: argparse.Namespace) -> None:
             t.rounds.append(r)
             ok = r.ok
             ttfts = [s.ttft_s for s in ok if s.ttft_s is not None]
+            p50, p99 = harness.percentile(ttfts, 50), harness.percentile(ttfts, 99)
             print(
                 f"round {i:2d}/{len(plan)} {name:8s} {len(ok):4d} ok {len(samples) - len(ok)} err "
                 f"{wall:6.2f}s {len(ok) / wall:7.1f} req/s {sum(s.completion_tokens for s in ok) / wall:8.0f} tok/s "
-                f"TTFT p50 {percentile(ttfts, 50) * 1000:6.1f} ms p99 {percentile(ttfts, 99) * 1000:6.1f} ms "
+                f"TTFT p50 {p50 * 1000:6.1f} ms p99 {p99 * 1000:6.1f} ms "
                 f"API CPU {r.api_cpu_s / max(1, len(ok)) * 1000:5.2f} ms/req",
                 flush=True,
             )
@@ -356,7 +329,7 @@ def report(targets: dict[str, Target], extra: dict[str, Any]) -> dict[str, Any]:
         for a, b in zip(ours["rounds"], vllm["rounds"], strict=False)
         if b["requests_per_s"]
     ]
-    ratios["requests_per_s_median_of_round_pairs"] = round(percentile(per_round, 50), 3)
+    ratios["requests_per_s_median_of_round_pairs"] = round(harness.percentile(per_round, 50), 3)
     ratios["requests_per_s_round_pairs"] = [round(x, 3) for x in per_round]
     targets_met = {
         "throughput_ratio_at_least_1": ratios["output_tokens_per_s"] >= 1.0,
@@ -404,7 +377,7 @@ def table(result: dict[str, Any]) -> str:
         "TTFT p99 (ms)",
         "API-process CPU (ms/request)",
     ]
-    return markdown_table(header, rows)
+    return harness.markdown_table(header, rows)
 
 
 def main() -> None:
@@ -419,12 +392,12 @@ def main() -> None:
     )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--profile", type=Path, help="py-spy (raw, collapsed stacks) of our API process")
-    parser.add_argument("--output", type=Path, default=RESULTS / "chat_vs_vllm.json")
+    parser.add_argument("--output", type=Path, default=harness.RESULTS / "chat_vs_vllm.json")
     args = parser.parse_args()
 
-    install_cleanup()
+    harness.install_cleanup()
     started = time.time()
-    load_start = load_average()
+    load_start = harness.load_average()
     prefix = f"flbench-chat-{uuid.uuid4().hex[:8]}"
     ours_server, vllm_server, settings = start_servers(args, prefix)
     targets = {
@@ -446,17 +419,12 @@ def main() -> None:
         vllm_config = engine_config_line(vllm_server.log_text())
         ours_server.stop()
         vllm_server.stop()
-        deleted = delete_prefix(args.redis_url, prefix)
+        deleted = harness.delete_prefix(args.redis_url, prefix)
     e = settings.engine
     result = report(
         targets,
         {
-            "benchmark": "chat_vs_vllm",
-            "started_at": started,
-            "duration_s": round(time.time() - started, 1),
-            "load_average_start": load_start,
-            "load_average_end": load_average(),
-            "machine": machine(),
+            **harness.result_header("chat_vs_vllm", started, load_start),
             "load": {
                 "concurrency": args.concurrency,
                 "max_tokens": args.max_tokens,
@@ -486,8 +454,7 @@ def main() -> None:
             "interaction_log": {"on": True, "redis_keys_written_and_deleted": deleted},
         },
     )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    harness.write_result(args.output, result)
     print()
     print(table(result))
     print()

@@ -143,9 +143,7 @@ def synthetic_text(rng: random.Random, tokenizer, tokens: int) -> str:
     return tokenizer.decode(ids)
 
 
-def write_pairs(
-    folder: Path, tokenizer, pairs: int, prompt_tokens: int, answer_tokens: int, seed: int
-) -> Path:
+def write_pairs(folder: Path, tokenizer, pairs: int, prompt_tokens: int, answer_tokens: int, seed: int) -> Path:
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "train.jsonl", "w") as file:
@@ -208,9 +206,7 @@ def gpu_peak_tflops(name: str, override: float | None) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--gpu-shape", choices=["llama-8b"], help="benchmark a random-weight model of this shape"
-    )
+    parser.add_argument("--gpu-shape", choices=["llama-8b"], help="benchmark a random-weight model of this shape")
     parser.add_argument("--pairs", type=int, help="training pairs (default: 128 CPU, 96 GPU)")
     parser.add_argument("--batch", type=int, help="pairs per optimizer step (default: 16)")
     parser.add_argument("--micro", type=int, help="pairs per forward (default: 16 CPU, 4 GPU)")
@@ -220,9 +216,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (training.cpu_threads)")
     parser.add_argument("--warmup-steps", type=int, default=1)
     parser.add_argument("--no-checkpointing", action="store_true", help="GPU: no gradient checkpointing")
-    parser.add_argument(
-        "--peak-tflops", type=float, help="GPU dense bf16 peak if the GPU is not in the table"
-    )
+    parser.add_argument("--peak-tflops", type=float, help="GPU dense bf16 peak if the GPU is not in the table")
     parser.add_argument("--cache", type=Path, default=REPO / "data" / "bench-cache")
     parser.add_argument("--out", type=Path, help="also write the result as JSON here")
     args = parser.parse_args()

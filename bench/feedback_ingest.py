@@ -36,19 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import (
-    LOGS,
-    RESULTS,
-    Server,
-    delete_prefix,
-    free_port,
-    install_cleanup,
-    load_average,
-    machine,
-    markdown_table,
-    percentile,
-    tiny_model,
-)
+from bench import harness
 from bench.rawhttp import Connection, post
 from services.schemas import FeedbackRequest
 
@@ -145,11 +133,11 @@ class Tally:
             "requests": n,
             "statuses": dict(sorted(self.statuses.items())),
             "requests_per_s": round(n / self.wall_s, 1) if self.wall_s else 0.0,
-            "p50_ms": round(percentile(self.latencies, 50) * 1000, 3),
-            "p99_ms": round(percentile(self.latencies, 99) * 1000, 3),
-            "p999_ms": round(percentile(self.latencies, 99.9) * 1000, 3),
+            "p50_ms": round(harness.percentile(self.latencies, 50) * 1000, 3),
+            "p99_ms": round(harness.percentile(self.latencies, 99) * 1000, 3),
+            "p999_ms": round(harness.percentile(self.latencies, 99.9) * 1000, 3),
             "max_ms": round(max(self.latencies, default=float("nan")) * 1000, 3),
-            "client_lag_p99_ms": round(percentile(self.client_lag, 99) * 1000, 3) if self.client_lag else None,
+            "client_lag_p99_ms": round(harness.percentile(self.client_lag, 99) * 1000, 3) if self.client_lag else None,
             "server_cpu_us_per_request": round(self.server_cpu_s / max(1, n) * 1e6, 1),
             "redis_cpu_us_per_request": round(self.redis_cpu_s / max(1, n) * 1e6, 1),
             "all_accepted": ok == n,
@@ -160,7 +148,7 @@ class Tally:
 @dataclass
 class Target:
     name: str
-    server: Server
+    server: harness.Server
     plan: VotePlan
 
 
@@ -290,7 +278,7 @@ def fmt(tally: dict[str, Any]) -> str:
     return f"{tally['requests_per_s']:8.0f} req/s p50 {tally['p50_ms']:6.2f} ms p99 {tally['p99_ms']:7.2f} ms"
 
 
-async def run(args: argparse.Namespace, ours: Server, ceiling: Server, prefix: str) -> dict[str, Any]:
+async def run(args: argparse.Namespace, ours: harness.Server, ceiling: harness.Server, prefix: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     completions = await create_completions(ours.port, args.completions, "feedloop")
     print(f"created {len(completions)} completions in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -365,7 +353,7 @@ def tables(result: dict[str, Any]) -> str:
         ]
         for r in result["closed_loop"]
     ]
-    closed = markdown_table(
+    closed = harness.markdown_table(
         [
             "concurrency",
             "feedback req/s",
@@ -392,7 +380,7 @@ def tables(result: dict[str, Any]) -> str:
         for o in result["open_loop"]
         for label, key in (("POST /v1/feedback", FEEDBACK), ("ceiling (bare FastAPI route)", CEILING))
     ]
-    opened = markdown_table(
+    opened = harness.markdown_table(
         [
             "server",
             "offered req/s",
@@ -419,7 +407,7 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=128, help="open-loop connections")
     parser.add_argument("--completions", type=int, default=1024)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--output", type=Path, default=RESULTS / "feedback_ingest.json")
+    parser.add_argument("--output", type=Path, default=harness.RESULTS / "feedback_ingest.json")
     parser.add_argument("--serve-ceiling", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_ceiling:
@@ -430,39 +418,27 @@ def main() -> None:
     if max([*args.levels, args.pool]) >= args.completions:
         parser.error("--completions must exceed the largest concurrency (votes would repeat in flight)")
 
-    install_cleanup()
+    harness.install_cleanup()
     started = time.time()
-    load_start = load_average()
+    load_start = harness.load_average()
     prefix = f"flbench-fb-{uuid.uuid4().hex[:8]}"
-    model = str(tiny_model())
-    ours_port, ceiling_port = free_port(), free_port()
-    data_dir = LOGS.parent / f"feedback-{prefix}"
-    ours = Server(
-        "feedback-feedloop",
-        [sys.executable, "-m", "services.cli", "serve"],
-        {
-            "REDIS_URL": args.redis_url,
-            "FEEDLOOP_REDIS_URL": args.redis_url,
-            "FEEDLOOP_REDIS_PREFIX": prefix,
-            "FEEDLOOP_DATA_DIR": str(data_dir),
-            "FEEDLOOP_ENGINE__MODEL": model,
-            "FEEDLOOP_ENGINE__MAX_MODEL_LEN": "1024",
-            "FEEDLOOP_API__PORT": str(ours_port),
-            "FEEDLOOP_TRAINING__ADAPTERS_DIR": str(data_dir / "adapters"),
-            "FEEDLOOP_FEEDBACK__RATE_PER_USER": NO_LIMIT,
-            "FEEDLOOP_FEEDBACK__BURST_PER_USER": NO_LIMIT,
-            "FEEDLOOP_FEEDBACK__RATE_PER_IP": NO_LIMIT,
-            "FEEDLOOP_FEEDBACK__BURST_PER_IP": NO_LIMIT,
-        },
-        ours_port,
-    )
-    ceiling = Server(
+    model = str(harness.tiny_model())
+    env = {
+        "FEEDLOOP_ENGINE__MAX_MODEL_LEN": "1024",
+        "FEEDLOOP_FEEDBACK__RATE_PER_USER": NO_LIMIT,
+        "FEEDLOOP_FEEDBACK__BURST_PER_USER": NO_LIMIT,
+        "FEEDLOOP_FEEDBACK__RATE_PER_IP": NO_LIMIT,
+        "FEEDLOOP_FEEDBACK__BURST_PER_IP": NO_LIMIT,
+    }
+    ours = harness.feedloop_server("feedback-feedloop", redis_url=args.redis_url, prefix=prefix, model=model, env=env)
+    ceiling_port = harness.free_port()
+    ceiling = harness.Server(
         "feedback-ceiling",
         [sys.executable, str(Path(__file__)), "--serve-ceiling", str(ceiling_port)],
         {},
         ceiling_port,
     )
-    print(f"starting feedloop serve on :{ours_port} and the ceiling app on :{ceiling_port}", flush=True)
+    print(f"starting feedloop serve on :{ours.port} and the ceiling app on :{ceiling_port}", flush=True)
     try:
         ceiling.wait_ready("/healthz", timeout=60)
         ours.wait_ready("/readyz")
@@ -472,17 +448,12 @@ def main() -> None:
     finally:
         ours.stop()
         ceiling.stop()
-        deleted = delete_prefix(args.redis_url, prefix)
+        deleted = harness.delete_prefix(args.redis_url, prefix)
     closed = measured_result["closed_loop"]
     best_ratio = min(r["throughput_ratio"] for r in closed)
     at_1000 = next((o for o in measured_result["open_loop"] if o["offered_requests_per_s"] == 1000), None)
     result = {
-        "benchmark": "feedback_ingest",
-        "started_at": started,
-        "duration_s": round(time.time() - started, 1),
-        "load_average_start": load_start,
-        "load_average_end": load_average(),
-        "machine": machine(),
+        **harness.result_header("feedback_ingest", started, load_start),
         "server_options": "uvicorn, loop auto (uvloop), http auto (httptools), log_level info, no access log, "
         "keep-alive 75 s, one worker; feedback: the full feedloop app (middlewares, deps, Redis)",
         "redis": {"url": args.redis_url, "keys_written_and_deleted": deleted},
@@ -496,8 +467,7 @@ def main() -> None:
             ),
         },
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    harness.write_result(args.output, result)
     print()
     print(tables(result))
     print()

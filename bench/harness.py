@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -88,6 +90,39 @@ class Server:
             _running.remove(self)
 
 
+def feedloop_server(
+    name: str,
+    *,
+    redis_url: str,
+    prefix: str,
+    model: str,
+    data_dir: Path | None = None,
+    adapters_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Server:
+    """`feedloop serve` on a free port, writing to the given Redis under a throw-away key prefix.
+
+    Its data directory defaults to a scratch folder named after the prefix, with the adapters inside it.
+    """
+    port = free_port()
+    data_dir = data_dir or LOGS.parent / prefix
+    return Server(
+        name,
+        [sys.executable, "-m", "services.cli", "serve"],
+        {
+            "REDIS_URL": redis_url,
+            "FEEDLOOP_REDIS_URL": redis_url,
+            "FEEDLOOP_REDIS_PREFIX": prefix,
+            "FEEDLOOP_DATA_DIR": str(data_dir),
+            "FEEDLOOP_ENGINE__MODEL": model,
+            "FEEDLOOP_API__PORT": str(port),
+            "FEEDLOOP_TRAINING__ADAPTERS_DIR": str(adapters_dir or data_dir / "adapters"),
+            **(env or {}),
+        },
+        port,
+    )
+
+
 def stop_all() -> None:
     for server in list(_running):
         server.stop()
@@ -128,6 +163,23 @@ def load_average() -> list[float]:
 
 def machine() -> dict[str, object]:
     return {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": sys.platform}
+
+
+def result_header(benchmark: str, started: float, load_start: list[float]) -> dict[str, object]:
+    """What every result file starts with: the run's time, the machine and its load before and after."""
+    return {
+        "benchmark": benchmark,
+        "started_at": started,
+        "duration_s": round(time.time() - started, 1),
+        "load_average_start": load_start,
+        "load_average_end": load_average(),
+        "machine": machine(),
+    }
+
+
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def delete_prefix(redis_url: str, prefix: str) -> int:

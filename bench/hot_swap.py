@@ -37,20 +37,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import harness
 from bench.chat_vs_vllm import engine_argv
-from bench.harness import (
-    LOGS,
-    RESULTS,
-    Server,
-    delete_prefix,
-    free_port,
-    install_cleanup,
-    load_average,
-    machine,
-    markdown_table,
-    percentile,
-    tiny_model,
-)
 from services.config import Settings
 
 ADMIN_TOKEN = "bench-admin-token"
@@ -80,6 +68,11 @@ class Load:
         limits = httpx.Limits(max_connections=self.streams + 8, max_keepalive_connections=self.streams + 8)
         async with httpx.AsyncClient(base_url=self.base_url, timeout=120, limits=limits) as client:
             await asyncio.gather(*(self._user(client, i) for i in range(self.streams)))
+
+    def outcome(self) -> dict[str, Any]:
+        """How many requests were sent and failed, and the first few distinct failures."""
+        failed = [r.error for r in self.responses if r.error]
+        return {"requests": len(self.responses), "failed": len(failed), "failures": sorted(set(failed))[:5]}
 
     async def _user(self, client: httpx.AsyncClient, index: int) -> None:
         turn = 0
@@ -153,31 +146,25 @@ def publish_adapters(model: Path, adapters_dir: Path, redis_url: str, prefix: st
 
 async def bench_feedloop(args: argparse.Namespace, model: Path, workdir: Path) -> dict[str, Any]:
     prefix = f"bench-swap-{uuid.uuid4().hex[:8]}"
-    port = free_port()
     settings = Settings(engine={"model": str(model)})
-    server = Server(
+    server = harness.feedloop_server(
         "hot-swap-feedloop",
-        [sys.executable, "-m", "services.cli", "serve"],
-        {
+        redis_url=args.redis_url,
+        prefix=prefix,
+        model=str(model),
+        data_dir=workdir / "feedloop",
+        adapters_dir=workdir / "adapters",
+        env={
             "VLLM_CPU_KVCACHE_SPACE": str(settings.engine.cpu_kvcache_gib),
-            "FEEDLOOP_REDIS_URL": args.redis_url,
-            "FEEDLOOP_REDIS_PREFIX": prefix,
-            "FEEDLOOP_DATA_DIR": str(workdir / "feedloop"),
-            "FEEDLOOP_ENGINE__MODEL": str(model),
-            "FEEDLOOP_API__PORT": str(port),
             "FEEDLOOP_API__ADMIN_TOKEN": ADMIN_TOKEN,
-            "FEEDLOOP_TRAINING__ADAPTERS_DIR": str(workdir / "adapters"),
         },
-        port,
     )
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     try:
         versions = publish_adapters(model, workdir / "adapters", args.redis_url, prefix, args.swaps + 1)
         print("starting feedloop serve ...", flush=True)
         server.wait_ready("/readyz")
-        httpx.post(
-            f"{server.base_url}/admin/adapters/{versions[0]}/promote?wait=true", headers=headers, timeout=120
-        )
+        httpx.post(f"{server.base_url}/admin/adapters/{versions[0]}/promote?wait=true", headers=headers, timeout=120)
         load = Load(server.base_url, "feedloop", args.streams, args.max_tokens)
         swaps = []
         swap_sum, swap_count = swap_histogram(server.base_url)
@@ -202,7 +189,7 @@ async def bench_feedloop(args: argparse.Namespace, model: Path, workdir: Path) -
         new_sum, new_count = swap_histogram(server.base_url)
     finally:
         server.stop()
-        delete_prefix(args.redis_url, prefix)
+        harness.delete_prefix(args.redis_url, prefix)
     for swap in swaps:
         firsts = [
             r.first_token
@@ -211,15 +198,10 @@ async def bench_feedloop(args: argparse.Namespace, model: Path, workdir: Path) -
         ]
         swap["to_first_token_s"] = min(firsts) - swap["sent"] if firsts else None
         del swap["sent"]
-    failed = [r for r in load.responses if r.error]
     return {
         "swaps": swaps,
-        "requests": len(load.responses),
-        "failed": len(failed),
-        "failures": sorted({r.error for r in failed if r.error})[:5],
-        "replica_swap_s_mean": (new_sum - swap_sum) / (new_count - swap_count)
-        if new_count > swap_count
-        else None,
+        **load.outcome(),
+        "replica_swap_s_mean": (new_sum - swap_sum) / (new_count - swap_count) if new_count > swap_count else None,
     }
 
 
@@ -228,12 +210,12 @@ async def bench_vllm_restart(args: argparse.Namespace, model: Path, workdir: Pat
 
     settings = Settings(engine={"model": str(model)})
     adapters = [save_lora(model, workdir / f"vllm-lora-{i}", seed=200 + i) for i in range(args.restarts + 1)]
-    port = free_port()
+    port = harness.free_port()
     env = {"VLLM_CPU_KVCACHE_SPACE": str(settings.engine.cpu_kvcache_gib)}
 
-    def start(index: int) -> Server:
+    def start(index: int) -> harness.Server:
         argv = [*engine_argv(settings, str(model), port), "--lora-modules", f"feedloop={adapters[index]}"]
-        return Server(f"hot-swap-vllm-{index}", argv, env, port)
+        return harness.Server(f"hot-swap-vllm-{index}", argv, env, port)
 
     print("starting vLLM's server ...", flush=True)
     server = start(0)
@@ -260,18 +242,10 @@ async def bench_vllm_restart(args: argparse.Namespace, model: Path, workdir: Pat
         server.stop()
     for restart in restarts:
         began = restart.pop("began")
-        firsts = [
-            r.first_token for r in load.responses if r.started > began and r.error is None and r.first_token
-        ]
+        firsts = [r.first_token for r in load.responses if r.started > began and r.error is None and r.first_token]
         restart["to_first_token_s"] = min(firsts) - began if firsts else None
         restart["failed_during"] = sum(1 for r in load.responses if r.error and r.started >= began - 1)
-    failed = [r for r in load.responses if r.error]
-    return {
-        "restarts": restarts,
-        "requests": len(load.responses),
-        "failed": len(failed),
-        "failures": sorted({r.error for r in failed if r.error})[:5],
-    }
+    return {"restarts": restarts, **load.outcome()}
 
 
 def main() -> None:
@@ -282,44 +256,43 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--settle-s", type=float, default=3.0, help="load before/after each swap")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--output", type=Path, default=RESULTS / "hot_swap.json")
+    parser.add_argument("--output", type=Path, default=harness.RESULTS / "hot_swap.json")
     args = parser.parse_args()
-    install_cleanup()
-    model = tiny_model()
-    LOGS.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=LOGS.parent) as scratch:
+    harness.install_cleanup()
+    model = harness.tiny_model()
+    harness.LOGS.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=harness.LOGS.parent) as scratch:
         workdir = Path(scratch)
-        load_before = load_average()
+        load_before = harness.load_average()
         ours = asyncio.run(bench_feedloop(args, model, workdir))
         theirs = asyncio.run(bench_vllm_restart(args, model, workdir))
     ours_times = [s["to_first_token_s"] for s in ours["swaps"] if s["to_first_token_s"] is not None]
     restart_times = [r["to_first_token_s"] for r in theirs["restarts"] if r["to_first_token_s"] is not None]
     result = {
-        "machine": machine(),
-        "load_average": {"before": load_before, "after": load_average()},
+        "machine": harness.machine(),
+        "load_average": {"before": load_before, "after": harness.load_average()},
         "streams": args.streams,
         "max_tokens": args.max_tokens,
         "feedloop": ours,
         "vllm_restart": theirs,
-        "speedup_median": (percentile(restart_times, 50) / percentile(ours_times, 50))
+        "speedup_median": (harness.percentile(restart_times, 50) / harness.percentile(ours_times, 50))
         if ours_times
         else None,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2))
+    harness.write_result(args.output, result)
     print(
-        markdown_table(
+        harness.markdown_table(
             ["", "to first token of new version (median / max)", "failed requests", "requests"],
             [
                 [
                     "feedloop promote (hot-swap)",
-                    f"{percentile(ours_times, 50):.3f} s / {max(ours_times, default=0.0):.3f} s",
+                    f"{harness.percentile(ours_times, 50):.3f} s / {max(ours_times, default=0.0):.3f} s",
                     ours["failed"],
                     ours["requests"],
                 ],
                 [
                     "vLLM server restart",
-                    f"{percentile(restart_times, 50):.1f} s / {max(restart_times, default=0.0):.1f} s",
+                    f"{harness.percentile(restart_times, 50):.1f} s / {max(restart_times, default=0.0):.1f} s",
                     theirs["failed"],
                     theirs["requests"],
                 ],

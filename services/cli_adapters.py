@@ -32,9 +32,7 @@ def _registry() -> Any:
     from services.adapters.registry import AdapterRegistry
 
     redis, keys, settings = _context()
-    return AdapterRegistry(
-        redis, keys, alias=settings.engine.alias, reserved=(settings.engine.served_model_name,)
-    )
+    return AdapterRegistry(redis, keys, alias=settings.engine.alias, reserved=(settings.engine.served_model_name,))
 
 
 def _fail(message: str) -> typer.Exit:
@@ -64,9 +62,7 @@ def list_adapters(as_json: Annotated[bool, typer.Option("--json", help="Print JS
         return
     pin = f"pinned: {view.pinned} (auto-promotion off)" if view.pinned else "auto-promotion on"
     typer.echo(f"active: {view.active or 'base model'}  previous: {view.previous or '-'}  {pin}")
-    typer.echo(
-        f"{'VERSION':<18} {'STATUS':<10} {'DATASET':<11} {'PARENT':<16} {'GATE ACC':>8}  {'CREATED':<19} NOTE"
-    )
+    typer.echo(f"{'VERSION':<18} {'STATUS':<10} {'DATASET':<11} {'PARENT':<16} {'GATE ACC':>8}  {'CREATED':<19} NOTE")
     for a in view.adapters:
         accuracy = a.gate.get("candidate", {}).get("accuracy") if a.gate else None
         note = "; ".join(a.reasons)[:60] if a.status == "rejected" else (a.activated_by or "")
@@ -80,9 +76,7 @@ def list_adapters(as_json: Annotated[bool, typer.Option("--json", help="Print JS
 def promote(version: str) -> None:
     """Make VERSION active on every replica (the old active becomes previous)."""
     result = _registry_call(_registry().promote, version)
-    typer.echo(
-        f"{version}: {result.outcome}" + (f" (previous: {result.previous})" if result.previous else "")
-    )
+    typer.echo(f"{version}: {result.outcome}" + (f" (previous: {result.previous})" if result.previous else ""))
 
 
 @adapters_app.command()
@@ -154,8 +148,6 @@ def train(
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     typer.echo(f"{result.run_id}: training here")
     record = execute(redis, keys, settings, result.run_id)
-    typer.echo(
-        json.dumps({k: record.get(k) for k in ("run_id", "status", "version", "dataset_version", "gate")})
-    )
+    typer.echo(json.dumps({k: record.get(k) for k in ("run_id", "status", "version", "dataset_version", "gate")}))
     if record.get("status") == "failed":
         raise _fail(record.get("error") or "the run failed")

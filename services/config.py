@@ -136,6 +136,11 @@ class TrainingSettings(BaseModel):
     min_pairs_floor: int = Field(50, description="Pairs that trigger a run once max_interval_s has passed.")
     max_interval_s: int = Field(24 * 3600, description="Longest time between runs when min_pairs_floor is met.")
     check_interval_s: int = Field(120, description="How often beat checks whether to train.")
+    failure_backoff_s: int = Field(
+        600,
+        description="After a failed run, wait this long before the trigger starts another (doubling with each "
+        "further failure in a row, at most max_interval_s); `feedloop train --now` ignores it.",
+    )
     continue_from_active: bool = Field(True, description="Continue training the active adapter.")
     lora_rank: int = Field(8, description="LoRA rank (must not exceed engine.max_lora_rank).")
     lora_alpha: int = Field(16, description="LoRA alpha.")

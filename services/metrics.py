@@ -45,6 +45,7 @@ host need different ``FEEDLOOP_METRICS_PORT`` values.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import threading
@@ -106,6 +107,10 @@ TIME_TO_FIRST_TOKEN = Histogram(
 OUTPUT_TOKENS = Counter("feedloop_output_tokens_total", "Completion tokens generated, by public model name.", ["model"])
 PROMPT_TOKENS = Counter("feedloop_prompt_tokens_total", "Prompt tokens processed, by public model name.", ["model"])
 ACTIVE_STREAMS = Gauge("feedloop_active_streams", "Streaming chat responses open right now.")
+REQUESTS_ABORTED = Counter(
+    "feedloop_requests_aborted_total",
+    "Generations stopped in the engine before they finished because the client left.",
+)
 API_ERRORS = Counter(
     "feedloop_api_errors_total",
     "Error responses sent, by OpenAI error type (the body's error.type, e.g. invalid_request_error).",
@@ -346,10 +351,15 @@ def adapter_label(adapter: str | None) -> str:
 def observe_request(route: str | None, method: str, status: int, seconds: float) -> None:
     """Count one HTTP request. ``route`` is the matched route template (``/v1/feedback/{completion_id}``),
     ``None`` for a path no route matched."""
-    route_value = route or UNMATCHED_ROUTE
-    method_value = method if method in HTTP_METHODS else "other"
-    HTTP_REQUESTS.labels(route_value, method_value, str(status)).inc()
-    HTTP_REQUEST_DURATION.labels(route_value, method_value).observe(seconds)
+    count, duration = _request_series(route or UNMATCHED_ROUTE, method if method in HTTP_METHODS else "other", status)
+    count.inc()
+    duration.observe(seconds)
+
+
+@functools.lru_cache(maxsize=1024)
+def _request_series(route: str, method: str, status: int) -> tuple[Any, Any]:
+    # labels() takes a lock and builds a key on every call; the label sets here are few and bounded.
+    return HTTP_REQUESTS.labels(route, method, str(status)), HTTP_REQUEST_DURATION.labels(route, method)
 
 
 def observe_tokens(model: str, prompt_tokens: int, output_tokens: int) -> None:
@@ -362,14 +372,18 @@ def record_feedback(rating: str, adapter: str | None) -> None:
 
     A changed vote counts as a new vote; a withdrawal counts only in feedloop_feedback_events_total.
     """
-    adapter_value = adapter_label(adapter)
-    rating_value = rating if rating in FEEDBACK_RATINGS else "other"
-    FEEDBACK_EVENTS.labels(rating_value, adapter_value).inc()
-    if rating_value in ("like", "dislike"):
-        FEEDBACK_VOTES.labels(adapter_value).inc()
-        # Create the likes series even for a dislike: a version with only dislikes then has a like-rate
+    for counter, amount in _feedback_series(rating if rating in FEEDBACK_RATINGS else "other", adapter_label(adapter)):
+        counter.inc(amount)
+
+
+@functools.lru_cache(maxsize=1024)
+def _feedback_series(rating: str, adapter: str) -> tuple[tuple[Any, int], ...]:
+    series = [(FEEDBACK_EVENTS.labels(rating, adapter), 1)]
+    if rating in ("like", "dislike"):
+        # The likes series is created even for a dislike: a version with only dislikes then has a like-rate
         # of 0 instead of none at all.
-        FEEDBACK_LIKES.labels(adapter_value).inc(1 if rating_value == "like" else 0)
+        series += [(FEEDBACK_VOTES.labels(adapter), 1), (FEEDBACK_LIKES.labels(adapter), int(rating == "like"))]
+    return tuple(series)
 
 
 def refuse_feedback(reason: str) -> None:

@@ -63,10 +63,7 @@ class ChatCompletionRequest(BaseModel):
         return stops
 
     def conversation(self) -> list[dict[str, str]]:
-        return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in self.messages
-        ]
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
     def sampling(self) -> dict[str, object]:
         """The sampling parameters as given (recorded with the interaction)."""

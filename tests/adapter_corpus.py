@@ -67,9 +67,7 @@ def save_lora(
     return out_dir
 
 
-def publish_lora(
-    model_dir: Path, adapters_dir: Path, version: str, run_id: str | None = None, **lora_kwargs
-) -> Path:
+def publish_lora(model_dir: Path, adapters_dir: Path, version: str, run_id: str | None = None, **lora_kwargs) -> Path:
     """save_lora + publish_adapter: a complete adapter folder with a manifest for model_dir."""
     with tempfile.TemporaryDirectory() as scratch:
         source = save_lora(model_dir, Path(scratch) / "lora", **lora_kwargs)

@@ -230,9 +230,7 @@ def random_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
     torch.manual_seed(1)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    config = LoraConfig(
-        r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False
-    )
+    config = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
     model = get_peft_model(base, config)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -61,9 +61,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def write_dataset(
-    folder: Path, train: int = 36, held_out: int = 24, seed: int = 0, flip: bool = False
-) -> Path:
+def write_dataset(folder: Path, train: int = 36, held_out: int = 24, seed: int = 0, flip: bool = False) -> Path:
     """train.jsonl, eval.jsonl (never flipped: the truth) and kto.jsonl in folder."""
     folder.mkdir(parents=True, exist_ok=True)
     train_rows = preference_rows(train, seed=seed, flip=flip)

@@ -142,9 +142,7 @@ def _common_prefix(ids: list[int], other: list[int]) -> int:
     return length
 
 
-def completion_logprobs(
-    model, sequences: list[tuple[list[int], list[int]]], pad_id: int, device
-) -> list[float]:
+def completion_logprobs(model, sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -> list[float]:
     """Sum of log p(completion token | prefix) for each (prompt_ids, completion_ids)."""
     import torch
 

@@ -2,83 +2,154 @@
 
 Why Lua: a vote changes several keys of one prompt group (the identity's vote, the completion's majority
 label, the liked/disliked sets) and must read the result back. Doing it in one script makes each vote
-atomic, so any number of consumers can process events at once without racing on a prompt group, and it is
-one command per event inside a pipelined batch.
+atomic, so any number of consumers can process events at once without racing on a prompt group. One call
+applies a few hundred votes: the fixed cost of an EVALSHA and of each redis.call from Lua is most of a
+vote's Redis CPU, so a call reads each completion's votes once and keeps them for its later events.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from hiredis import pack_command as _pack_command
 from redis import Redis
 from redis.exceptions import ResponseError
 
 from services.store.keys import Keys
 from workers.pairing import PairRecord
 
-_pack_command: Callable[[tuple[Any, ...]], bytes] | None
-try:
-    from hiredis import pack_command as _pack_command
-except ImportError:  # redis-py's own pipeline is used instead
-    _pack_command = None
-
-# KEYS: 1 votes(cid) 2 prompt_group(ph) 3 prompt_liked(ph) 4 prompt_disliked(ph) 5 pairing_completion(cid)
-#       6 labeled_completions
-# ARGV: 1 cid 2 identity 3 rating 4 created_at 5 feedback_id 6 correction hash 7 completion JSON
-#       8 most counterparts returned
+# A batch of votes in one script call: atomic per batch (so per event), and one EVALSHA instead of one per
+# event (the per-call overhead of EVALSHA and of each redis.call is most of the vote's Redis CPU).
+# KEYS: 1 labeled_completions, then 5 per slot (one slot per distinct completion and prompt hash in the
+#       batch): votes(cid) prompt_group(ph) prompt_liked(ph) prompt_disliked(ph) pairing_completion(cid)
+# ARGV: 1 most counterparts returned 2 number of slots, then 2 per slot: cid, completion JSON ('' when the
+#       caller knows it is stored), then 3 per event in stream order: slot (1-based), identity, vote
 # A vote is stored as "created_at|feedback_id|rating|correction_hash" (no field may hold "|"; identities are
-# hash fields, never inside values). The group hash maps completion id -> its majority label.
-# Returns {label, counterparts, votes}: the completion's label after the vote, the newest responses to the
-# same prompt currently labelled the other way, and (only when there are counterparts) the completion's
-# votes as a flat HGETALL list. The reply does not depend on whether the vote was new, so a redelivered
-# event re-derives the same pairs.
-VOTE_SCRIPT = """
-local cid, who, rating, ts, fid = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local nts = tonumber(ts)
-redis.call('SET', KEYS[5], ARGV[7], 'NX')
-local fresh = true
-local cur = redis.call('HGET', KEYS[1], who)
-if cur then
-  local cts, cfid = string.match(cur, '^([^|]*)|([^|]*)|')
-  cts = tonumber(cts)
-  if cts > nts or (cts == nts and cfid >= fid) then fresh = false end
+# hash fields, never inside values). The group hash maps completion id -> its majority label; it only ever
+# changes here, together with the votes, so the label before a vote is the majority of the votes read.
+# Returns per event either its label (when it has no counterparts) or {label, counterparts, votes}: the
+# completion's label after the vote, the newest responses to the same prompt currently labelled the other
+# way, and the completion's votes as a flat HGETALL list. The reply does not depend on whether the vote was
+# new, so a redelivered event re-derives the same pairs.
+VOTE_BATCH_SCRIPT = """
+local k = tonumber(ARGV[1]) - 1
+local nslots = tonumber(ARGV[2])
+for s = 1, nslots do
+  if ARGV[2 + 2 * s] ~= '' then redis.call('SET', KEYS[1 + 5 * s], ARGV[2 + 2 * s], 'NX') end
 end
-local label = redis.call('HGET', KEYS[2], cid) or ''
-local votes = nil
-if fresh then
-  redis.call('HSET', KEYS[1], who, ts .. '|' .. fid .. '|' .. rating .. '|' .. ARGV[6])
-  votes = redis.call('HGETALL', KEYS[1])
-  local nl, nd = 0, 0
-  for i = 2, #votes, 2 do
-    local r = string.match(votes[i], '^[^|]*|[^|]*|([^|]*)')
-    if r == 'like' then nl = nl + 1 elseif r == 'dislike' then nd = nd + 1 end
+local function rating(vote)  -- +1 like, -1 dislike, 0 other ('|' delimits the rating field alone)
+  if string.find(vote, '|like|', 1, true) then return 1 end
+  if string.find(vote, '|dislike|', 1, true) then return -1 end
+  return 0
+end
+local function majority(state)
+  if state.nl > state.nd then return 'like' elseif state.nd > state.nl then return 'dislike' end
+  return ''
+end
+local slots = {}  -- slot -> {votes = flat HGETALL list, nl = likes, nd = dislikes}, read once per call
+local out = {}
+for a = 3 + 2 * nslots, #ARGV, 3 do
+  local s, who, vote = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2]
+  local base = 5 * s - 4
+  local vk, lk, dk, cid = KEYS[base + 1], KEYS[base + 3], KEYS[base + 4], ARGV[1 + 2 * s]
+  local state = slots[s]
+  if state == nil then
+    state = {votes = redis.call('HGETALL', vk), nl = 0, nd = 0}
+    for i = 2, #state.votes, 2 do
+      local r = rating(state.votes[i])
+      if r == 1 then state.nl = state.nl + 1 elseif r == -1 then state.nd = state.nd + 1 end
+    end
+    slots[s] = state
   end
-  local old = label
-  if nl > nd then label = 'like' elseif nd > nl then label = 'dislike' else label = '' end
-  if label ~= old then
-    redis.call('HSET', KEYS[2], cid, label)
-    if old == 'like' then redis.call('ZREM', KEYS[3], cid)
-    elseif old == 'dislike' then redis.call('ZREM', KEYS[4], cid) end
+  local votes = state.votes
+  local at = nil
+  for i = 1, #votes, 2 do
+    if votes[i] == who then at = i break end
   end
-  if label == 'like' then redis.call('ZADD', KEYS[3], nts, cid)
-  elseif label == 'dislike' then redis.call('ZADD', KEYS[4], nts, cid) end
-  if label ~= '' and old == '' then redis.call('ZADD', KEYS[6], 'NX', nts, cid) end
+  local old = majority(state)
+  local label = old
+  local ts, fid = string.match(vote, '^([^|]*)|([^|]*)|')
+  local nts = tonumber(ts)
+  local fresh = true
+  if at then
+    local cts, cfid = string.match(votes[at + 1], '^([^|]*)|([^|]*)|')
+    cts = tonumber(cts)
+    if cts > nts or (cts == nts and cfid >= fid) then fresh = false end
+  end
+  if fresh then
+    redis.call('HSET', vk, who, vote)
+    if at then
+      local r = rating(votes[at + 1])
+      if r == 1 then state.nl = state.nl - 1 elseif r == -1 then state.nd = state.nd - 1 end
+      votes[at + 1] = vote
+    else
+      votes[#votes + 1] = who
+      votes[#votes + 1] = vote
+    end
+    local r = rating(vote)
+    if r == 1 then state.nl = state.nl + 1 elseif r == -1 then state.nd = state.nd + 1 end
+    label = majority(state)
+    if label ~= old then
+      redis.call('HSET', KEYS[base + 2], cid, label)
+      if old == 'like' then redis.call('ZREM', lk, cid)
+      elseif old == 'dislike' then redis.call('ZREM', dk, cid) end
+    end
+    if label == 'like' then redis.call('ZADD', lk, ts, cid)
+    elseif label == 'dislike' then redis.call('ZADD', dk, ts, cid) end
+    if label ~= '' and old == '' then redis.call('ZADD', KEYS[1], 'NX', ts, cid) end
+  end
+  local others = nil
+  if k >= 0 then
+    if label == 'like' then others = redis.call('ZREVRANGE', dk, 0, k)
+    elseif label == 'dislike' then others = redis.call('ZREVRANGE', lk, 0, k) end
+  end
+  if others and #others > 0 then
+    local copy = {}  -- the votes as of this event (later events of the call change the cached list)
+    for i = 1, #votes do copy[i] = votes[i] end
+    out[#out + 1] = {label, others, copy}
+  else
+    out[#out + 1] = label
+  end
 end
-local others = {}
-local k = tonumber(ARGV[8]) - 1
-if k >= 0 then
-  if label == 'like' then others = redis.call('ZREVRANGE', KEYS[4], 0, k)
-  elseif label == 'dislike' then others = redis.call('ZREVRANGE', KEYS[3], 0, k) end
+return out
+"""
+
+# RECORD_PAIR_SCRIPT for many records in one call. Each record is done (stored, indexed, counted) before
+# the next, and a failing record does not stop the others: it is answered with its error message.
+# KEYS: 1 pairs_index 2 pairs_seq 3 pairs_stats, then one per record: the pair (or dropped-marker) key
+# ARGV: per record: pair id, value, '1' to index the pair, n, then n field/increment pairs
+# Returns per record 1 (new, counted), 0 (already stored) or "ERR <message>".
+RECORD_BATCH_SCRIPT = """
+local function record(key, pid, value, index, a, n)
+  local set = redis.pcall('SET', key, value, 'NX')
+  if type(set) == 'table' and set.err then return set.err end
+  if not set then return 0 end
+  if index == '1' then
+    local seq = redis.pcall('INCR', KEYS[2])
+    if type(seq) == 'table' and seq.err then return seq.err end
+    local added = redis.pcall('ZADD', KEYS[1], seq, pid)
+    if type(added) == 'table' and added.err then return added.err end
+  end
+  for i = a + 4, a + 2 + 2 * n, 2 do
+    local done = redis.pcall('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
+    if type(done) == 'table' and done.err then return done.err end
+  end
+  return 1
 end
-if #others > 0 then
-  if votes == nil then votes = redis.call('HGETALL', KEYS[1]) end
-else
-  votes = {}
+local out = {}
+local a, r = 1, 4
+while a <= #ARGV do
+  local n = tonumber(ARGV[a + 3])
+  local result = record(KEYS[r], ARGV[a], ARGV[a + 1], ARGV[a + 2], a, n)
+  if type(result) == 'string' then result = 'ERR ' .. result end
+  out[#out + 1] = result
+  a = a + 4 + 2 * n
+  r = r + 1
 end
-return {label, others, votes}
+return out
 """
 
 # KEYS: 1 pair (or dropped-marker) key 2 pairs_index 3 pairs_seq 4 pairs_stats
@@ -99,13 +170,19 @@ return 0
 
 class CommandBatch:
     """Commands sent to Redis in one write and answered in order: a pipeline without redis-py's
-    per-command encoding and reply callbacks (with hiredis, packing costs about a third). Error replies
+    per-command encoding and reply callbacks (hiredis packs in about a third of the time). Error replies
     come back as ResponseError instances in place, never raised."""
 
     def __init__(self) -> None:
         self.commands: list[tuple[Any, ...]] = []
+        self.packed: dict[int, bytes] = {}  # command index -> its pack_command() bytes, packed beforehand
 
     def add(self, *args: Any) -> None:
+        self.commands.append(args)
+
+    def add_packed(self, args: tuple[Any, ...], packed: bytes | None) -> None:
+        if packed is not None:
+            self.packed[len(self.commands)] = packed
         self.commands.append(args)
 
     def __len__(self) -> int:
@@ -114,15 +191,13 @@ class CommandBatch:
     def execute(self, redis: Redis) -> list[Any]:
         if not self.commands:
             return []
-        if _pack_command is None:
-            pipe = redis.pipeline(transaction=False)
-            for args in self.commands:
-                pipe.execute_command(*args)
-            return pipe.execute(raise_on_error=False)
         pool = redis.connection_pool
         conn = pool.get_connection()
         try:
-            conn.send_packed_command([b"".join(map(_pack_command, self.commands))])
+            packed = self.packed
+            conn.send_packed_command(
+                [b"".join(packed.get(i) or _pack_command(args) for i, args in enumerate(self.commands))]
+            )
             replies: list[Any] = []
             for _ in self.commands:
                 try:
@@ -198,8 +273,66 @@ class VoteOutcome:
     votes: list[bytes]  # this completion's votes (flat HGETALL), only when there are counterparts
 
     @classmethod
-    def parse(cls, reply: Sequence[Any]) -> VoteOutcome:
+    def parse(cls, reply: Any) -> VoteOutcome:
+        """One event's part of a VOTE_BATCH_SCRIPT reply: a bare label, or {label, counterparts, votes}."""
+        if isinstance(reply, bytes | str):
+            return cls(parse_label(reply), [], [])
         return cls(parse_label(reply[0]), [_text(c) for c in reply[1]], list(reply[2]))
+
+
+class VoteBatch:
+    """The arguments of one VOTE_BATCH_SCRIPT call: events in stream order, each naming its slot (a distinct
+    completion id and prompt hash) so that keys and the completion record are sent once per slot."""
+
+    __slots__ = ("_k", "command", "event_args", "keys", "max_counterparts", "packed", "slot_args", "slots")
+
+    def __init__(self, keys: Keys) -> None:
+        self._k = keys
+        self.keys: list[str] = [keys.labeled_completions]
+        self.slot_args: list[str | bytes] = []
+        self.event_args: list[Any] = []
+        self.slots: dict[tuple[str, str], int] = {}
+        self.command: tuple[Any, ...] | None = None  # set by PairsStore.pack_votes()
+        self.max_counterparts = 0
+        self.packed: bytes | None = None
+
+    def __len__(self) -> int:
+        return len(self.event_args) // 3
+
+    def add_slot(self, completion_id: str, phash: str, completion_json: bytes) -> int:
+        """A new slot; completion_json is b"" when the completion record is known to be stored."""
+        k = self._k
+        self.keys += (
+            k.pairing_votes(completion_id),
+            k.prompt_group(phash),
+            k.prompt_liked(phash),
+            k.prompt_disliked(phash),
+            k.pairing_completion(completion_id),
+        )
+        self.slot_args += (completion_id, completion_json)
+        slot = self.slots[(completion_id, phash)] = len(self.slots) + 1
+        return slot
+
+    def add(self, slot: int, identity: str, vote: str) -> None:
+        """One vote, vote_value() formatted."""
+        self.event_args += (slot, identity, vote)
+
+
+def vote_value(created_at: float, feedback_id: str, rating: str, correction_hash: str) -> str:
+    return f"{created_at!r}|{feedback_id}|{rating}|{correction_hash}"
+
+
+class RecordBatch:
+    """The arguments of one RECORD_BATCH_SCRIPT call."""
+
+    __slots__ = ("args", "keys")
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.args: list[Any] = []
+
+    def __len__(self) -> int:
+        return len(self.keys)
 
 
 class PairsStore:
@@ -208,49 +341,66 @@ class PairsStore:
     def __init__(self, redis: Redis, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
-        self.vote_script = redis.register_script(VOTE_SCRIPT)
+        self.vote_script = redis.register_script(VOTE_BATCH_SCRIPT)
         self.record_script = redis.register_script(RECORD_PAIR_SCRIPT)
+        self.record_batch_script = redis.register_script(RECORD_BATCH_SCRIPT)
 
     def ensure_scripts(self) -> None:
         """Load the scripts so pipelined EVALSHA calls never hit NOSCRIPT."""
-        self.redis.script_load(VOTE_SCRIPT)
-        self.redis.script_load(RECORD_PAIR_SCRIPT)
+        for script in (VOTE_BATCH_SCRIPT, RECORD_PAIR_SCRIPT, RECORD_BATCH_SCRIPT):
+            self.redis.script_load(script)
 
     # --- writes (queued on a CommandBatch) ---
 
-    def queue_vote(
-        self,
-        batch: CommandBatch,
-        *,
-        completion_id: str,
-        phash: str,
-        identity: str,
-        rating: str,
-        created_at: float,
-        feedback_id: str,
-        correction_hash: str,
-        completion_json: bytes,
-        max_counterparts: int,
-    ) -> None:
+    def pack_votes(self, votes: VoteBatch, max_counterparts: int) -> None:
+        """Build (and, with hiredis, encode) the VOTE_BATCH_SCRIPT call, e.g. ahead of time in another thread."""
+        votes.max_counterparts = max_counterparts
+        votes.command = (
+            "EVALSHA",
+            self.vote_script.sha,
+            len(votes.keys),
+            *votes.keys,
+            max_counterparts,
+            len(votes.slots),
+            *votes.slot_args,
+            *votes.event_args,
+        )
+        votes.packed = _pack_command(votes.command)
+
+    def queue_votes(self, batch: CommandBatch, votes: VoteBatch, max_counterparts: int) -> None:
+        """One VOTE_BATCH_SCRIPT call; its reply is one VoteOutcome.parse()-able item per event."""
+        if votes.command is None or votes.max_counterparts != max_counterparts:
+            self.pack_votes(votes, max_counterparts)
+        assert votes.command is not None
+        batch.add_packed(votes.command, votes.packed)
+
+    def add_pair(self, records: RecordBatch, pair: PairRecord, counters: Mapping[str, int]) -> None:
+        """Like queue_pair, on a RecordBatch."""
+        pid = pair["pair_id"]
+        records.keys.append(self.keys.pair(pid))
+        records.args += (pid, orjson.dumps(pair), "1", len(counters))
+        for name, value in counters.items():
+            records.args += (name, value)
+
+    def add_drop(self, records: RecordBatch, pid: str, reason_field: str, counters: Mapping[str, int]) -> None:
+        """Like queue_drop, on a RecordBatch."""
+        records.keys.append(self.keys.pair_dropped(pid))
+        records.args += (pid, reason_field, "0", len(counters))
+        for name, value in counters.items():
+            records.args += (name, value)
+
+    def queue_records(self, batch: CommandBatch, records: RecordBatch) -> None:
+        """One RECORD_BATCH_SCRIPT call; its reply is 1 (new), 0 (known) or b"ERR ..." per record, in order."""
         k = self.keys
         batch.add(
             "EVALSHA",
-            self.vote_script.sha,
-            6,
-            k.pairing_votes(completion_id),
-            k.prompt_group(phash),
-            k.prompt_liked(phash),
-            k.prompt_disliked(phash),
-            k.pairing_completion(completion_id),
-            k.labeled_completions,
-            completion_id,
-            identity,
-            rating,
-            repr(created_at),
-            feedback_id,
-            correction_hash,
-            completion_json,
-            max_counterparts,
+            self.record_batch_script.sha,
+            3 + len(records.keys),
+            k.pairs_index,
+            k.pairs_seq,
+            k.pairs_stats,
+            *records.keys,
+            *records.args,
         )
 
     def queue_pair(self, batch: CommandBatch, pair: PairRecord, counters: Mapping[str, int]) -> None:

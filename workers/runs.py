@@ -42,8 +42,7 @@ def encode(fields: dict[str, Any]) -> dict[str, str]:
 
 def decode(raw: dict[Any, Any]) -> dict[str, Any]:
     fields = {
-        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-        for k, v in raw.items()
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in raw.items()
     }
     record: dict[str, Any] = {}
     for name, value in fields.items():

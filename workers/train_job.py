@@ -56,9 +56,7 @@ def worker_name() -> str:
 class RunContext:
     """A running run: its lease, heartbeat and fenced writes."""
 
-    def __init__(
-        self, redis: Redis, keys: Keys, leases: LeaseClient, lease: Lease, heartbeat: Heartbeat
-    ) -> None:
+    def __init__(self, redis: Redis, keys: Keys, leases: LeaseClient, lease: Lease, heartbeat: Heartbeat) -> None:
         self.redis = redis
         self.keys = keys
         self.leases = leases
@@ -108,9 +106,7 @@ def execute(redis: Redis, keys: Keys, settings: Settings, run_id: str) -> dict[s
             log.exception("training run %s failed", run_id)
             metrics.record_training_run("failure")
             with contextlib.suppress(LeaseLost, StaleFence):  # lost meanwhile: the trigger marks it failed
-                ctx.write(
-                    status="failed", finished_at=time.time(), error=f"{type(error).__name__}: {error}"[:4000]
-                )
+                ctx.write(status="failed", finished_at=time.time(), error=f"{type(error).__name__}: {error}"[:4000])
     if leases.release(lease):
         runs.release_slot(run_id)
     return runs.get(run_id) or run
@@ -164,9 +160,7 @@ def _pipeline(ctx: RunContext, settings: Settings, started: float) -> None:
     step = time.monotonic()
     gate = evaluate_adapter(settings, result.adapter_dir, dataset_dir / datasets.EVAL_FILE, active_dir)
     timings["gate_s"] = time.monotonic() - step
-    gate_summary = {
-        k: v for k, v in gate.metrics.items() if k in ("candidate", "reference_score", "reference")
-    }
+    gate_summary = {k: v for k, v in gate.metrics.items() if k in ("candidate", "reference_score", "reference")}
     ctx.write(gate={"passed": gate.passed, "reasons": gate.reasons, **gate_summary}, timings=timings)
 
     step = time.monotonic()
@@ -214,9 +208,7 @@ def _pipeline(ctx: RunContext, settings: Settings, started: float) -> None:
             promotion = registry.promote(version, auto=True, by="auto", fence=ctx.lease.fence)
             status = "promoted" if promotion.outcome in ("promoted", "unchanged") else "gated"
             if promotion.outcome == "pinned":
-                log.info(
-                    "run %s: %s stays a candidate, %s is pinned", ctx.run_id, version, promotion.previous
-                )
+                log.info("run %s: %s stays a candidate, %s is pinned", ctx.run_id, version, promotion.previous)
     timings["total_s"] = time.monotonic() - started
     ctx.write(status=status, finished_at=time.time(), timings=timings, reasons=gate.reasons)
 
@@ -228,9 +220,7 @@ def _pipeline(ctx: RunContext, settings: Settings, started: float) -> None:
         reward_margin=result.metrics.get("eval_rewards/margins"),
         dataset_pairs=int(dataset["counts"].get("train", 0)) + int(dataset["counts"].get("eval", 0)),
     )
-    metrics.GATE_RESULTS.labels(
-        "passed" if gate.passed else "rejected", gate_reason_label(gate.reasons)
-    ).inc()
+    metrics.GATE_RESULTS.labels("passed" if gate.passed else "rejected", gate_reason_label(gate.reasons)).inc()
     log.info(
         "training run %s: %s %s (gate %s)",
         ctx.run_id,

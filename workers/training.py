@@ -253,9 +253,7 @@ def _load_base_model(settings: Settings, on_gpu: bool):
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if on_gpu else torch.float32}
     if settings.training.qlora:
         if not on_gpu:
-            raise TrainingError(
-                "training.qlora needs a CUDA GPU (4-bit bitsandbytes kernels); none is visible"
-            )
+            raise TrainingError("training.qlora needs a CUDA GPU (4-bit bitsandbytes kernels); none is visible")
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as error:
@@ -329,16 +327,12 @@ def run_training(
     model_path = settings.model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.chat_template is None:
-        raise TrainingError(
-            f"the tokenizer of {model_path} has no chat template; prompts could not be rendered"
-        )
+        raise TrainingError(f"the tokenizer of {model_path} has no chat template; prompts could not be rendered")
     model = _load_base_model(settings, on_gpu)
     peft_config = None
     if parent_dir is not None:
         if rank != cfg.lora_rank or target_modules != sorted(cfg.target_modules):
-            logger.info(
-                "continuing %s: keeping its LoRA shape r=%d modules=%s", parent_dir, rank, target_modules
-            )
+            logger.info("continuing %s: keeping its LoRA shape r=%d modules=%s", parent_dir, rank, target_modules)
         model = PeftModel.from_pretrained(model, str(parent_dir), is_trainable=True)
     else:
         peft_config = LoraConfig(

@@ -89,13 +89,26 @@ def decide(new_pairs: int, since_last_s: float | None, cfg: TrainingSettings) ->
     return Decision(False, "waiting_for_pairs", new_pairs, since_last_s)
 
 
+def backoff_remaining(recent_runs: list[dict[str, Any]], now: float, cfg: TrainingSettings) -> float:
+    """Seconds the trigger still waits after failed runs (0: none). Runs newest first; the wait doubles with
+    each failure in a row, so a broken setup does not start a doomed run at every check."""
+    failures = 0
+    for run in recent_runs:
+        if run.get("status") != "failed":
+            break
+        failures += 1
+    if failures == 0 or cfg.failure_backoff_s <= 0:
+        return 0.0
+    wait = min(cfg.failure_backoff_s * 2 ** (failures - 1), max(cfg.max_interval_s, cfg.failure_backoff_s))
+    failed_at = recent_runs[0].get("finished_at") or recent_runs[0].get("created_at") or now
+    return max(0.0, float(failed_at) + wait - now)
+
+
 def window(now: float, check_interval_s: float) -> int:
     return int(now // max(check_interval_s, 1))
 
 
-def stale_reason(
-    run: dict[str, Any], lease_holder: str | None, now: float, queue_timeout_s: float
-) -> str | None:
+def stale_reason(run: dict[str, Any], lease_holder: str | None, now: float, queue_timeout_s: float) -> str | None:
     """Why a queued/running run is dead (None: it may still be alive)."""
     if run.get("status") == "running":
         if lease_holder is None or not lease_holder.endswith(f":{run['run_id']}"):
@@ -110,7 +123,7 @@ def stale_reason(
 @dataclass
 class CheckResult:
     action: str  # started | skipped
-    reason: str
+    reason: str  # a Decision reason, run_in_progress, window_taken or backing_off_after_failure
     run_id: str | None = None
     decision: Decision | None = None
     recovered: list[str] = field(default_factory=list)
@@ -188,6 +201,9 @@ class Trigger:
         current = self.runs.current()
         if current is not None:
             return CheckResult("skipped", "run_in_progress", current, recovered=recovered)
+        if not force and (wait := backoff_remaining(self.runs.recent(STALE_SCAN), now, self.settings.training)):
+            log.info("training backs off %.0fs more after failed runs", wait)
+            return CheckResult("skipped", "backing_off_after_failure", None, recovered=recovered)
         decision = Decision(True, "forced", self.new_pairs(), None) if force else self.evaluate(now)
         if not decision.start:
             return CheckResult("skipped", decision.reason, None, decision, recovered)
@@ -227,9 +243,7 @@ class Trigger:
             try:
                 enqueue(run_id)
             except Exception as error:
-                self.runs.update(
-                    run_id, {"status": "failed", "finished_at": time.time(), "error": f"enqueue: {error}"}
-                )
+                self.runs.update(run_id, {"status": "failed", "finished_at": time.time(), "error": f"enqueue: {error}"})
                 self.runs.release_slot(run_id)
                 raise
         return CheckResult("started", decision.reason, run_id, decision, recovered)

@@ -68,9 +68,7 @@ class SwapFailed(Exception):
 
 
 class Swapper:
-    def __init__(
-        self, engine: Engine, redis: Redis, keys: Keys, settings: Settings, replica: str | None = None
-    ):
+    def __init__(self, engine: Engine, redis: Redis, keys: Keys, settings: Settings, replica: str | None = None):
         self.engine = engine
         self.redis = redis
         self.keys = keys
@@ -169,9 +167,7 @@ class Swapper:
             applied = self._applied if isinstance(self._applied, str) else None
             keep = {v for v in (self.engine.aliases().get(self.alias), applied, view.previous) if v}
             for version in sorted(self._managed - keep - set(self._unloading)):
-                self._unloading[version] = asyncio.create_task(
-                    self._unload(version), name=f"unload-{version}"
-                )
+                self._unloading[version] = asyncio.create_task(self._unload(version), name=f"unload-{version}")
 
     def _servable(self, record: AdapterRecord) -> bool:
         return record.status != "rejected" and record.version not in self._failed
@@ -247,9 +243,7 @@ class Swapper:
         except Exception as error:
             await self._discard(version)
             reason = "timed out" if isinstance(error, TimeoutError) else f"{type(error).__name__}: {error}"
-            raise SwapFailed(
-                "failure", "warmup_failed", f"warm-up request on {version} failed: {reason}"
-            ) from None
+            raise SwapFailed("failure", "warmup_failed", f"warm-up request on {version} failed: {reason}") from None
 
     async def _warm_up(self, version: str) -> None:
         """One tiny greedy request on the version: when it finishes, the engine has loaded and run it."""
@@ -259,9 +253,7 @@ class Swapper:
         params = SamplingParams(temperature=0.0, max_tokens=WARMUP_MAX_TOKENS)
         finished = False
         request_id = f"warmup-{version}-{uuid.uuid4().hex[:8]}"
-        async for output in self.engine.generate(
-            self.engine.render(WARMUP_MESSAGES), params, request_id, target
-        ):
+        async for output in self.engine.generate(self.engine.render(WARMUP_MESSAGES), params, request_id, target):
             finished = output.finished
         if not finished:
             raise RuntimeError("the warm-up request did not finish")

@@ -150,9 +150,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path.name}: tensor {name!r} has a malformed header entry") from error
         if end - start != expected or start < 0:
-            raise ValueError(
-                f"{path.name}: tensor {name!r} spans {end - start} bytes, its shape needs {expected}"
-            )
+            raise ValueError(f"{path.name}: tensor {name!r} spans {end - start} bytes, its shape needs {expected}")
         data_end = max(data_end, end)
     if data_end > data_len:
         raise ValueError(f"{path.name} is truncated: data needs {data_end} bytes, the file holds {data_len}")
@@ -257,9 +255,7 @@ def _check_weights(path: Path, manifest: Manifest, max_lora_rank: int, ranks: se
         if rank > max_lora_rank:
             raise AdapterRejected(Reason.RANK_TOO_HIGH, f"tensor {name} has rank {rank} > {max_lora_rank}")
         if rank not in ranks:
-            raise AdapterRejected(
-                Reason.CONFIG_MISMATCH, f"tensor {name} has rank {rank}, the config {sorted(ranks)}"
-            )
+            raise AdapterRejected(Reason.CONFIG_MISMATCH, f"tensor {name} has rank {rank}, the config {sorted(ranks)}")
 
 
 def _check_checksums(path: Path, manifest: Manifest) -> None:
@@ -269,9 +265,7 @@ def _check_checksums(path: Path, manifest: Manifest) -> None:
             raise AdapterRejected(Reason.MISSING_FILE, f"{name} listed in the manifest is missing")
         actual = sha256_file(file)
         if actual != expected:
-            raise AdapterRejected(
-                Reason.CHECKSUM_MISMATCH, f"{name} has sha256 {actual}, the manifest {expected}"
-            )
+            raise AdapterRejected(Reason.CHECKSUM_MISMATCH, f"{name} has sha256 {actual}, the manifest {expected}")
 
 
 def validate_adapter(

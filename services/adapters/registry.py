@@ -38,7 +38,7 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 from services.store.keys import Keys
 
@@ -47,10 +47,27 @@ STATUSES: tuple[Status, ...] = ("candidate", "active", "previous", "retired", "r
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 Fence = tuple[str, str]  # (lease key, the value the lease must still hold)
 
+# Prepended to every transition script: the fencing check, making a version active, announcing the change.
+_LUA_HELPERS = """
+local function stale(fence_key, fence_value)
+  return fence_value ~= '' and redis.call('GET', fence_key) ~= fence_value
+end
+local function activate(active_key, prefix, version, now, by)
+  redis.call('HSET', prefix .. version, 'status', 'active', 'status_at', now, 'promoted_at', now,
+    'activated_by', by)
+  redis.call('SET', active_key, version)
+  return redis.call('HGET', prefix .. version, 'path') or ''
+end
+local function announce(channel, version, path, now, by, reverted)
+  redis.call('PUBLISH', channel,
+    cjson.encode({version = version, path = path, at = tonumber(now), by = by, reverted = reverted}))
+end
+"""
+
 # KEYS: adapter hash, index, seq, fence key. ARGV: version, number ('' if none), fence value, now,
 # then field/value pairs.
 _REGISTER = """
-if ARGV[3] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[3] then return {'stale', ''} end
+if stale(KEYS[4], ARGV[3]) then return {'stale', ''} end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {'exists', redis.call('HGET', KEYS[1], 'run_id') or ''}
 end
@@ -67,7 +84,7 @@ return {'registered', ''}
 # KEYS: active, previous, pin, fence key. ARGV: version, adapter key prefix, now, by, mode (manual|auto|pin),
 # fence value, channel.
 _PROMOTE = """
-if ARGV[6] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[6] then return {'stale', ''} end
+if stale(KEYS[4], ARGV[6]) then return {'stale', ''} end
 local prefix, version, now = ARGV[2], ARGV[1], ARGV[3]
 local target = prefix .. version
 if redis.call('EXISTS', target) == 0 then return {'unknown', ''} end
@@ -88,11 +105,7 @@ if active then
 else
   redis.call('DEL', KEYS[2])
 end
-redis.call('HSET', target, 'status', 'active', 'status_at', now, 'promoted_at', now, 'activated_by', ARGV[4])
-redis.call('SET', KEYS[1], version)
-local path = redis.call('HGET', target, 'path') or ''
-redis.call('PUBLISH', ARGV[7],
-  cjson.encode({version = version, path = path, at = tonumber(now), by = ARGV[4]}))
+announce(ARGV[7], version, activate(KEYS[1], prefix, version, now, ARGV[4]), now, ARGV[4])
 return {'promoted', active or ''}
 """
 
@@ -105,20 +118,16 @@ local active = redis.call('GET', KEYS[1])
 if active then
   redis.call('HSET', prefix .. active, 'status', 'retired', 'status_at', now, 'rolled_back_at', now)
 end
-redis.call('HSET', prefix .. previous, 'status', 'active', 'status_at', now, 'promoted_at', now,
-  'activated_by', ARGV[4])
-redis.call('SET', KEYS[1], previous)
+local path = activate(KEYS[1], prefix, previous, now, ARGV[4])
 redis.call('DEL', KEYS[2])
-local path = redis.call('HGET', prefix .. previous, 'path') or ''
-redis.call('PUBLISH', ARGV[3],
-  cjson.encode({version = previous, path = path, at = tonumber(now), by = ARGV[4]}))
+announce(ARGV[3], previous, path, now, ARGV[4])
 return {'rolled_back', previous, active or ''}
 """
 
 # KEYS: adapter hash, active, previous, fence key. ARGV: version, adapter key prefix, now, reasons JSON,
 # code, by, channel, fence value.
 _REJECT = """
-if ARGV[8] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[8] then return {'stale', ''} end
+if stale(KEYS[4], ARGV[8]) then return {'stale', ''} end
 local version, prefix, now = ARGV[1], ARGV[2], ARGV[3]
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown', ''} end
 if redis.call('HGET', KEYS[1], 'status') == 'rejected' then return {'unchanged', ''} end
@@ -129,16 +138,12 @@ if redis.call('GET', KEYS[2]) ~= version then return {'rejected', ''} end
 local previous = redis.call('GET', KEYS[3])
 local path = ''
 if previous then
-  redis.call('HSET', prefix .. previous, 'status', 'active', 'status_at', now, 'promoted_at', now,
-    'activated_by', 'revert')
-  redis.call('SET', KEYS[2], previous)
+  path = activate(KEYS[2], prefix, previous, now, 'revert')
   redis.call('DEL', KEYS[3])
-  path = redis.call('HGET', prefix .. previous, 'path') or ''
 else
   redis.call('DEL', KEYS[2])
 end
-redis.call('PUBLISH', ARGV[7], cjson.encode({version = previous or cjson.null, path = path,
-  at = tonumber(now), by = 'revert', reverted = version}))
+announce(ARGV[7], previous or cjson.null, path, now, 'revert', version)
 return {'reverted', previous or ''}
 """
 
@@ -189,6 +194,20 @@ class StaleFence(RegistryError):
 
 class InvalidVersion(RegistryError):
     code = "invalid_version"
+
+
+class Registration(TypedDict, total=False):
+    """What ``register`` records besides the version and its path; every item is optional."""
+
+    status: Status  # "candidate" (the default) or "rejected"
+    run_id: str | None
+    dataset_version: str | None
+    parent: str | None
+    metrics: dict[str, Any] | None
+    gate: dict[str, Any] | None
+    reasons: list[str] | None
+    reject_code: str | None
+    fence: Fence | None
 
 
 @dataclass(frozen=True)
@@ -289,12 +308,16 @@ def _parse_view(reply: list[Any]) -> RegistryView:
     return RegistryView(active, previous, pinned, records)
 
 
-def _promotion(reply: list[Any], version: str) -> Promotion:
-    outcome, other = _text(reply[0]), _text(reply[1]) or None
+def _refuse_stale_or_unknown(outcome: str, doing: str, version: str) -> None:
     if outcome == "stale":
-        raise StaleFence(f"the training lease moved on: promoting {version} is refused")
+        raise StaleFence(f"the training lease moved on: {doing} {version} is refused")
     if outcome == "unknown":
         raise UnknownVersion(f"no adapter version {version!r} in the registry")
+
+
+def _promotion(reply: list[Any], version: str) -> Promotion:
+    outcome, other = _text(reply[0]), _text(reply[1]) or None
+    _refuse_stale_or_unknown(outcome, "promoting", version)
     if outcome == "rejected":
         raise VersionRejected(f"{version} was rejected and cannot be promoted")
     return Promotion(outcome, version, other)
@@ -308,17 +331,13 @@ def _rollback(reply: list[Any]) -> Promotion:
 
 def _rejection(reply: list[Any], version: str) -> str:
     outcome = _text(reply[0])
-    if outcome == "stale":
-        raise StaleFence(f"the training lease moved on: rejecting {version} is refused")
-    if outcome == "unknown":
-        raise UnknownVersion(f"no adapter version {version!r} in the registry")
+    _refuse_stale_or_unknown(outcome, "rejecting", version)
     return outcome
 
 
 def _registration(reply: list[Any], version: str, run_id: str | None) -> str:
     outcome, existing_run = _text(reply[0]), _text(reply[1])
-    if outcome == "stale":
-        raise StaleFence(f"the training lease moved on: registering {version} is refused")
+    _refuse_stale_or_unknown(outcome, "registering", version)
     if outcome == "exists":
         if run_id is not None and existing_run == run_id:
             return "exists"  # the same run registering again (a redelivered task): idempotent
@@ -329,17 +348,15 @@ def _registration(reply: list[Any], version: str, run_id: str | None) -> str:
 class _RegistryBase:
     """Builds the script calls; the sync and async classes only await (or not) and parse."""
 
-    def __init__(
-        self, redis: Any, keys: Keys, alias: str = "feedloop", reserved: tuple[str, ...] = ()
-    ) -> None:
+    def __init__(self, redis: Any, keys: Keys, alias: str = "feedloop", reserved: tuple[str, ...] = ()) -> None:
         self.redis = redis
         self.keys = keys
         self.alias = alias
         self.reserved = {alias, *reserved}
-        self._register = redis.register_script(_REGISTER)
-        self._promote = redis.register_script(_PROMOTE)
-        self._rollback = redis.register_script(_ROLLBACK)
-        self._reject = redis.register_script(_REJECT)
+        self._register = redis.register_script(_LUA_HELPERS + _REGISTER)
+        self._promote = redis.register_script(_LUA_HELPERS + _PROMOTE)
+        self._rollback = redis.register_script(_LUA_HELPERS + _ROLLBACK)
+        self._reject = redis.register_script(_LUA_HELPERS + _REJECT)
         self._read = redis.register_script(_READ)
         self._number = re.compile(rf"^{re.escape(alias)}-v(\d+)$")
 
@@ -350,23 +367,10 @@ class _RegistryBase:
     def version_name(self, number: int) -> str:
         return f"{self.alias}-v{number}"
 
-    def _register_call(
-        self,
-        version: str,
-        path: str,
-        *,
-        status: Status,
-        run_id: str | None,
-        dataset_version: str | None,
-        parent: str | None,
-        metrics: dict[str, Any] | None,
-        gate: dict[str, Any] | None,
-        reasons: list[str] | None,
-        reject_code: str | None,
-        fence: Fence | None,
-    ) -> Any:
+    def _register_call(self, version: str, path: str, details: Registration) -> Any:
         if not VERSION_PATTERN.match(version) or version in self.reserved:
             raise InvalidVersion(f"{version!r} is not a valid adapter version name")
+        status = details.get("status", "candidate")
         if status not in ("candidate", "rejected"):
             raise ValueError("a version is registered as a candidate or as rejected")
         match = self._number.match(version)
@@ -376,18 +380,18 @@ class _RegistryBase:
             "number": match.group(1) if match else "",
             "status": status,
             "path": path,
-            "run_id": run_id or "",
-            "dataset_version": dataset_version or "",
-            "parent": parent or "",
-            "metrics": json.dumps(metrics or {}),
-            "gate": json.dumps(gate or {}),
-            "reasons": json.dumps(reasons or []),
-            "reject_code": reject_code or "",
+            "run_id": details.get("run_id") or "",
+            "dataset_version": details.get("dataset_version") or "",
+            "parent": details.get("parent") or "",
+            "metrics": json.dumps(details.get("metrics") or {}),
+            "gate": json.dumps(details.get("gate") or {}),
+            "reasons": json.dumps(details.get("reasons") or []),
+            "reject_code": details.get("reject_code") or "",
             "created_at": now,
             "status_at": now,
         }
         flat = [item for pair in fields.items() for item in pair]
-        fence_key, fence_value = fence or (self.keys.training_lease, "")
+        fence_key, fence_value = details.get("fence") or (self.keys.training_lease, "")
         return self._register(
             keys=[self.keys.adapter(version), self.keys.adapters_index, self.keys.adapters_seq, fence_key],
             args=[version, fields["number"], fence_value, now, *flat],
@@ -453,27 +457,9 @@ class AdapterRegistry(_RegistryBase):
     def next_version(self) -> str:
         return self.version_name(int(self.redis.incr(self.keys.adapters_seq)))
 
-    def register(
-        self,
-        version: str,
-        path: str,
-        *,
-        status: Status = "candidate",
-        run_id: str | None = None,
-        dataset_version: str | None = None,
-        parent: str | None = None,
-        metrics: dict[str, Any] | None = None,
-        gate: dict[str, Any] | None = None,
-        reasons: list[str] | None = None,
-        reject_code: str | None = None,
-        fence: Fence | None = None,
-    ) -> str:
+    def register(self, version: str, path: str, **details: Unpack[Registration]) -> str:
         """Add a version (``registered``; ``exists`` when the same run registers it again)."""
-        reply = self._register_call(
-            version, path, status=status, run_id=run_id, dataset_version=dataset_version, parent=parent,
-            metrics=metrics, gate=gate, reasons=reasons, reject_code=reject_code, fence=fence,
-        )  # fmt: skip
-        return _registration(reply, version, run_id)
+        return _registration(self._register_call(version, path, details), version, details.get("run_id"))
 
     def promote(
         self, version: str, *, auto: bool = False, by: str | None = None, fence: Fence | None = None
@@ -514,26 +500,8 @@ class AsyncAdapterRegistry(_RegistryBase):
     async def next_version(self) -> str:
         return self.version_name(int(await self.redis.incr(self.keys.adapters_seq)))
 
-    async def register(
-        self,
-        version: str,
-        path: str,
-        *,
-        status: Status = "candidate",
-        run_id: str | None = None,
-        dataset_version: str | None = None,
-        parent: str | None = None,
-        metrics: dict[str, Any] | None = None,
-        gate: dict[str, Any] | None = None,
-        reasons: list[str] | None = None,
-        reject_code: str | None = None,
-        fence: Fence | None = None,
-    ) -> str:
-        reply = await self._register_call(
-            version, path, status=status, run_id=run_id, dataset_version=dataset_version, parent=parent,
-            metrics=metrics, gate=gate, reasons=reasons, reject_code=reject_code, fence=fence,
-        )  # fmt: skip
-        return _registration(reply, version, run_id)
+    async def register(self, version: str, path: str, **details: Unpack[Registration]) -> str:
+        return _registration(await self._register_call(version, path, details), version, details.get("run_id"))
 
     async def promote(
         self, version: str, *, auto: bool = False, by: str | None = None, fence: Fence | None = None

@@ -41,6 +41,4 @@ class RequestMetrics:
             await self.app(scope, receive, send_and_see)
         finally:
             route: Any = scope.get("route")
-            metrics.observe_request(
-                getattr(route, "path", None), scope["method"], status, time.perf_counter() - start
-            )
+            metrics.observe_request(getattr(route, "path", None), scope["method"], status, time.perf_counter() - start)

@@ -163,9 +163,7 @@ class Engine:
             raise AdapterError(f"adapter {name!r} is still the target of an alias")
         adapter = self._adapters.pop(name)  # no new request can resolve it from here on
         async with self._drained:
-            await asyncio.wait_for(
-                self._drained.wait_for(lambda: self._in_flight[name] == 0), drain_timeout_s
-            )
+            await asyncio.wait_for(self._drained.wait_for(lambda: self._in_flight[name] == 0), drain_timeout_s)
         await self._llm.remove_lora(adapter.lora_id)
 
     def in_flight(self, name: str | None) -> int:
@@ -187,16 +185,32 @@ class Engine:
             lora = LoRARequest(a.name, a.lora_id, a.path)
         key = target.adapter_name or ""
         self._in_flight[key] += 1
+        finished = False
+        stream = self._llm.generate({"prompt_token_ids": prompt_ids}, params, request_id, lora_request=lora)
         try:
-            async for out in self._llm.generate(
-                {"prompt_token_ids": prompt_ids}, params, request_id, lora_request=lora
-            ):
+            async for out in stream:
+                finished = out.finished
                 yield out
         finally:
             self._in_flight[key] -= 1
-            if self._in_flight[key] == 0:
-                async with self._drained:
-                    self._drained.notify_all()
+            if finished:
+                await self._notify_if_drained(key)
+            else:
+                # The caller left (a client disconnect cancels it, or it closed this generator). The abort
+                # runs in its own task: the ASGI server's cancel scope cancels every await of this one again
+                # until it leaves, which could drop the abort message on its way to the engine core.
+                metrics.REQUESTS_ABORTED.inc()
+                await asyncio.shield(_detached(self._abort_unfinished(stream, request_id, key)))
+
+    async def _abort_unfinished(self, stream: Any, request_id: str, key: str) -> None:
+        await stream.aclose()  # vLLM aborts a request whose generator is closed before it finished
+        await self._llm.abort(request_id)  # a no-op when the line above already did it
+        await self._notify_if_drained(key)
+
+    async def _notify_if_drained(self, key: str) -> None:
+        if self._in_flight[key] == 0:
+            async with self._drained:
+                self._drained.notify_all()
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:
@@ -204,9 +218,18 @@ class Engine:
 
     def stats(self) -> metrics.EngineStats:
         # KV cache and queue depths come from vLLM's own vllm:* metrics in the same registry.
-        return metrics.EngineStats(
-            lora_slots_used=len(self._adapters), lora_slots_max=self.settings.engine.max_loras
-        )
+        return metrics.EngineStats(lora_slots_used=len(self._adapters), lora_slots_max=self.settings.engine.max_loras)
 
     def num_unfinished_requests(self) -> int:
         return self._llm.get_num_unfinished_requests() if self._llm is not None else 0
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+def _detached(coro: Any) -> asyncio.Task[None]:
+    """A task that runs to the end even if whoever awaits it is cancelled."""
+    task = asyncio.ensure_future(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return task

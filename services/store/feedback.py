@@ -9,17 +9,32 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from services.store.batching import ScriptBatcher
 from services.store.keys import Keys
 
+# One round trip per vote. The script reads the interaction (or takes it from ARGV when it is still in the
+# API's write buffer), checks that its owner is the user the feedback token was verified for, checks the
+# rate limits, then writes the vote, its history entry and the stream event. The event embeds the stored
+# interaction verbatim, so the record is built from the server's own data, never from the client's.
 # Token buckets are hashes {tokens, ts}; a request needs one token from the voter's and the IP's bucket.
-# Nothing is written when a bucket is empty. A vote identical to the voter's current one is a no-op
-# (it still spends a token, so replays cannot hammer the server for free).
+# Nothing is written when a check fails. A vote identical to the voter's current one is a no-op (it still
+# spends a token, so replays cannot hammer the server for free).
 _VOTE = """
-local votes, history, stream, user_bucket, ip_bucket = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local voter, state, event, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local votes, history, stream, user_bucket, ip_bucket, interaction =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local voter, state, head, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local user_rate, user_burst = tonumber(ARGV[5]), tonumber(ARGV[6])
 local ip_rate, ip_burst = tonumber(ARGV[7]), tonumber(ARGV[8])
 local ttl, maxlen, withdraw = tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11] == "1"
+local has_claim, claim, record = ARGV[12] == "1", ARGV[13], ARGV[14]
+
+if record == "" then record = redis.call('GET', interaction) end
+if not record then return {'missing'} end
+local rec = cjson.decode(record)
+local owner, adapter = rec['user'], rec['adapter']
+if owner == cjson.null or owner == "" then owner = nil end
+if type(adapter) ~= 'string' then adapter = '' end
+if (has_claim and owner ~= claim) or (not has_claim and owner ~= nil) then return {'bad_token'} end
 
 local function level(key, rate, burst)
   local b = redis.call('HMGET', key, 'tokens', 'ts')
@@ -37,13 +52,14 @@ redis.call('EXPIRE', ip_bucket, math.ceil(ip_burst / ip_rate) + 60)
 
 local current = redis.call('HGET', votes, voter)
 if withdraw then
-  if not current then return {'unchanged'} end
+  if not current then return {'unchanged', '', adapter} end
   redis.call('HDEL', votes, voter)
 else
-  if current == state then return {'unchanged'} end
+  if current == state then return {'unchanged', '', adapter} end
   redis.call('HSET', votes, voter, state)
 end
 redis.call('EXPIRE', votes, ttl)
+local event = string.sub(head, 1, -2) .. ',"interaction":' .. record .. '}'
 redis.call('RPUSH', history, event)
 redis.call('EXPIRE', history, ttl)
 local id
@@ -52,7 +68,7 @@ if maxlen > 0 then
 else
   id = redis.call('XADD', stream, '*', 'event', event)
 end
-return {'recorded', id}
+return {'recorded', id, adapter}
 """
 
 
@@ -66,8 +82,9 @@ class Limits:
 
 @dataclass(frozen=True)
 class VoteOutcome:
-    status: str  # recorded | unchanged | rate_limited
+    status: str  # recorded | unchanged | rate_limited | missing (no such interaction) | bad_token
     stream_id: str | None = None
+    adapter: str | None = None  # the rated completion's adapter
     limited_by: str | None = None
     retry_after_s: float = 0.0
 
@@ -79,7 +96,7 @@ class FeedbackStore:
         self.ttl_s = ttl_s
         self.limits = limits
         self.stream_maxlen = stream_maxlen
-        self._script = redis.register_script(_VOTE)
+        self._script = ScriptBatcher(redis, _VOTE)
 
     async def vote(
         self,
@@ -87,10 +104,18 @@ class FeedbackStore:
         voter: str,
         ip_hash: str,
         state: dict[str, Any] | None,
-        event: dict[str, Any],
+        event_head: dict[str, Any],
         now: float,
+        *,
+        token_user: str | None,
+        record: bytes | None = None,
     ) -> VoteOutcome:
-        """Record a vote (state) or withdraw it (state None), with its stream event, atomically."""
+        """Record a vote (state) or withdraw it (state None), with its stream event, atomically.
+
+        token_user: the user the feedback token was verified for (None: a completion without a user);
+        the stored interaction must belong to them. record: the interaction's JSON when it is not in Redis
+        yet (the API's write buffer). The event is event_head plus the interaction under "interaction".
+        """
         lim = self.limits
         result = await self._script(
             keys=[
@@ -99,11 +124,12 @@ class FeedbackStore:
                 self.keys.feedback_stream,
                 self.keys.rate_limit("user", voter),
                 self.keys.rate_limit("ip", ip_hash),
+                self.keys.interaction(completion_id),
             ],
             args=[
                 voter,
                 _canonical(state) if state is not None else b"",
-                orjson.dumps(event),
+                orjson.dumps(event_head),
                 repr(now),
                 lim.user_rate,
                 lim.user_burst,
@@ -112,12 +138,20 @@ class FeedbackStore:
                 self.ttl_s,
                 self.stream_maxlen,
                 "1" if state is None else "0",
+                "0" if token_user is None else "1",
+                token_user or "",
+                record or b"",
             ],
         )
         status = result[0].decode()
         if status == "rate_limited":
             return VoteOutcome(status, limited_by=result[1].decode(), retry_after_s=float(result[2]))
-        return VoteOutcome(status, stream_id=result[1].decode() if len(result) > 1 else None)
+        if len(result) < 3:
+            return VoteOutcome(status)
+        return VoteOutcome(status, stream_id=result[1].decode() or None, adapter=result[2].decode() or None)
+
+    async def aclose(self) -> None:
+        await self._script.aclose()
 
     async def current(self, completion_id: str, voter: str) -> dict[str, Any] | None:
         raw = await self.redis.hget(self.keys.votes(completion_id), voter)

@@ -23,9 +23,7 @@ log = logging.getLogger(__name__)
 
 
 class InteractionLog:
-    def __init__(
-        self, redis: Redis, keys: Keys, ttl_s: int, flush_interval_s: float = 0.005, batch_size: int = 256
-    ):
+    def __init__(self, redis: Redis, keys: Keys, ttl_s: int, flush_interval_s: float = 0.005, batch_size: int = 256):
         self.redis = redis
         self.keys = keys
         self.ttl_s = ttl_s
@@ -46,9 +44,13 @@ class InteractionLog:
     def queued(self) -> int:
         return len(self._buffer)
 
+    def buffered(self, completion_id: str) -> dict[str, Any] | None:
+        """The record if it is still waiting to be written to Redis."""
+        return self._buffer.get(completion_id)
+
     async def get(self, completion_id: str) -> dict[str, Any] | None:
-        if completion_id in self._buffer:
-            return self._buffer[completion_id]
+        if (record := self._buffer.get(completion_id)) is not None:
+            return record
         raw = await self.redis.get(self.keys.interaction(completion_id))
         return orjson.loads(raw) if raw else None
 

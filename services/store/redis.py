@@ -15,9 +15,7 @@ class RedisUnsafe(RuntimeError):
 
 def connect(url: str, max_connections: int = 128) -> Redis:
     """A client whose pool makes callers wait for a free connection instead of failing under bursts."""
-    pool = BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=30, health_check_interval=30
-    )
+    pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30, health_check_interval=30)
     return Redis(connection_pool=pool)
 
 

@@ -19,9 +19,7 @@ from browser_support import (
 from playwright.sync_api import expect
 
 
-def test_allowed_origin_records_restores_and_withdraws_a_vote(
-    live_api: Any, openai_client: Any, page: Any
-) -> None:
+def test_allowed_origin_records_restores_and_withdraws_a_vote(live_api: Any, openai_client: Any, page: Any) -> None:
     user = "embed-allowed"
     completion_id, token = new_completion(openai_client, user)
     html = host_page(live_api.base_url, completion_id, token, user)
@@ -56,9 +54,7 @@ def test_allowed_origin_records_restores_and_withdraws_a_vote(
         wait_for_event(live_api, completion_id, lambda e: e.get("rating") == "withdrawn")
 
 
-def test_forbidden_origin_is_refused_by_cors_and_shows_an_error(
-    live_api: Any, openai_client: Any, page: Any
-) -> None:
+def test_forbidden_origin_is_refused_by_cors_and_shows_an_error(live_api: Any, openai_client: Any, page: Any) -> None:
     user = "embed-forbidden"
     completion_id, token = new_completion(openai_client, user)
     feedback_posts: list[str] = []

@@ -82,9 +82,7 @@ def test_versions_are_numbered_and_immutable(registry: AdapterRegistry) -> None:
     )  # fmt: skip
     with pytest.raises(VersionExists):
         registry.register(first, "/elsewhere", run_id="another-run")
-    assert (
-        registry.register(first, "/elsewhere", run_id="run-feedloop-v1") == "exists"
-    )  # same run: idempotent
+    assert registry.register(first, "/elsewhere", run_id="run-feedloop-v1") == "exists"  # same run: idempotent
     assert registry.get(first).path == "/adapters/feedloop-v1"  # type: ignore[union-attr]
     # An explicitly named version moves the counter past its number.
     registry.register("feedloop-v7", "/adapters/feedloop-v7")

@@ -48,17 +48,13 @@ def test_corpus_covers_every_required_failure(adapters) -> None:
 
 
 @pytest.mark.parametrize("with_fingerprint", [False, True])
-def test_each_bad_adapter_is_rejected_with_its_reason(
-    adapters, tiny_model_dir: Path, with_fingerprint
-) -> None:
+def test_each_bad_adapter_is_rejected_with_its_reason(adapters, tiny_model_dir: Path, with_fingerprint) -> None:
     _, corpus = adapters
     fingerprint = base_model_fingerprint(str(tiny_model_dir)) if with_fingerprint else None
     outcomes = {}
     for case in corpus:
         try:
-            validate_adapter(
-                case.path, base_model_id(str(tiny_model_dir)), MAX_RANK, served_base_sha256=fingerprint
-            )
+            validate_adapter(case.path, base_model_id(str(tiny_model_dir)), MAX_RANK, served_base_sha256=fingerprint)
             outcomes[case.name] = "accepted"
         except AdapterRejected as rejection:
             outcomes[case.name] = rejection.reason

@@ -82,6 +82,16 @@ def test_anonymous_completion_votes_per_user(openai_client, live_api: LiveApi):
     }
 
 
+def test_a_vote_without_the_user_is_checked_against_the_stored_owner(openai_client, live_api: LiveApi):
+    # The widget may not know the user the completion was made for: the token is then checked against the
+    # stored interaction's owner, and the vote counts as theirs.
+    fb = complete(openai_client, live_api, user="owner-user")
+    r = post(live_api, {"completion_id": fb["completion_id"], "token": fb["token"], "rating": "like"})
+    assert r.status_code == 202 and r.json()["status"] == "recorded"
+    (event,) = events_for(live_api, fb["completion_id"])
+    assert event["user"] == "owner-user" and event["interaction"]["response"] == fb["text"]
+
+
 @pytest.fixture
 def voted_completion(openai_client, live_api: LiveApi) -> dict:
     return complete(openai_client, live_api, user="err-user")
@@ -144,9 +154,7 @@ def test_interaction_expired_from_redis_is_404_or_410(openai_client, live_api: L
 def test_per_user_rate_limit_is_429_and_writes_nothing(openai_client, live_api: LiveApi):
     burst = live_api.settings.feedback.burst_per_user
     completions = [complete(openai_client, live_api, user="rl-user") for _ in range(burst + 6)]
-    votes = [
-        {"completion_id": fb["completion_id"], "token": fb["token"], "rating": "like"} for fb in completions
-    ]
+    votes = [{"completion_id": fb["completion_id"], "token": fb["token"], "rating": "like"} for fb in completions]
     with httpx.Client(base_url=live_api.base_url) as client:
         statuses = [client.post("/v1/feedback", json=v).status_code for v in votes[:-1]]
         assert statuses[:burst].count(202) == burst and 429 in statuses

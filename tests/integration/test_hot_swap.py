@@ -31,9 +31,7 @@ MAX_TOKENS = 24
 
 
 def admin(live_api: LiveApi, method: str, path: str, **kwargs) -> httpx.Response:
-    return httpx.request(
-        method, live_api.base_url + path, headers=live_api.admin_headers(), timeout=120, **kwargs
-    )
+    return httpx.request(method, live_api.base_url + path, headers=live_api.admin_headers(), timeout=120, **kwargs)
 
 
 def registry(live_api: LiveApi) -> AdapterRegistry:
@@ -128,9 +126,7 @@ def test_rollback_pin_and_unpin_through_the_admin_api(live_api: LiveApi, version
     assert metric(live_api, "feedloop_adapter_rollbacks_total") == rollbacks + 1
     again = admin(live_api, "POST", "/admin/adapters/rollback")
     assert again.status_code == 409 and again.json()["error"]["code"] == "no_previous_adapter"
-    statuses = {
-        a["version"]: a["status"] for a in admin(live_api, "GET", "/admin/adapters").json()["adapters"]
-    }
+    statuses = {a["version"]: a["status"] for a in admin(live_api, "GET", "/admin/adapters").json()["adapters"]}
     assert statuses[newer] == "retired" and statuses[older] == "active"
 
     pinned = admin(live_api, "POST", f"/admin/adapters/{newer}/pin", params={"wait": "true"}).json()
@@ -220,9 +216,7 @@ async def load_during(live_api: LiveApi, steps: list[tuple[str, str]], clients: 
     return results, marks
 
 
-def test_hot_swap_under_load_fails_nothing_and_never_mixes_versions(
-    live_api: LiveApi, versions: list[str]
-) -> None:
+def test_hot_swap_under_load_fails_nothing_and_never_mixes_versions(live_api: LiveApi, versions: list[str]) -> None:
     start, v1, v2, v3 = versions[1], versions[2], versions[3], versions[4]
     admin(live_api, "POST", f"/admin/adapters/{start}/promote", params={"wait": "true"})
     steps = [
@@ -277,9 +271,7 @@ def test_bad_adapters_are_rejected_with_their_reason_and_never_served(
     rejected_before = metric(live_api, "feedloop_adapter_swaps_total", '{outcome="rejected"}')
     for case in corpus:
         version = case.path.name
-        registered = admin(
-            live_api, "POST", "/admin/adapters", json={"path": str(case.path), "version": version}
-        )
+        registered = admin(live_api, "POST", "/admin/adapters", json={"path": str(case.path), "version": version})
         assert registered.status_code == 201, registered.text
         response = admin(live_api, "POST", f"/admin/adapters/{version}/promote", params={"wait": "true"})
         assert response.status_code == 200
@@ -297,9 +289,7 @@ def test_bad_adapters_are_rejected_with_their_reason_and_never_served(
         assert version not in names
         again = admin(live_api, "POST", f"/admin/adapters/{version}/promote")
         assert again.status_code == 409 and again.json()["error"]["code"] == "adapter_rejected"
-    assert metric(live_api, "feedloop_adapter_swaps_total", '{outcome="rejected"}') == rejected_before + len(
-        corpus
-    )
+    assert metric(live_api, "feedloop_adapter_swaps_total", '{outcome="rejected"}') == rejected_before + len(corpus)
 
 
 def test_a_starting_replica_serves_the_active_adapter_before_it_is_ready(

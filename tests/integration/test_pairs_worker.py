@@ -298,6 +298,28 @@ def test_redelivered_entries_add_nothing(pairs_env: PairsEnv):
     assert (pairs_env.pair_ids(), pairs_env.redis.hgetall(pairs_env.keys.pairs_stats)) == before
 
 
+def test_a_failing_pair_write_holds_back_only_its_own_entry(pairs_env: PairsEnv):
+    # a counter that cannot be incremented: the pair that would count an e-mail fails to record
+    pairs_env.redis.hset(pairs_env.keys.pairs_stats, quality.pii_field("email"), "not a number")
+    events = [
+        feedback_event("p1", "like", "u1", prompt="Name a colour.", response="Blue."),
+        feedback_event("p2", "dislike", "u2", prompt="Name a colour.", response="Seven."),
+        feedback_event("q1", "like", "u1", prompt="Your e-mail?", response="Mail ann@example.com"),
+        feedback_event("q2", "dislike", "u2", prompt="Your e-mail?", response="No."),
+    ]
+    ids = [xadd(pairs_env.redis, pairs_env.keys.feedback_stream, event) for event in events]
+    consumer = pairs_env.consumer()
+    consumer.ensure_ready()
+    report = consumer.process(consumer.read_new(None))
+
+    assert (report.pairs_written, report.failed, report.processed) == (1, 1, 3)
+    assert pairing.pair_id("same_prompt", "p1", "p2") in pairs_env.pair_ids()
+    pending = pairs_env.redis.xpending_range(
+        pairs_env.keys.feedback_stream, pairs_env.settings.pairs.consumer_group, "-", "+", 10
+    )
+    assert [row["message_id"] for row in pending] == [ids[3]]  # only the vote that derived the failing pair
+
+
 def test_idle_empty_consumers_are_pruned(pairs_env: PairsEnv):
     consumer = pairs_env.consumer("live")
     consumer.ensure_ready()
@@ -422,6 +444,129 @@ def test_malformed_and_poison_entries_end_in_the_dead_letter_stream(pairs_env: P
     assert b"WRONGTYPE" in letters[poison][b"error"]
     assert int(letters[poison][b"deliveries"]) == pairs_env.settings.pairs.max_deliveries
     assert int(letters[bad_json][b"deliveries"]) == 1
+
+
+# --- the two consume() stages failing apart -----------------------------------------------------------------
+
+
+def two_answer_prompts(pairs_env: PairsEnv, prompts: int) -> set[str]:
+    """A like and a dislike per prompt (one pair each), written to the stream; returns the expected pair ids."""
+    pipe = pairs_env.redis.pipeline(transaction=False)
+    for i in range(prompts):
+        prompt = f"Question {i}: what is {i} times two?"
+        like = feedback_event(f"L{i}", "like", f"a{i}", prompt=prompt, response=f"It is {2 * i}.")
+        dislike = feedback_event(f"D{i}", "dislike", f"b{i}", prompt=prompt, response=f"It is {2 * i + 1}.")
+        pipe.xadd(pairs_env.keys.feedback_stream, entry(like))
+        pipe.xadd(pairs_env.keys.feedback_stream, entry(dislike))
+    pipe.execute()
+    return {pairing.pair_id("same_prompt", f"L{i}", f"D{i}") for i in range(prompts)}
+
+
+def assert_exactly_once(pairs_env: PairsEnv, expected: set[str]) -> None:
+    assert pairs_env.pair_ids() == expected
+    assert int(pairs_env.redis.get(pairs_env.keys.pairs_seq)) == len(expected)  # no pair was written twice
+    assert pairs_env.stats().created == {"same_prompt": len(expected)}
+    assert pairs_env.backlog() == (0, 0)
+    assert not pairs_env.redis.exists(pairs_env.keys.feedback_dead_letter)
+
+
+def vote_stage_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("feedback-votes")]
+
+
+def test_a_failing_vote_stage_acks_nothing_it_voted(pairs_env: PairsEnv, monkeypatch: pytest.MonkeyPatch):
+    expected = two_answer_prompts(pairs_env, 250)  # 500 entries, batches of 100
+    consumer = pairs_env.consumer()
+    vote, calls = consumer._vote, []
+
+    def vote_then_fail(batch):
+        vote(batch)  # the votes are applied ...
+        calls.append(batch)
+        if len(calls) == 2:
+            raise redis.ConnectionError("lost Redis after the votes")  # ... but the batch never reaches writing
+        return batch
+
+    monkeypatch.setattr(consumer, "_vote", vote_then_fail)
+    with pytest.raises(redis.ConnectionError):
+        consumer.consume(30)
+    assert not vote_stage_threads()
+    stream, group = pairs_env.keys.feedback_stream, pairs_env.settings.pairs.consumer_group
+    pending = {row["message_id"] for row in pairs_env.redis.xpending_range(stream, group, "-", "+", 1000)}
+    assert {entry_id for entry_id, _ in calls[1].entries} <= pending  # with those read after it
+    assert len(pending) + pairs_env.backlog()[1] == 400  # only the first batch was written and acked
+    written = pairs_env.pair_ids()
+    assert written and written < expected
+
+    monkeypatch.undo()
+    time.sleep(0.6)  # past claim_idle_ms: the voted entries are reclaimed and applied again
+    pairs_env.consumer("rescuer").consume(30, until_drained=True)
+    assert_exactly_once(pairs_env, expected)
+
+
+def test_a_failing_write_stage_leaves_the_voted_batch_pending(pairs_env: PairsEnv, monkeypatch: pytest.MonkeyPatch):
+    expected = two_answer_prompts(pairs_env, 250)
+    consumer = pairs_env.consumer()
+
+    def fail(batch):
+        raise redis.ConnectionError("lost Redis before the writes")
+
+    monkeypatch.setattr(consumer, "_apply", fail)
+    with pytest.raises(redis.ConnectionError):
+        consumer.consume(30)
+    assert not vote_stage_threads()  # the vote stage finished the batch it had started, then stopped
+    pending, lag = pairs_env.backlog()
+    assert pending + lag == 500 and pending >= 200  # the failed batch and those read meanwhile; nothing acked
+    assert not pairs_env.pair_ids()
+
+    monkeypatch.undo()
+    time.sleep(0.6)
+    pairs_env.consumer("rescuer").consume(30, until_drained=True)
+    assert_exactly_once(pairs_env, expected)
+
+
+def test_votes_applied_before_a_redis_restart_are_applied_again(pairs_env: PairsEnv, monkeypatch: pytest.MonkeyPatch):
+    # a NOSCRIPT reply (seen by either stage) means Redis restarted, maybe losing writes made before it:
+    # a batch voted before it is seen must not be acked on the strength of those votes
+    expected = two_answer_prompts(pairs_env, 250)
+    consumer = pairs_env.consumer()
+    apply, reports = consumer._apply, []
+
+    def restart_seen_first(batch):
+        if not reports:
+            consumer._forget_stored()  # what the write stage does on NOSCRIPT
+        reports.append(apply(batch))
+        return reports[-1]
+
+    monkeypatch.setattr(consumer, "_apply", restart_seen_first)
+    total = consumer.consume(30, until_drained=True)
+    assert (reports[0].entries, reports[0].failed, reports[0].pairs_written) == (100, 100, 0)
+    assert total.processed == 500 and total.dead_lettered == 0
+    assert not vote_stage_threads()
+    assert_exactly_once(pairs_env, expected)
+
+
+def test_a_flushed_script_cache_is_reloaded_by_either_stage(pairs_env: PairsEnv, monkeypatch: pytest.MonkeyPatch):
+    # as after a Redis restart (the script cache is server-wide; every client here reloads on NOSCRIPT)
+    expected = two_answer_prompts(pairs_env, 400)
+    consumer = pairs_env.consumer()
+    vote, apply, calls = consumer._vote, consumer._apply, {"vote": 0, "apply": 0}
+
+    def flush_then(stage, method):
+        def call(batch):
+            calls[stage] += 1
+            if calls[stage] == (2 if stage == "vote" else 5):
+                pairs_env.redis.script_flush()
+            return method(batch)
+
+        return call
+
+    monkeypatch.setattr(consumer, "_vote", flush_then("vote", vote))
+    monkeypatch.setattr(consumer, "_apply", flush_then("apply", apply))
+    total = consumer.consume(30, until_drained=True)
+    assert total.dead_lettered == 0
+    assert_exactly_once(pairs_env, expected)
 
 
 # --- export, loading, and one DPO step ---------------------------------------------------------------------

@@ -81,9 +81,7 @@ def dataset(workspace: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def first_run(
-    tiny_model_dir: Path, workspace: Path, dataset: Path
-) -> tuple[TrainingResult, Path, list[dict]]:
+def first_run(tiny_model_dir: Path, workspace: Path, dataset: Path) -> tuple[TrainingResult, Path, list[dict]]:
     """A fresh DPO adapter, published as feedloop-v1."""
     records: list[dict] = []
     result = run_training(
@@ -149,9 +147,7 @@ def test_kto_trains_on_the_unpaired_export(tiny_model_dir: Path, workspace: Path
     result = run_training(settings, dataset, workspace / "runs" / "kto", "run-kto", "ds-1")
     assert result.method == "kto" and result.train_examples == 72 and result.rank == 4
     assert "kl" in result.history[-1] and result.history[-1]["loss"] < result.history[0]["loss"]
-    manifest = validate(
-        publish(result, workspace / "adapters", "feedloop-kto"), tiny_model_dir, "feedloop-kto"
-    )
+    manifest = validate(publish(result, workspace / "adapters", "feedloop-kto"), tiny_model_dir, "feedloop-kto")
     assert manifest.metrics["method"] == "kto" and manifest.rank == 4
 
 
@@ -171,9 +167,7 @@ def test_gate_does_not_promote_an_adapter_that_only_ties_the_active_one(
     first_run, tiny_model_dir: Path, dataset: Path
 ) -> None:
     _, adapter, _ = first_run
-    gate = evaluate_adapter(
-        make_settings(tiny_model_dir), adapter, dataset / "eval.jsonl", active_adapter_dir=adapter
-    )
+    gate = evaluate_adapter(make_settings(tiny_model_dir), adapter, dataset / "eval.jsonl", active_adapter_dir=adapter)
     assert not gate.passed
     assert gate.metrics["reference"] == "feedloop-v1"
     assert len(gate.reasons) == 1 and gate.reasons[0].startswith("does not beat feedloop-v1")
@@ -210,13 +204,9 @@ def test_pairs_are_rendered_with_the_model_chat_template(tiny_model_dir: Path, d
     assert tokenizer.decode(rejected) == row["rejected"][0]["content"] + "<|end|>"
 
 
-def test_rank_above_the_engine_maximum_is_refused_before_any_work(
-    tiny_model_dir: Path, tmp_path: Path
-) -> None:
+def test_rank_above_the_engine_maximum_is_refused_before_any_work(tiny_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="max_lora_rank 16"):
-        run_training(
-            make_settings(tiny_model_dir, lora_rank=32), tmp_path / "none", tmp_path / "out", "r", "d"
-        )
+        run_training(make_settings(tiny_model_dir, lora_rank=32), tmp_path / "none", tmp_path / "out", "r", "d")
     with pytest.raises(TrainingError, match=r"not in gate\.supported_target_modules"):
         settings = make_settings(tiny_model_dir, target_modules=["q_proj", "lm_head"])
         run_training(settings, tmp_path / "none", tmp_path / "out", "r", "d")
@@ -240,7 +230,5 @@ def test_progress_callback_can_abort_a_run(tiny_model_dir: Path, workspace: Path
         raise LeaseLost(f"lease lost at step {record['step']}")
 
     with pytest.raises(LeaseLost, match="step 1"):
-        run_training(
-            make_settings(tiny_model_dir), dataset, workspace / "runs" / "abort", "r", "d", progress=progress
-        )
+        run_training(make_settings(tiny_model_dir), dataset, workspace / "runs" / "abort", "r", "d", progress=progress)
     assert not (workspace / "runs" / "abort" / "adapter").exists()

@@ -194,9 +194,7 @@ def test_a_stale_lease_holder_cannot_write(loop_env: LoopEnv) -> None:
     a = leases.acquire_for_run(first, "worker-a")
     leases.hset(a, loop_env.keys.run(first), {"note": "a was here"})
     # worker-a stops renewing (paused, partitioned): its lease expires.
-    loop_env.wait(
-        lambda: not loop_env.redis.exists(loop_env.keys.training_lease), 5, "the lease to expire", 0.05
-    )
+    loop_env.wait(lambda: not loop_env.redis.exists(loop_env.keys.training_lease), 5, "the lease to expire", 0.05)
 
     assert trigger.recover_stale() == [first]
     second = trigger.check(force=True).run_id
@@ -255,6 +253,7 @@ def test_sigkill_of_a_train_worker_mid_run_fails_the_run_once(loop_env: LoopEnv)
     loop_env.wait(lambda: not loop_env.redis.exists(loop_env.keys.training_lease), 10, "the lease to expire")
     checked = trigger.check(enqueue=loop_env.send_run)
     assert checked.recovered == [run_id]
+    assert (checked.action, checked.reason) == ("skipped", "backing_off_after_failure")  # no doomed retry
     failed = loop_env.runs().get(run_id)
     assert failed is not None and failed["status"] == "failed" and "lease expired" in failed["error"]
     assert loop_env.runs().current() is None
@@ -264,9 +263,7 @@ def test_sigkill_of_a_train_worker_mid_run_fails_the_run_once(loop_env: LoopEnv)
     again = celery_procs.worker(env, "train").wait_ready()
     try:
         loop_env.send_run(run_id)
-        loop_env.wait(
-            lambda: f"Task train.run[{run_id}] succeeded" in again.log(), 120, "the redelivered task"
-        )
+        loop_env.wait(lambda: f"Task train.run[{run_id}] succeeded" in again.log(), 120, "the redelivered task")
     finally:
         again.stop()
     assert loop_env.runs().get(run_id)["status"] == "failed"  # type: ignore[index]

@@ -36,9 +36,7 @@ def test_distinct_bigram_ratio_catches_loops() -> None:
 
 
 def smoke(prompt: str, output: str, ratio: float = 1.0, min_ratio: float = 0.3) -> SmokeOutput:
-    return SmokeOutput(
-        prompt, output, len(output.split()), ratio, bool(output.strip()) and ratio >= min_ratio
-    )
+    return SmokeOutput(prompt, output, len(output.split()), ratio, bool(output.strip()) and ratio >= min_ratio)
 
 
 def test_smoke_failures_name_each_problem() -> None:

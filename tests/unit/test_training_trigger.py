@@ -7,7 +7,7 @@ import pytest
 from services.config import TrainingSettings
 from workers.celery_app import PAIRS_QUEUE, TRAIN_QUEUE, create_app
 from workers.train_job import gate_reason_label
-from workers.trigger import decide, stale_reason, window
+from workers.trigger import backoff_remaining, decide, stale_reason, window
 
 CFG = TrainingSettings(min_pairs=200, min_pairs_floor=50, max_interval_s=3600)
 
@@ -28,6 +28,28 @@ CFG = TrainingSettings(min_pairs=200, min_pairs_floor=50, max_interval_s=3600)
 def test_decide(new_pairs: int, since: float | None, start: bool, reason: str) -> None:
     decision = decide(new_pairs, since, CFG)
     assert (decision.start, decision.reason, decision.new_pairs) == (start, reason, new_pairs)
+
+
+BACKOFF = TrainingSettings(failure_backoff_s=600, max_interval_s=3000)
+
+
+@pytest.mark.parametrize(
+    ("statuses", "since_failure", "remaining"),
+    [
+        ([], 0.0, 0.0),  # no run yet
+        (["promoted", "failed"], 0.0, 0.0),  # the newest run succeeded
+        (["rejected"], 0.0, 0.0),  # a gate rejection is not a failure of the job
+        (["failed"], 100.0, 500.0),
+        (["failed"], 600.0, 0.0),
+        (["failed", "failed", "promoted"], 100.0, 1100.0),  # doubles with each failure in a row
+        (["failed"] * 10, 0.0, 3000.0),  # capped at max_interval_s
+    ],
+)
+def test_backoff_after_failed_runs(statuses: list[str], since_failure: float, remaining: float) -> None:
+    now = 10_000.0
+    runs = [{"status": s, "finished_at": now - since_failure} for s in statuses]
+    assert backoff_remaining(runs, now, BACKOFF) == pytest.approx(remaining)
+    assert backoff_remaining(runs, now, TrainingSettings(failure_backoff_s=0)) == 0.0
 
 
 def test_window_groups_checks_by_interval() -> None:

@@ -34,9 +34,7 @@ SwapperDep = Annotated[Swapper, Depends(_swapper)]
 
 
 class RegisterAdapter(BaseModel):
-    path: str = Field(
-        min_length=1, description="Adapter folder (PEFT files + manifest.json) on shared storage."
-    )
+    path: str = Field(min_length=1, description="Adapter folder (PEFT files + manifest.json) on shared storage.")
     version: str | None = Field(None, description="Version name; empty: the next feedloop-v{N}.")
     run_id: str | None = None
     dataset_version: str | None = None
@@ -134,9 +132,7 @@ async def pin(version: str, swapper: SwapperDep, wait: bool = False) -> dict[str
 
 
 @router.post("/{version}/reject")
-async def reject(
-    version: str, body: RejectAdapter, swapper: SwapperDep, wait: bool = False
-) -> dict[str, Any]:
+async def reject(version: str, body: RejectAdapter, swapper: SwapperDep, wait: bool = False) -> dict[str, Any]:
     try:
         outcome = await swapper.registry.reject(version, [body.reason], "operator", by="admin")
     except RegistryError as error:

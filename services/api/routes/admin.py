@@ -79,9 +79,7 @@ async def set_alias(alias: str, body: SetAlias, engine: EngineDep) -> dict[str, 
     try:
         engine.set_alias(alias, body.target)
     except UnknownModel:
-        raise ApiError(
-            404, f"No adapter named '{body.target}' is loaded.", code="adapter_not_found"
-        ) from None
+        raise ApiError(404, f"No adapter named '{body.target}' is loaded.", code="adapter_not_found") from None
     except AdapterError as e:
         raise ApiError(409, str(e), code="alias_conflict") from None
     return {"alias": alias, "target": body.target}

@@ -192,9 +192,10 @@ async def _stream(
 def _chunk(
     out: Any, head: dict[str, Any], texts: list[str], reasons: list[str | None], started: list[bool]
 ) -> tuple[bytes, int]:
-    """One SSE event for an engine output (empty if it carries nothing), and its token count."""
+    """The SSE events for an engine output, one per choice as OpenAI sends them (empty if it carries
+    nothing), and its token count. vLLM merges the choices of n > 1 into one output when the reader lags."""
     tokens = 0
-    choices = []
+    events = []
     for o in out.outputs:
         i = o.index
         delta: dict[str, str] = {"content": o.text}
@@ -204,12 +205,9 @@ def _chunk(
         texts[i] += o.text
         tokens += len(o.token_ids)
         reasons[i] = o.finish_reason
-        choices.append(
-            {"index": i, "delta": delta, "logprobs": None, "finish_reason": _finish(o.finish_reason)}
-        )
-    if not choices:
-        return b"", tokens
-    return b"data: " + orjson.dumps({**head, "choices": choices}) + b"\n\n", tokens
+        choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": _finish(o.finish_reason)}
+        events.append(b"data: " + orjson.dumps({**head, "choices": [choice]}) + b"\n\n")
+    return b"".join(events), tokens
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

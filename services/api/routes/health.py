@@ -27,9 +27,7 @@ async def readyz(request: Request, engine: EngineDep, redis: RedisDep) -> Any:
     except Exception:
         checks["redis"] = False
     ok = all(checks.values())
-    return ORJSONResponse(
-        {"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503
-    )
+    return ORJSONResponse({"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503)
 
 
 @router.get("/v1/models")
