@@ -156,7 +156,13 @@ class TrainingSettings(BaseModel):
         "Ignored by KTO.",
     )
     learning_rate: float = Field(5e-4, description="Learning rate.")
-    epochs: float = Field(3.0, description="Epochs over the training split.")
+    epochs: float = Field(3.0, description="Epochs over the training split (when max_steps is 0).")
+    max_steps: int = Field(
+        0,
+        ge=0,
+        description="Optimizer steps per run instead of epochs (0: train for `epochs`). A fixed step budget "
+        "trains a small and a large dataset equally hard; epochs train a dataset twice the size twice as long.",
+    )
     batch_size: int = Field(16, description="Pairs per optimizer step.")
     micro_batch_size: int = Field(
         4, description="Pairs per forward pass; gradient accumulation makes up batch_size (0: batch_size)."

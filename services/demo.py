@@ -44,7 +44,9 @@ DEMO_ENV: dict[str, str] = {
     # Each round trains a fresh adapter on every pair so far: continuing from the active adapter trains the
     # first round's pairs (and their adversarial noise) twice as long.
     "FEEDLOOP_TRAINING__CONTINUE_FROM_ACTIVE": "false",
-    "FEEDLOOP_TRAINING__EPOCHS": "6",
+    # A fixed budget of optimizer steps, not epochs: how many pairs the trigger's snapshot holds varies with
+    # timing (180 to 520 here), and 6 epochs over the larger sets overtrained the model into wrong arithmetic.
+    "FEEDLOOP_TRAINING__MAX_STEPS": "80",
     "FEEDLOOP_TRAINING__LEARNING_RATE": "0.002",
     # beta 0.5 stops pushing once a pair is clearly separated, which spares arithmetic and facts; a little SFT
     # on the chosen answers keeps the small model's greedy answers intact.

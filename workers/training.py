@@ -354,6 +354,7 @@ def run_training(
         "per_device_eval_batch_size": micro_batch,
         "gradient_accumulation_steps": accumulation,
         "num_train_epochs": cfg.epochs,
+        "max_steps": cfg.max_steps or -1,  # transformers: a positive max_steps overrides num_train_epochs
         "learning_rate": cfg.learning_rate,
         "beta": cfg.beta,
         "max_length": cfg.max_length,
@@ -433,7 +434,7 @@ def run_training(
     adapter_dir = output_dir / ADAPTER_SUBDIR
     # With a parent, the model also holds TRL's frozen "ref" copy; only the trained adapter ships.
     trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
-    examples_seen = len(train_rows) * cfg.epochs
+    examples_seen = cfg.max_steps * micro_batch * accumulation if cfg.max_steps else len(train_rows) * cfg.epochs
     result = TrainingResult(
         run_id=run_id,
         dataset_version=dataset_version,

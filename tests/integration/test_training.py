@@ -232,3 +232,11 @@ def test_progress_callback_can_abort_a_run(tiny_model_dir: Path, workspace: Path
     with pytest.raises(LeaseLost, match="step 1"):
         run_training(make_settings(tiny_model_dir), dataset, workspace / "runs" / "abort", "r", "d", progress=progress)
     assert not (workspace / "runs" / "abort" / "adapter").exists()
+
+
+def test_max_steps_replaces_epochs(tiny_model_dir: Path, workspace: Path, dataset: Path) -> None:
+    records: list[dict] = []
+    settings = make_settings(tiny_model_dir, max_steps=3, lora_rank=4, lora_alpha=8)  # 5 epochs would be 20+
+    result = run_training(settings, dataset, workspace / "runs" / "steps", "run-steps", "ds-1", progress=records.append)
+    assert result.steps == len(result.history) == 3
+    assert records[-1]["step"] == records[-1]["total_steps"] == 3
