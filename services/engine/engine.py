@@ -191,15 +191,18 @@ class Engine:
             async for out in stream:
                 finished = out.finished
                 yield out
+        except (asyncio.CancelledError, GeneratorExit):
+            # The caller left: a client disconnect cancels it, or it closed this generator.
+            metrics.REQUESTS_ABORTED.inc()
+            raise
         finally:
             self._in_flight[key] -= 1
             if finished:
                 await self._notify_if_drained(key)
             else:
-                # The caller left (a client disconnect cancels it, or it closed this generator). The abort
-                # runs in its own task: the ASGI server's cancel scope cancels every await of this one again
-                # until it leaves, which could drop the abort message on its way to the engine core.
-                metrics.REQUESTS_ABORTED.inc()
+                # Left or failed: abort in a task of its own, because the ASGI server's cancel scope cancels
+                # every await of this one again until it leaves, which could drop the abort on its way to
+                # the engine core.
                 await asyncio.shield(_detached(self._abort_unfinished(stream, request_id, key)))
 
     async def _abort_unfinished(self, stream: Any, request_id: str, key: str) -> None:
