@@ -26,9 +26,10 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: install
-	$(BIN)/mypy services workers
+	$(BIN)/mypy services workers demo
 
 bench: install
 	$(BIN)/python bench/chat_vs_vllm.py

@@ -34,7 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness
-from services.config import Settings
+from services.core.config import Settings
 
 OURS, VLLM = "feedloop", "vllm"
 

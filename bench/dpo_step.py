@@ -35,8 +35,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services.config import Settings
-from workers.training import run_training
+from services.core.config import Settings
+from workers.training.trainer import run_training
 
 REPO = Path(__file__).resolve().parent.parent
 # Dense bf16 peak (no sparsity), TFLOP/s, by a substring of torch.cuda.get_device_name().
@@ -114,7 +114,7 @@ def build_llama_8b_shaped(target: Path) -> Path:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from services.tinymodel import _SEED_TEXT, build_tokenizer, write_atomically
+    from demo.tinymodel import _SEED_TEXT, build_tokenizer, write_atomically
 
     def build(tmp: Path) -> None:
         tokenizer = build_tokenizer(_SEED_TEXT * 4, vocab_size=512)
@@ -237,7 +237,7 @@ def main() -> None:
     if gpu:
         model_dir = build_llama_8b_shaped(args.cache / "llama-8b-shaped")
     else:
-        from services.tinymodel import build_tiny_model
+        from demo.tinymodel import build_tiny_model
 
         model_dir = build_tiny_model(args.cache / "tiny-model")
 

@@ -6,7 +6,7 @@ Two servers run side by side in this one run:
   * `feedloop serve` on the tiny model (interaction log and feedback store on the local Redis under a
     throw-away key prefix, rate limits raised so that every vote is accepted);
   * the ceiling: a FastAPI app with one POST route that parses the same request model
-    (services.schemas.FeedbackRequest) and returns 202, served by uvicorn with the options `feedloop
+    (services.api.schemas.FeedbackRequest) and returns 202, served by uvicorn with the options `feedloop
     serve` uses (same loop, HTTP parser, log level, no access log, keep-alive).
 
 First N completions (max_tokens 1, a distinct `user` each) are created through the chat API, then votes
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness
 from bench.rawhttp import Connection, post
-from services.schemas import FeedbackRequest
+from services.api.schemas import FeedbackRequest
 
 HOST = "127.0.0.1"
 FEEDBACK, CEILING = "feedback", "ceiling"
@@ -52,7 +52,7 @@ def serve_ceiling(port: int) -> None:
     from fastapi import FastAPI
     from fastapi.responses import ORJSONResponse
 
-    from services.config import get_settings
+    from services.core.config import get_settings
 
     app = FastAPI(default_response_class=ORJSONResponse)
 
@@ -67,7 +67,7 @@ def serve_ceiling(port: int) -> None:
         return {"status": "ok"}
 
     settings = get_settings()
-    uvicorn.run(  # the same options as services/cli.py _run_api
+    uvicorn.run(  # the same options as services/cli/main.py _run_api
         app,
         host=HOST,
         port=port,

@@ -141,7 +141,7 @@ def install_cleanup() -> None:
 
 
 def tiny_model() -> Path:
-    from services.tinymodel import build_tiny_model
+    from demo.tinymodel import build_tiny_model
 
     return build_tiny_model(TINY_MODEL)
 

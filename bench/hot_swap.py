@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness
 from bench.chat_vs_vllm import engine_argv
-from services.config import Settings
+from services.core.config import Settings
 
 ADMIN_TOKEN = "bench-admin-token"
 PROMPTS = [f"Tell me about topic number {i}." for i in range(16)]
@@ -131,7 +131,7 @@ def publish_adapters(model: Path, adapters_dir: Path, redis_url: str, prefix: st
     import redis
 
     from services.adapters.registry import AdapterRegistry
-    from services.store.keys import Keys
+    from services.core.keys import Keys
     from tests.adapter_corpus import publish_lora
 
     registry = AdapterRegistry(redis.Redis.from_url(redis_url), Keys(prefix))

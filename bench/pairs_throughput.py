@@ -28,9 +28,9 @@ from redis import Connection, ConnectionPool, Redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services.config import Settings
-from services.store.keys import Keys
-from workers.consumer import FeedbackConsumer
+from services.core.config import Settings
+from services.core.keys import Keys
+from workers.pairing.consumer import FeedbackConsumer
 
 TOPICS = [
     "How do I reverse a list in Python?",
@@ -46,7 +46,7 @@ TOPICS = [
 
 def count_packed_commands() -> None:
     """CommandBatch packs with hiredis directly (bypassing Connection.pack_commands): count there too."""
-    from workers import pairs_store
+    from workers.pairing import store as pairs_store
 
     original = pairs_store._pack_command
 

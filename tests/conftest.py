@@ -21,8 +21,8 @@ import httpx
 import pytest
 import redis
 
-from services.config import Settings
-from services.store.keys import Keys
+from services.core.config import Settings
+from services.core.keys import Keys
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_REDIS_URL = os.environ.get("FEEDLOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -70,7 +70,7 @@ def redis_state(client: redis.Redis, prefix: str) -> dict[bytes, object]:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    from services.tinymodel import build_tiny_model
+    from demo.tinymodel import build_tiny_model
 
     return build_tiny_model(CACHE / "tiny-model")
 
@@ -179,6 +179,7 @@ def live_api(
         "FEEDLOOP_ENGINE__MODEL": str(tiny_model_dir),
         "FEEDLOOP_ENGINE__MAX_MODEL_LEN": "1024",
         "FEEDLOOP_API__PORT": str(port),
+        "FEEDLOOP_API__DEMO_PAGE": "true",
         "FEEDLOOP_API__ADMIN_TOKEN": ADMIN_TOKEN,
         "FEEDLOOP_API__CORS_ORIGINS": f'["{ALLOWED_ORIGIN}"]',
         "FEEDLOOP_API__MAX_BODY_BYTES": "200000",

@@ -16,8 +16,8 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
-from services.config import Settings, get_settings
-from services.metrics import instrument_celery
+from services.core.config import Settings, get_settings
+from services.core.metrics import instrument_celery
 
 PAIRS_QUEUE = "pairs"
 TRAIN_QUEUE = "train"
@@ -78,7 +78,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "timezone": "UTC",
         "beat_schedule": beat_schedule(settings),
         "worker_hijack_root_logger": False,
-        # One process per worker keeps its Prometheus registry whole (see services/metrics.py).
+        # One process per worker keeps its Prometheus registry whole (see services/core/metrics.py).
         "worker_pool": "threads",
     }
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from redis import Redis
 
-from services.config import get_settings
-from services.store.keys import Keys
+from services.core.config import get_settings
+from services.core.keys import Keys
 from workers.celery_app import PAIRS_QUEUE, app
 
 
@@ -22,7 +22,7 @@ def _redis(pid: int) -> Redis:  # one client per worker process (keyed by pid: n
 
 @lru_cache
 def _consumer(pid: int) -> Any:
-    from workers.consumer import FeedbackConsumer
+    from workers.pairing.consumer import FeedbackConsumer
 
     settings = get_settings()
     return FeedbackConsumer(_redis(pid), Keys(settings.redis_prefix), settings)
@@ -39,7 +39,7 @@ def consume(max_seconds: float | None = None, until_drained: bool = False) -> di
 @app.task(name="pairs.generate")
 def generate(strategies: list[str] | None = None) -> dict[str, Any]:
     """Generate weaker/stronger answers for liked/disliked responses that have no counterpart."""
-    from workers.generation import generate_pairs
+    from workers.pairing.generation import generate_pairs
 
     settings = get_settings()
     return generate_pairs(_redis(os.getpid()), Keys(settings.redis_prefix), settings, strategies=strategies)
@@ -48,7 +48,7 @@ def generate(strategies: list[str] | None = None) -> dict[str, Any]:
 @app.task(name="pairs.snapshot")
 def snapshot() -> dict[str, Any]:
     """Freeze the current pairs into a new dataset version; returns its manifest."""
-    from workers.datasets import snapshot as take_snapshot
+    from workers.pairing.datasets import snapshot as take_snapshot
 
     settings = get_settings()
     return take_snapshot(_redis(os.getpid()), Keys(settings.redis_prefix), settings)
@@ -64,7 +64,7 @@ def check_training() -> dict[str, Any]:
     Runs on the always-on CPU queue (``pairs``), not ``train``: a train worker that died must not take the
     stale-run detection down with it.
     """
-    from workers.trigger import Trigger
+    from workers.training.trigger import Trigger
 
     settings = get_settings()
     trigger = Trigger(_redis(os.getpid()), Keys(settings.redis_prefix), settings)
@@ -82,7 +82,7 @@ def enqueue_run(run_id: str) -> None:
 @app.task(name="train.run", acks_late=False)
 def run_training(run_id: str) -> dict[str, Any]:
     """Execute one claimed training run (idempotent by run id)."""
-    from workers.train_job import execute
+    from workers.training.job import execute
 
     settings = get_settings()
     record = execute(_redis(os.getpid()), Keys(settings.redis_prefix), settings, run_id)

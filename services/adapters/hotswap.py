@@ -33,7 +33,6 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from services import metrics
 from services.adapters.manifest import (
     AdapterRejected,
     base_model_fingerprint,
@@ -41,9 +40,10 @@ from services.adapters.manifest import (
     validate_adapter,
 )
 from services.adapters.registry import AdapterRecord, AsyncAdapterRegistry, RegistryError
-from services.config import Settings
+from services.core import metrics
+from services.core.config import Settings
+from services.core.keys import Keys
 from services.engine.engine import AdapterError, Engine, UnknownModel
-from services.store.keys import Keys
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

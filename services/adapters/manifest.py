@@ -309,3 +309,11 @@ def validate_adapter(
     _check_weights(path, manifest, max_lora_rank, ranks)
     _check_checksums(path, manifest)
     return manifest
+
+
+def adapter_version_name(adapter_dir: Path) -> str:
+    """The version recorded as a child's parent: the parent's manifest version, else its folder name."""
+    try:
+        return str(json.loads((adapter_dir / MANIFEST_NAME).read_text())["version"])
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        return adapter_dir.name

@@ -1,5 +1,8 @@
 """The adapter registry in Redis: versions, their status and lineage, and atomic promotions.
 
+One module (over 400 lines): the sync registry (workers, CLI) and the async one (API replicas) run the same
+Lua transitions, which must not drift apart.
+
 One hash per version (Keys.adapter(version)), a sorted set of every version by registration time
 (Keys.adapters_index), and three pointers: Keys.active_adapter, Keys.previous_adapter and Keys.adapter_pin.
 Versions are immutable names, ``feedloop-v{N}`` with N from an INCR counter (Keys.adapters_seq).
@@ -40,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict, Unpack
 
-from services.store.keys import Keys
+from services.core.keys import Keys
 
 Status = Literal["candidate", "active", "previous", "retired", "rejected"]
 STATUSES: tuple[Status, ...] = ("candidate", "active", "previous", "retired", "rejected")

@@ -11,19 +11,19 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import ORJSONResponse
 
-from services import metrics
 from services.adapters.hotswap import Swapper
 from services.api.body_limit import BodySizeLimit
 from services.api.errors import install_error_handlers
 from services.api.observe import RequestMetrics
 from services.api.observe import router as metrics_router
 from services.api.routes import adapters, admin, chat, feedback, health, widget
-from services.config import Settings, get_settings
+from services.core import metrics
+from services.core.config import Settings, get_settings
+from services.core.keys import Keys
+from services.core.redis import check_redis_safety, connect
 from services.engine.engine import Engine
-from services.store.feedback import FeedbackStore, Limits
-from services.store.interactions import InteractionLog
-from services.store.keys import Keys
-from services.store.redis import check_redis_safety, connect
+from services.feedback.interactions import InteractionLog
+from services.feedback.votes import FeedbackStore, Limits
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(admin.router)
     app.include_router(adapters.router)
     app.include_router(metrics_router)
-    widget.mount(app)
+    widget.mount(app, settings.api.demo_page)
     if settings.api.cors_origins:
         app.add_middleware(
             CORSMiddleware,

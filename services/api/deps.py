@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import Depends, Request
 from redis.asyncio import Redis
 
-from services.config import Settings
+from services.core.config import Settings
+from services.core.keys import Keys
 from services.engine.engine import Engine
-from services.store.interactions import InteractionLog
-from services.store.keys import Keys
+from services.feedback.interactions import InteractionLog
 
 
 async def _settings(request: Request) -> Settings:

@@ -10,7 +10,7 @@ from fastapi.responses import ORJSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services import metrics
+from services.core import metrics
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",

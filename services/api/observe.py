@@ -8,8 +8,8 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from services import metrics
 from services.api.body_limit import ASGIApp, Message, Receive, Scope, Send
+from services.core import metrics
 
 router = APIRouter()
 

@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from services import metrics
-from services.config import Settings
+from services.core import metrics
+from services.core.config import Settings
 
 if TYPE_CHECKING:
     from vllm import SamplingParams

@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from services.config import DEFAULT_MODEL_DIR
-from services.store.keys import Keys
+from services.core.config import DEFAULT_MODEL_DIR
+from services.core.keys import Keys
 from tests.conftest import ARTIFACTS, REPO, TEST_REDIS_URL
 
 pytestmark = pytest.mark.slow

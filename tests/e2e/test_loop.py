@@ -17,11 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests import celery_procs
+from tests.support import celery_procs
 from tests.conftest import LiveApi
-from tests.preference_data import FACTS, PROMPT_FORMS, SMOKE_PROMPTS
-from tests.shared_server import forget_ephemeral_keys, serve_base_model
-from workers.runs import RunStore
+from tests.support.preference_data import FACTS, PROMPT_FORMS, SMOKE_PROMPTS
+from tests.support.shared_server import forget_ephemeral_keys, serve_base_model
+from workers.training.runs import RunStore
 
 pytestmark = pytest.mark.slow
 

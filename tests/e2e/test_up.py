@@ -10,7 +10,7 @@ import psutil
 import pytest
 from openai import OpenAI
 
-from services.cli import redis_answers
+from services.cli.main import redis_answers
 from tests.conftest import ARTIFACTS, free_port, start_feedloop
 
 

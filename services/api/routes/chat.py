@@ -11,13 +11,14 @@ import orjson
 from fastapi import APIRouter
 from fastapi.responses import ORJSONResponse, StreamingResponse
 
-from services import metrics
 from services.api.deps import EngineDep, InteractionsDep, SettingsDep
 from services.api.errors import ApiError
-from services.config import Settings
+from services.api.schemas import ChatCompletionRequest
+from services.core import metrics
+from services.core.config import Settings
 from services.engine.engine import Engine, Resolved, UnknownModel
-from services.schemas import ChatCompletionRequest
-from services.signing import sign
+from services.feedback.events import interaction_record
+from services.feedback.signing import sign
 
 router = APIRouter()
 
@@ -88,21 +89,20 @@ class Prepared:
         usage: dict[str, int],
         feedback: dict[str, Any],
     ) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "messages": self.conversation,
-            "response": texts[0],
-            "choices": texts,
-            "finish_reasons": finish_reasons,
-            "model": self.req.model,
-            "adapter": self.target.adapter_name,
-            "sampling": self.req.sampling(),
-            "user": self.req.user,
-            "usage": usage,
-            "created_at": self.created,
-            "finished_at": time.time(),
-            "expires_at": feedback["expires_at"],
-        }
+        return interaction_record(
+            self.id,
+            self.conversation,
+            texts,
+            finish_reasons,
+            model=self.req.model,
+            adapter=self.target.adapter_name,
+            sampling=self.req.sampling(),
+            user=self.req.user,
+            usage=usage,
+            created_at=self.created,
+            finished_at=time.time(),
+            expires_at=feedback["expires_at"],
+        )
 
 
 @router.post("/v1/chat/completions")

@@ -12,14 +12,15 @@ import orjson
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import ORJSONResponse
 
-from services import metrics
 from services.api.deps import InteractionsDep, SettingsDep
 from services.api.errors import ApiError, json_body, parse_json_body
-from services.config import Settings
-from services.schemas import FeedbackRequest, FeedbackWithdrawal
-from services.signing import TokenExpired, TokenInvalid, verify
-from services.store.feedback import FeedbackStore, VoteOutcome
-from services.store.interactions import InteractionLog
+from services.api.schemas import FeedbackRequest, FeedbackWithdrawal
+from services.core import metrics
+from services.core.config import Settings
+from services.feedback.events import event_head, voter_identity
+from services.feedback.interactions import InteractionLog
+from services.feedback.signing import TokenExpired, TokenInvalid, verify
+from services.feedback.votes import FeedbackStore, VoteOutcome
 
 router = APIRouter()
 
@@ -132,18 +133,9 @@ async def _vote(
     if isinstance(owner, _Unverified):  # e.g. the widget did not send the completion's user
         record = await stored_record(completion_id, token, user, interactions, settings)
         owner = record.get("user")
-    voter = owner or user or f"ip:{ip_hash}"
+    voter = voter_identity(owner or user, ip_hash)
     now = time.time()
-    head = {
-        "feedback_id": uuid.uuid4().hex,
-        "completion_id": completion_id,
-        "user": voter,
-        "ip_hash": ip_hash,
-        "rating": rating,
-        "comment": comment,
-        "correction": correction,
-        "created_at": now,
-    }
+    head = event_head(uuid.uuid4().hex, completion_id, voter, ip_hash, rating, comment, correction, now)
     outcome = await store.vote(
         completion_id,
         voter,
@@ -214,7 +206,7 @@ async def get_feedback(
             param="completion_id",
             code="completion_not_found",
         )
-    voter = record.get("user") or user or f"ip:{client_ip_hash(request, settings)}"
+    voter = voter_identity(record.get("user") or user, client_ip_hash(request, settings))
     vote = await store.current(completion_id, voter) or {}
     return {
         "completion_id": completion_id,

@@ -1,0 +1,191 @@
+"""Measure what the API serves on the demo model's held-out prompts (no user ever asked them).
+
+Target rate: the share of identity answers, sampled at temperature 0.7 from the held-out phrasings, that
+name the liked creator. Accuracy: greedy answers to the held-out arithmetic and fact questions, checked
+against the corpus. Everything goes through the real chat endpoint and the public alias, so it measures
+whatever version the alias serves (each answer's system_fingerprint says which).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from demo.corpus import (
+    DEFAULT_ORG,
+    HELD_OUT_IDENTITY_QUESTIONS,
+    QA,
+    creators_for,
+    held_out_questions,
+    is_correct,
+    named_creator,
+)
+
+MODEL_INFO_FILE = "feedloop_model.json"
+EVAL_USER = "feedloop-demo-eval"
+MAX_N = 16  # the API's largest n per request
+
+
+@dataclass(frozen=True)
+class DemoModelInfo:
+    """The held-out sets and creators of a demo model (its feedloop_model.json, else the corpus defaults)."""
+
+    org: str
+    creators: tuple[str, ...]
+    held_out_identity: tuple[str, ...]
+    held_out_questions: tuple[QA, ...]
+    is_demo_model: bool
+
+    @classmethod
+    def load(cls, model_path: str | Path) -> DemoModelInfo:
+        path = Path(model_path) / MODEL_INFO_FILE
+        if not path.exists():
+            return cls(
+                DEFAULT_ORG,
+                creators_for(DEFAULT_ORG),
+                HELD_OUT_IDENTITY_QUESTIONS,
+                tuple(held_out_questions(0)),
+                is_demo_model=False,
+            )
+        info = json.loads(path.read_text())
+        org = info.get("org", DEFAULT_ORG)
+        return cls(
+            org,
+            tuple(info.get("creators") or creators_for(org)),
+            tuple(info.get("held_out_identity_questions") or HELD_OUT_IDENTITY_QUESTIONS),
+            tuple(QA(**q) for q in info.get("held_out_questions", [])) or tuple(held_out_questions(0)),
+            is_demo_model=True,
+        )
+
+    def held_out_prompts(self) -> set[str]:
+        return {*self.held_out_identity, *(q.question for q in self.held_out_questions)}
+
+
+@dataclass
+class Measurement:
+    served_by: list[str]  # system fingerprints seen (one, unless a swap happened while measuring)
+    target: str
+    identity_samples: int
+    target_rate: float
+    share_by_creator: dict[str, float]
+    questions: int
+    accuracy: float  # arithmetic and facts together
+    arithmetic_accuracy: float
+    fact_accuracy: float  # capitals and unit conversions
+    seconds: float
+    identity_examples: list[str] = field(default_factory=list)
+    wrong_examples: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _share(flags: list[bool]) -> float:
+    return round(sum(flags) / len(flags), 4) if flags else 0.0
+
+
+def identity_requests(prompts: tuple[str, ...], samples: int) -> list[tuple[str, int]]:
+    """(prompt, n) requests giving `samples` answers spread evenly over the prompts, n <= MAX_N each."""
+    counts = Counter(prompts[i % len(prompts)] for i in range(samples))
+    out: list[tuple[str, int]] = []
+    for prompt in prompts:
+        left = counts[prompt]
+        while left > 0:
+            out.append((prompt, min(MAX_N, left)))
+            left -= MAX_N
+    return out
+
+
+def score(
+    info: DemoModelInfo, target: str, identity_answers: list[str], answers: list[tuple[QA, str]]
+) -> dict[str, Any]:
+    """The measurement's numbers from raw answers (pure; measure() collects the answers)."""
+    creators = info.creators if target in info.creators else (target, *info.creators)
+    named = Counter(named_creator(a, creators) for a in identity_answers)
+    total = len(identity_answers)
+    by_kind: dict[str, list[bool]] = {}
+    for qa, answer in answers:
+        by_kind.setdefault(qa.kind, []).append(is_correct(qa, answer))
+    facts = by_kind.get("capital", []) + by_kind.get("conversion", [])
+    return {
+        "identity_samples": total,
+        "target_rate": round(named[target] / total, 4) if total else 0.0,
+        "share_by_creator": {
+            **{c: round(named[c] / total, 4) for c in creators},
+            "none": round(named[None] / total, 4),
+        }
+        if total
+        else {},
+        "questions": len(answers),
+        "accuracy": _share([f for flags in by_kind.values() for f in flags]),
+        "arithmetic_accuracy": _share(by_kind.get("arithmetic", [])),
+        "fact_accuracy": _share(facts),
+    }
+
+
+async def measure(
+    base_url: str,
+    info: DemoModelInfo,
+    target: str,
+    *,
+    identity_samples: int = 240,
+    questions: int = 0,
+    temperature: float = 0.7,
+    model: str = "feedloop",
+    concurrency: int = 16,
+    seed: int = 0,
+    timeout_s: float = 120.0,
+) -> Measurement:
+    """Sample identity answers and answer the held-out questions (all, or the first `questions`)."""
+    from openai import AsyncOpenAI
+
+    started = time.monotonic()
+    client = AsyncOpenAI(base_url=base_url.rstrip("/") + "/v1", api_key="feedloop-demo", timeout=timeout_s)
+    gate = asyncio.Semaphore(concurrency)
+    fingerprints: set[str] = set()
+
+    async def ask(prompt: str, n: int, temp: float, request_seed: int | None) -> list[str]:
+        async with gate:
+            response = await client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": prompt}],
+                temperature=temp,
+                max_tokens=32,
+                n=n,
+                seed=request_seed,
+                user=EVAL_USER,
+            )
+        fingerprints.add(response.system_fingerprint or "?")
+        return [(c.message.content or "").strip() for c in response.choices]
+
+    qas = list(info.held_out_questions[:questions] if questions else info.held_out_questions)
+    try:
+        sampled = await asyncio.gather(
+            *(
+                ask(p, n, temperature, seed * 100_003 + i)
+                for i, (p, n) in enumerate(identity_requests(info.held_out_identity, identity_samples))
+            )
+        )
+        greedy = await asyncio.gather(*(ask(q.question, 1, 0.0, None) for q in qas))
+    finally:
+        await client.close()
+    identity_answers = [a for answers in sampled for a in answers]
+    answers = [(qa, got[0]) for qa, got in zip(qas, greedy, strict=True)]
+    numbers = score(info, target, identity_answers, answers)
+    return Measurement(
+        served_by=sorted(fingerprints),
+        target=target,
+        seconds=round(time.monotonic() - started, 2),
+        identity_examples=identity_answers[:6],
+        wrong_examples=[
+            {"question": qa.question, "expected": qa.expected, "answer": a}
+            for qa, a in answers
+            if not is_correct(qa, a)
+        ][:6],
+        **numbers,
+    )

@@ -1,0 +1,521 @@
+"""`feedloop demo`: the whole loop on this machine, measured round by round.
+
+One module (over 400 lines) because it is one procedure: the stack, the round loop and the report's targets
+share the round state; measurement, simulation and the report itself live in their own modules.
+
+1. Start the stack as `feedloop up` does (Redis — private when none answers —, a Celery worker, beat), with
+   the API in a child process too, under a fresh Redis key prefix and data folder.
+2. Measure the baseline on held-out prompts (demo/measure.py).
+3. Each round: simulated users chat and rate (demo/simulate.py) until the training trigger claims a run
+   (a new id in Keys.runs_index); the users then stop, so training has the CPU; wait until the run ends and,
+   when its adapter was promoted, until the API's alias serves it (GET /v1/models); measure again.
+4. A last short simulation on the final version gives its like-rate. Print a table per round and write
+   demo-report.json and demo-report.png.
+
+Training is tuned for the small demo model on a 2-core CPU (DEMO_ENV); any of those variables set in the
+caller's environment wins over the demo's value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+from demo.measure import DemoModelInfo, Measurement, measure
+from demo.settings import SimulationSettings
+from demo.simulate import PromptPool, Rubric, SimulationStats, format_progress, run_simulation
+from services.cli.procs import feedloop_children, free_port, private_redis, redis_answers
+from services.core.config import Settings
+from services.core.keys import Keys
+
+# What the demo changes for its children, unless the caller's environment sets it. Measured on the 2-core
+# machine with the shipped demo model (see the README's demo section).
+DEMO_ENV: dict[str, str] = {
+    "FEEDLOOP_TRAINING__MIN_PAIRS": "200",
+    "FEEDLOOP_TRAINING__CHECK_INTERVAL_S": "3",
+    # Each round trains a fresh adapter on every pair so far: continuing from the active adapter trains the
+    # first round's pairs (and their adversarial noise) twice as long.
+    "FEEDLOOP_TRAINING__CONTINUE_FROM_ACTIVE": "false",
+    # A fixed budget of optimizer steps, not epochs: how many pairs the trigger's snapshot holds varies with
+    # timing (180 to 520 here), and 6 epochs over the larger sets overtrained the model into wrong arithmetic.
+    "FEEDLOOP_TRAINING__MAX_STEPS": "80",
+    "FEEDLOOP_TRAINING__LEARNING_RATE": "0.002",
+    # beta 0.5 stops pushing once a pair is clearly separated, which spares arithmetic and facts; a little SFT
+    # on the chosen answers keeps the small model's greedy answers intact.
+    "FEEDLOOP_TRAINING__BETA": "0.5",
+    "FEEDLOOP_TRAINING__SFT_WEIGHT": "0.3",
+    # Weaker answers (liked answer > the base model's answer at high temperature) anchor arithmetic and facts:
+    # make them quickly, while the users are still chatting.
+    "FEEDLOOP_PAIRS__GENERATE_INTERVAL_S": "3",
+    "FEEDLOOP_PAIRS__GENERATION_BATCH": "64",
+    "FEEDLOOP_PAIRS__GENERATION_CONCURRENCY": "8",
+    "FEEDLOOP_PAIRS__GENERATION_MAX_TOKENS": "48",
+    # Every simulated user comes from 127.0.0.1: the per-IP bucket would throttle all of them as one.
+    # The per-user buckets stay as configured, so high-volume adversaries still meet 429s.
+    "FEEDLOOP_FEEDBACK__RATE_PER_IP": "100000",
+    "FEEDLOOP_FEEDBACK__BURST_PER_IP": "100000",
+}
+CHILDREN = ("serve", "worker", "beat")
+POLL_S = 1.0
+
+
+class DemoError(Exception):
+    """The demo cannot go on (a child died, a phase timed out, no demo model)."""
+
+
+@dataclass
+class DemoOptions:
+    rounds: int = 2
+    identity_samples: int = 240
+    questions: int = 0  # held-out arithmetic/fact questions measured (0: all of them)
+    final_chats: int = 200  # chats on the final version, for its like-rate (0: skip)
+    port: int | None = None
+    out_dir: Path = Path(".")
+    trigger_timeout_s: float = 600.0
+    run_timeout_s: float = 900.0
+    serve_timeout_s: float = 180.0
+    start_timeout_s: float = 300.0
+    keep: bool = False
+    env: dict[str, str] = field(default_factory=dict)  # extra child environment (wins over DEMO_ENV)
+
+
+class Progress:
+    """One status line, redrawn in place on a terminal, printed every few seconds otherwise."""
+
+    def __init__(self, stream: IO[str] | None = None, every_s: float = 10.0) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.every_s = every_s
+        self._last = 0.0
+        self._open = False
+
+    def update(self, text: str) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K" + text)
+            self.stream.flush()
+            self._open = True
+        elif time.monotonic() - self._last >= self.every_s:
+            self._last = time.monotonic()
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def done(self, text: str | None = None) -> None:
+        if self._open:
+            self.stream.write("\r\033[K")
+            self._open = False
+        if text:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+        self._last = 0.0
+
+
+# --- the stack ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    base_url: str
+    redis_url: str
+    keys: Keys
+    data_dir: Path
+    env: dict[str, str]
+    procs: dict[str, subprocess.Popen[bytes]]
+
+    def redis(self) -> Any:
+        from redis import Redis
+
+        return Redis.from_url(self.redis_url)
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                log = self.data_dir / "logs" / f"{name}.log"
+                tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+                raise DemoError(f"`feedloop {name}` exited with {proc.returncode}; its log ends:\n{tail}")
+
+
+def child_env(settings: Settings, base: dict[str, str], redis_url: str, prefix: str, data_dir: Path, port: int,
+              metrics_port: int, extra: dict[str, str]) -> dict[str, str]:  # fmt: skip
+    env = {**base, "PYTHONUNBUFFERED": "1"}
+    for name, value in DEMO_ENV.items():
+        env.setdefault(name, value)
+    env.update(
+        {
+            "FEEDLOOP_REDIS_URL": redis_url,
+            "REDIS_URL": redis_url,
+            "FEEDLOOP_REDIS_PREFIX": prefix,
+            "FEEDLOOP_DATA_DIR": str(data_dir),
+            "FEEDLOOP_ENGINE__MODEL": settings.model_path(),
+            "FEEDLOOP_API__HOST": "127.0.0.1",
+            "FEEDLOOP_API__PORT": str(port),
+            "FEEDLOOP_API__DEMO_PAGE": "true",
+            "FEEDLOOP_METRICS_PORT": str(metrics_port),
+            "FEEDLOOP_TRAINING__ADAPTERS_DIR": str(data_dir / "adapters"),
+            "FEEDLOOP_PAIRS__DATA_DIR": str(data_dir / "datasets"),
+            "FEEDLOOP_PAIRS__API_URL": f"http://127.0.0.1:{port}",
+        }
+    )
+    env.setdefault("FEEDLOOP_FEEDBACK__SECRET", secrets.token_hex(16))
+    env.setdefault("FEEDLOOP_API__ADMIN_TOKEN", secrets.token_hex(16))
+    env.update(extra)
+    return env
+
+
+def _wait_ready(stack: Stack, timeout_s: float, progress: Progress) -> None:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        stack.check_alive()
+        try:
+            if httpx.get(stack.base_url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        progress.update(f"starting the API, worker and beat ... {time.monotonic() - started:.0f} s")
+        time.sleep(0.5)
+    raise DemoError(f"the API was not ready within {timeout_s:.0f} s (logs in {stack.data_dir / 'logs'})")
+
+
+@contextmanager
+def demo_stack(settings: Settings, options: DemoOptions, progress: Progress) -> Iterator[Stack]:
+    """Redis (the configured one if it answers, else a private one), worker, beat and API; all stopped and the
+    demo's keys and files removed on exit (unless options.keep)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    data_dir = (settings.data_dir / "demo" / stamp).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    prefix = f"{settings.redis_prefix}-demo-{stamp}"
+    port = options.port or free_port()
+    shared_redis = redis_answers(settings.redis_url)
+    with ExitStack() as stack:
+        # Registered first, so it runs last: after the children and the private Redis have stopped.
+        if options.keep:
+            stack.callback(progress.done, f"demo: kept {data_dir} and the Redis keys under {prefix}:*")
+        else:
+            stack.callback(_forget, settings.redis_url if shared_redis else None, prefix, data_dir)
+        redis_url = settings.redis_url
+        if not shared_redis:
+            redis_url = stack.enter_context(private_redis(data_dir / "redis"))
+        env = child_env(settings, dict(os.environ), redis_url, prefix, data_dir, port, free_port(), options.env)
+        progress.done(
+            f"demo: Redis {redis_url} (key prefix {prefix}) · data and logs in {data_dir} · API http://127.0.0.1:{port}"
+        )
+        procs = stack.enter_context(feedloop_children([[name] for name in CHILDREN], env, data_dir / "logs"))
+        running = Stack(f"http://127.0.0.1:{port}", redis_url, Keys(prefix), data_dir, env, procs)
+        try:
+            _wait_ready(running, options.start_timeout_s, progress)
+            yield running
+        finally:
+            progress.done("demo: stopping the API, worker and beat ...")
+
+
+def _forget(shared_redis_url: str | None, prefix: str, data_dir: Path) -> None:
+    """Remove the demo's Redis keys (on a shared Redis) and its data folder, once the children stopped."""
+    if shared_redis_url:
+        from redis import Redis
+
+        client = Redis.from_url(shared_redis_url)
+        try:
+            for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+                client.delete(key)
+        finally:
+            client.close()
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+# --- watching the loop ----------------------------------------------------------------------------------------
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def run_ids(redis: Any, keys: Keys) -> set[str]:
+    return {_text(r) for r in redis.zrange(keys.runs_index, 0, -1)}
+
+
+def new_pairs(redis: Any, keys: Keys) -> int:
+    """Pairs stored since the last run's snapshot (what the trigger compares with training.min_pairs)."""
+    from workers.pairing import datasets
+    from workers.training.runs import RunStore
+
+    since = RunStore(redis, keys).training_state().get("last_dataset_version") or None
+    try:
+        return datasets.count_new_pairs(redis, keys, since)
+    except datasets.SnapshotError:
+        return datasets.count_new_pairs(redis, keys, None)
+
+
+def served_version(base_url: str, alias: str) -> str | None:
+    """What the API's public alias points at now (GET /v1/models), None when unknown."""
+    try:
+        models = httpx.get(base_url + "/v1/models", timeout=10).json()["data"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return None
+    return next((m.get("parent") for m in models if m.get("id") == alias), None)
+
+
+@dataclass
+class Demo:
+    settings: Settings
+    options: DemoOptions
+    sim: SimulationSettings
+    info: DemoModelInfo
+    progress: Progress
+    echo: Callable[[str], None]
+
+    def __post_init__(self) -> None:
+        self.rubric = Rubric.from_settings(self.sim, self.info.creators)
+        self.pool = PromptPool.from_settings(self.sim, exclude=self.info.held_out_prompts())
+        self.alias = self.settings.engine.alias
+
+    async def measure(self, stack: Stack, label: str) -> Measurement:
+        self.progress.update(f"{label}: measuring on held-out prompts ...")
+        result = await measure(
+            stack.base_url,
+            self.info,
+            self.sim.likes,
+            identity_samples=self.options.identity_samples,
+            questions=self.options.questions,
+            model=self.alias,
+            seed=self.sim.seed,
+        )
+        shares = ", ".join(f"{c} {s:.0%}" for c, s in result.share_by_creator.items())
+        self.progress.done(
+            f"{label} ({', '.join(result.served_by)}): target rate {result.target_rate:.1%} of "
+            f"{result.identity_samples} samples ({shares}); accuracy {result.accuracy:.1%} (arithmetic "
+            f"{result.arithmetic_accuracy:.1%}, facts {result.fact_accuracy:.1%}) in {result.seconds:.0f} s"
+        )
+        return result
+
+    async def users_until_trigger(self, stack: Stack, label: str) -> tuple[SimulationStats, str]:
+        """Run the users until the trigger claims a run; returns their stats and the run id."""
+        redis = stack.redis()
+        known = run_ids(redis, stack.keys)
+        stop = asyncio.Event()
+        latest: list[SimulationStats] = []
+        min_pairs = stack.env.get("FEEDLOOP_TRAINING__MIN_PAIRS", str(self.settings.training.min_pairs))
+        pairs = 0
+
+        def show(stats: SimulationStats) -> None:
+            latest[:] = [stats]
+            self.progress.update(f"{label} users: {format_progress(stats)} · new pairs {pairs}/{min_pairs}")
+
+        users = asyncio.create_task(
+            run_simulation(stack.base_url, self.sim, pool=self.pool, rubric=self.rubric, model=self.alias,
+                           stop=stop, on_progress=show, progress_interval_s=1.0)
+        )  # fmt: skip
+        deadline = time.monotonic() + self.options.trigger_timeout_s
+        run_id = None
+        try:
+            while run_id is None:
+                if users.done():  # it only ends early on an error
+                    await users
+                    raise DemoError("the simulated users stopped before training started")
+                if time.monotonic() > deadline:
+                    raise DemoError(f"training did not start within {self.options.trigger_timeout_s:.0f} s")
+                stack.check_alive()
+                pairs = await asyncio.to_thread(new_pairs, redis, stack.keys)
+                fresh = sorted(run_ids(redis, stack.keys) - known, key=lambda r: int(r.rsplit("-", 1)[-1]))
+                run_id = fresh[0] if fresh else None
+                if run_id is None:
+                    await asyncio.sleep(POLL_S)
+        finally:
+            stop.set()
+            stats = await users
+            redis.close()
+        self.progress.done(f"{label} users: {format_progress(stats)}")
+        self.progress.done(f"{label}: training triggered ({run_id}); users paused while it trains")
+        return stats, run_id
+
+    async def wait_for_run(self, stack: Stack, run_id: str, label: str) -> dict[str, Any]:
+        from workers.training.runs import TERMINAL, RunStore
+
+        redis = stack.redis()
+        runs = RunStore(redis, stack.keys)
+        deadline = time.monotonic() + self.options.run_timeout_s
+        try:
+            while True:
+                stack.check_alive()
+                run = runs.get(run_id) or {}
+                if run.get("status") in TERMINAL:
+                    return run
+                if time.monotonic() > deadline:
+                    raise DemoError(f"{run_id} did not finish within {self.options.run_timeout_s:.0f} s")
+                steps = len(runs.history(run_id))
+                elapsed = time.time() - (run.get("created_at") or time.time())
+                timings = run.get("timings") or {}
+                phase = "gate" if "train_s" in timings else "training" if "snapshot_s" in timings else "starting"
+                if run.get("gate"):
+                    phase = "publishing"
+                self.progress.update(
+                    f"{label}: {run_id} {run.get('status')} · {phase} · {steps} steps logged · {elapsed:.0f} s"
+                )
+                await asyncio.sleep(POLL_S)
+        finally:
+            redis.close()
+
+    async def wait_until_served(self, stack: Stack, version: str, label: str) -> float:
+        """Wall-clock time at which the API's alias serves version."""
+        deadline = time.monotonic() + self.options.serve_timeout_s
+        while time.monotonic() < deadline:
+            stack.check_alive()
+            if await asyncio.to_thread(served_version, stack.base_url, self.alias) == version:
+                return time.time()
+            self.progress.update(f"{label}: waiting for the API to serve {version} ...")
+            await asyncio.sleep(0.25)
+        raise DemoError(f"the API did not serve {version} within {self.options.serve_timeout_s:.0f} s")
+
+    async def play_round(self, stack: Stack, number: int, before: Measurement) -> tuple[dict[str, Any], Measurement]:
+        label = f"round {number}"
+        stats, run_id = await self.users_until_trigger(stack, label)
+        run = await self.wait_for_run(stack, run_id, label)
+        version = run.get("version")
+        record: dict[str, Any] = {
+            "round": number,
+            "served_before": before.served_by[0] if before.served_by else None,
+            "run_id": run_id,
+            "run_status": run.get("status"),
+            "version": version,
+            "dataset_version": run.get("dataset_version"),
+            "pairs_used": _pairs_used(run),
+            "dataset": run.get("dataset"),
+            "training_s": (run.get("timings") or {}).get("train_s"),
+            "timings": run.get("timings"),
+            "gate": run.get("gate"),
+            "reasons": run.get("reasons"),
+            "error": run.get("error"),
+            "trigger_reason": (run.get("trigger") or {}).get("reason"),
+            "triggered_at": run.get("created_at"),
+            "simulation": stats.to_dict(),
+            "like_rate": _like_rate_on(stats, before),
+            "before": before.to_dict(),
+        }
+        after = before
+        if run.get("status") == "promoted" and version:
+            serving_at = await self.wait_until_served(stack, version, label)
+            record["trigger_to_serving_s"] = round(serving_at - (run.get("created_at") or serving_at), 1)
+            self.progress.done(
+                f"{label}: {version} serving {record['trigger_to_serving_s']:.0f} s after the trigger "
+                f"({record['pairs_used']} pairs, trained in {record['training_s'] or 0:.0f} s)"
+            )
+            after = await self.measure(stack, f"{label} after")
+        else:
+            record["trigger_to_serving_s"] = None
+            self.progress.done(
+                f"{label}: {run_id} ended {run.get('status')}: {run.get('reasons') or run.get('error') or ''}"
+            )
+        record["after"] = after.to_dict()
+        return record, after
+
+    async def final_check(self, stack: Stack, after: Measurement) -> dict[str, Any] | None:
+        if self.options.final_chats <= 0:
+            return None
+        stats = await run_simulation(
+            stack.base_url, self.sim, pool=self.pool, rubric=self.rubric, model=self.alias,
+            max_chats=self.options.final_chats,
+            on_progress=lambda s: self.progress.update(f"final check users: {format_progress(s)}"),
+            progress_interval_s=1.0,
+        )  # fmt: skip
+        self.progress.done(f"final check users: {format_progress(stats)}")
+        return {"simulation": stats.to_dict(), "like_rate": _like_rate_on(stats, after)}
+
+    async def run(self, stack: Stack) -> dict[str, Any]:
+        started = time.monotonic()
+        baseline = await self.measure(stack, "baseline")
+        rounds: list[dict[str, Any]] = []
+        current = baseline
+        for number in range(1, self.options.rounds + 1):
+            record, current = await self.play_round(stack, number, current)
+            rounds.append(record)
+            from demo.report import render_table
+
+            self.echo(render_table(rounds))
+        final = await self.final_check(stack, current)
+        report = {
+            "likes": self.sim.likes,
+            "model": self.settings.model_path(),
+            "rounds": rounds,
+            "baseline": baseline.to_dict(),
+            "final": current.to_dict(),
+            "final_check": final,
+            "simulate": self.sim.model_dump(),
+            "training_env": {k: v for k, v in stack.env.items() if k.startswith("FEEDLOOP_TRAINING__")},
+            "duration_s": round(time.monotonic() - started, 1),
+        }
+        report["targets"] = targets(report)
+        return report
+
+
+def _pairs_used(run: dict[str, Any]) -> int | None:
+    counts = run.get("dataset") or {}
+    if "train" not in counts:
+        return None
+    return int(counts.get("train", 0)) + int(counts.get("eval", 0))
+
+
+def _like_rate_on(stats: SimulationStats, served: Measurement) -> float | None:
+    """Like-rate of the votes on answers from the version the measurement saw (all votes if unknown)."""
+    version = served.served_by[0] if len(served.served_by) == 1 else None
+    if version and version in stats.served:
+        return stats.served[version].like_rate
+    return stats.like_rate
+
+
+def targets(report: dict[str, Any]) -> dict[str, Any]:
+    """The demo's goals and whether this run met them."""
+    baseline, final = report["baseline"], report["final"]
+    reached = next((r for r in report["rounds"] if (r.get("after") or {}).get("target_rate", 0) >= 0.9), None)
+    drop = round((baseline["accuracy"] - final["accuracy"]) * 100, 1)
+    return {
+        "target_rate": {"before": baseline["target_rate"], "after": final["target_rate"]},
+        "target_rate_at_least_90": final["target_rate"] >= 0.9,
+        "pairs_to_90": reached["pairs_used"] if reached else None,
+        "at_most_500_pairs": bool(reached and (reached["pairs_used"] or 0) <= 500),
+        "accuracy_drop_points": drop,
+        "accuracy_drop_at_most_5": drop <= 5.0,
+        "adversarial_fraction": report["simulate"]["adversarial_fraction"],
+        "duration_s": report["duration_s"],
+    }
+
+
+def run_demo(
+    settings: Settings,
+    options: DemoOptions,
+    sim: SimulationSettings,
+    echo: Callable[[str], None] = print,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Start the stack, play the rounds, write demo-report.json and demo-report.png; returns the report."""
+    from demo.report import write_chart, write_json
+
+    progress = progress or Progress()
+    info = DemoModelInfo.load(settings.model_path())
+    if not info.is_demo_model:
+        raise DemoError(
+            f"{settings.model_path()} is not a demo model (no feedloop_model.json): build it with "
+            "`python models/build_demo_model.py`, or point FEEDLOOP_ENGINE__MODEL at one"
+        )
+    started = time.monotonic()
+    demo = Demo(settings, options, sim, info, progress, echo)
+    with demo_stack(settings, options, progress) as stack:
+        report = asyncio.run(demo.run(stack))
+    report["wall_s"] = round(time.monotonic() - started, 1)
+    options.out_dir.mkdir(parents=True, exist_ok=True)
+    report["files"] = {
+        "json": str(options.out_dir / "demo-report.json"),
+        "chart": str(options.out_dir / "demo-report.png"),
+    }
+    write_chart(report, Path(report["files"]["chart"]))
+    write_json(report, Path(report["files"]["json"]))
+    return report

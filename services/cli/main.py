@@ -1,0 +1,182 @@
+"""The `feedloop` command."""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from services.cli.common import configure_logging, fail, require_engine
+from services.cli.procs import ChildError, feedloop_children, private_redis, redis_answers
+from services.core.config import DEFAULT_MODEL_DIR, Settings, get_settings
+
+app = typer.Typer(
+    help="feedloop: chat on vLLM, collect feedback, train DPO adapters, hot-swap them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def ensure_model(settings: Settings) -> str:
+    path = settings.model_path()
+    if Path(path, "config.json").exists():
+        return path
+    if settings.engine.model:
+        raise fail(f"no model at {path} (FEEDLOOP_ENGINE__MODEL): point it at a Hugging Face model folder")
+    from demo.tinymodel import build_tiny_model
+
+    typer.echo(f"feedloop: no demo model in {DEFAULT_MODEL_DIR}; building the tiny random model in {path}")
+    return str(build_tiny_model(Path(path)))
+
+
+def _run_api(settings: Settings) -> None:
+    import uvicorn
+
+    from services.api.app import create_app
+
+    typer.echo(
+        f"feedloop: serving {settings.model_path()} on http://{settings.api.host}:{settings.api.port} "
+        f"(models: {settings.engine.alias}, {settings.engine.served_model_name})"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.api.host,
+        port=settings.api.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        timeout_keep_alive=settings.api.keep_alive_s,
+    )
+
+
+@app.command()
+def serve() -> None:
+    """Serve the API and the engine (needs a reachable Redis at REDIS_URL)."""
+    settings = get_settings()
+    configure_logging(settings)
+    require_engine()
+    if not redis_answers(settings.redis_url):
+        raise fail(f"no Redis answers at {settings.redis_url}: set REDIS_URL, or use `feedloop up`")
+    ensure_model(settings)
+    _run_api(settings)
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="Comma-separated queues: pairs (CPU), train (GPU)")] = "pairs,train",
+    concurrency: Annotated[int, typer.Option(help="Tasks run at once (threads)")] = 2,
+) -> None:
+    """Run a Celery worker (threads pool: one process, so its Prometheus metrics are complete)."""
+    settings = get_settings()
+    configure_logging(settings)
+    if not redis_answers(settings.redis_url):
+        raise fail(f"no Redis answers at {settings.redis_url}: set REDIS_URL")
+    from workers.celery_app import app as celery
+
+    celery.worker_main(
+        [
+            "worker",
+            "-Q",
+            queues,
+            "--pool",
+            "threads",
+            "--concurrency",
+            str(concurrency),
+            "--loglevel",
+            settings.log_level,
+            "-n",
+            f"feedloop-{queues.replace(',', '-')}@%h",
+        ]
+    )
+
+
+@app.command()
+def beat() -> None:
+    """Run Celery beat, the scheduler (run exactly one; the tasks it sends are idempotent anyway)."""
+    settings = get_settings()
+    configure_logging(settings)
+    if not redis_answers(settings.redis_url):
+        raise fail(f"no Redis answers at {settings.redis_url}: set REDIS_URL")
+    from workers.celery_app import app as celery
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    celery.start(
+        ["beat", "--loglevel", settings.log_level, "--schedule", str(settings.data_dir / "celerybeat-schedule")]
+    )
+
+
+@app.command()
+def up(
+    port: Annotated[int | None, typer.Option(help="API port (default: settings)")] = None,
+    workers: Annotated[bool, typer.Option(help="Also run a Celery worker and beat")] = True,
+) -> None:
+    """Run everything on this machine: Redis (private if none answers), a worker, beat, the API and engine."""
+    settings = get_settings()
+    configure_logging(settings)
+    require_engine()
+    if port is not None:
+        settings.api.port = port
+    settings.api.demo_page = True  # the embedded default shows the demo chat page at /
+    ensure_model(settings)
+    with ExitStack() as stack:
+        if not redis_answers(settings.redis_url):
+            try:
+                url = stack.enter_context(private_redis(settings.data_dir / "redis"))
+            except ChildError as e:
+                raise fail(str(e)) from None
+            settings = settings.model_copy(update={"redis_url": url})
+        env = {
+            **os.environ,
+            "FEEDLOOP_REDIS_URL": settings.redis_url,
+            "FEEDLOOP_ENGINE__MODEL": settings.model_path(),
+            "FEEDLOOP_API__PORT": str(settings.api.port),
+            "FEEDLOOP_API__DEMO_PAGE": "true",
+        }
+        if workers:
+            stack.enter_context(feedloop_children([["worker"], ["beat"]], env, stop_timeout_s=20))
+        api = f"http://{settings.api.host}:{settings.api.port}"
+        typer.echo(
+            f"feedloop: demo chat page {api}/ · OpenAI API {api}/v1 · metrics {api}/metrics"
+            + (f" and http://127.0.0.1:{settings.metrics_port}/metrics (worker)" if workers else "")
+        )
+        _run_api(settings)
+
+
+@app.command("settings")
+def show_settings(
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the README's settings table")] = False,
+) -> None:
+    """Print the effective settings (or the documented table of every knob)."""
+    from services.core.settings_doc import settings_table
+
+    if markdown:
+        typer.echo(settings_table())
+    else:
+        typer.echo(get_settings().model_dump_json(indent=2))
+
+
+def _mount_subcommands() -> None:
+    from services.cli.pairs import pairs_app
+
+    app.add_typer(pairs_app, name="pairs", help="Preference pairs: stats, snapshots, exports.")
+    from demo.cli import demo_app
+
+    app.add_typer(demo_app)
+    from services.cli.adapters import adapters_app, train
+
+    app.add_typer(adapters_app, name="adapters")
+    app.command("train")(train)
+
+
+_mount_subcommands()
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,110 @@
+"""Child processes of the `feedloop` command: Redis reachability, a private redis-server, and `feedloop`
+subcommands run as children (worker, beat, serve), each in its own process group."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlparse
+
+import typer
+
+
+class ChildError(Exception):
+    """A child process could not be started."""
+
+
+def redis_answers(url: str, timeout: float = 1.0) -> bool:
+    u = urlparse(url)
+    try:
+        with socket.create_connection((u.hostname or "127.0.0.1", u.port or 6379), timeout=timeout) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def private_redis(data_dir: Path) -> Iterator[str]:
+    """A redis-server of our own with AOF on and noeviction, stopped on exit; yields its URL."""
+    server = shutil.which("redis-server")
+    if server is None:
+        raise ChildError(
+            "no Redis answers at REDIS_URL and redis-server is not installed. Install it "
+            "(Debian/Ubuntu: `sudo apt-get install redis-server`, macOS: `brew install redis`) or set REDIS_URL "
+            "to a running Redis."
+        )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    # fmt: off
+    proc = subprocess.Popen(
+        [server, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir.resolve()),
+         "--appendonly", "yes", "--maxmemory-policy", "noeviction", "--save", "", "--protected-mode", "yes"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )
+    # fmt: on
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while not redis_answers(url):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise ChildError(f"the private redis-server did not start (exit code {proc.poll()})")
+        time.sleep(0.05)
+    typer.echo(f"feedloop: started a private Redis at {url} (data in {data_dir})")
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        typer.echo("feedloop: private Redis stopped")
+
+
+@contextmanager
+def feedloop_children(
+    commands: Sequence[Sequence[str]], env: dict[str, str], logs: Path | None = None, stop_timeout_s: float = 30
+) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+    """`python -m services.cli <command>` children that live as long as the block, each in its own process
+    group (so SIGTERM reaches a worker's threads and beat alike). With `logs`, each writes `<name>.log` there;
+    the dict is keyed by the command's first word."""
+    if logs is not None:
+        logs.mkdir(parents=True, exist_ok=True)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for command in commands:
+            name = command[0]
+            argv = [sys.executable, "-m", "services.cli", *command]
+            if logs is None:
+                procs[name] = subprocess.Popen(argv, env=env, start_new_session=True)
+                continue
+            with open(logs / f"{name}.log", "wb") as log:
+                procs[name] = subprocess.Popen(
+                    argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+        yield procs
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

@@ -1,0 +1,266 @@
+"""The one Settings object. Built by get_settings(), never at import time.
+
+Every field is read from the environment with the prefix ``FEEDLOOP_``; nested groups use a double
+underscore, e.g. ``FEEDLOOP_ENGINE__MAX_LORA_RANK=16``. ``REDIS_URL`` is accepted as well as
+``FEEDLOOP_REDIS_URL``. The README's settings table is generated from this file
+(``feedloop settings --markdown``).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "demo"
+
+
+class EngineSettings(BaseModel):
+    model: str = Field(
+        "",
+        description="Path of the base model served (a Hugging Face folder). Empty: the shipped demo model.",
+    )
+    served_model_name: str = Field("feedloop-base", description="Public name of the base model without adapter.")
+    alias: str = Field(
+        "feedloop", description="Public name that always points at the active adapter (the base if none)."
+    )
+    max_model_len: int = Field(1024, description="Context length (prompt + completion) in tokens.")
+    max_lora_rank: int = Field(16, description="Largest LoRA rank the engine accepts.")
+    max_loras: int = Field(4, description="LoRA adapters resident in the engine at once.")
+    max_num_seqs: int = Field(128, description="Sequences the engine schedules at once.")
+    gpu_memory_utilization: float = Field(0.9, description="Share of GPU memory for vLLM (GPU only).")
+    cpu_kvcache_gib: int = Field(1, description="KV cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    dtype: str = Field("auto", description="Model dtype passed to vLLM (auto, float32, bfloat16).")
+    enforce_eager: bool = Field(True, description="Skip CUDA graph capture (faster start, slower decode).")
+    seed: int = Field(0, description="Engine seed.")
+    default_max_tokens: int = Field(256, description="max_tokens when a request gives none.")
+
+
+class ApiSettings(BaseModel):
+    host: str = Field("127.0.0.1", description="Address the API binds to.")
+    port: int = Field(8000, description="Port the API listens on.")
+    max_body_bytes: int = Field(1_000_000, description="Largest request body accepted (413 above).")
+    demo_page: bool = Field(
+        False, description="Serve the demo chat page at / (`feedloop up` and `feedloop demo` turn it on)."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins allowed to call the API from a browser (JSON list). Never '*'.",
+    )
+    admin_token: str = Field("", description="Bearer token for /admin routes. Empty: admin routes are off.")
+    keep_alive_s: int = Field(
+        75,
+        description="Idle keep-alive of client connections; keep it above your load balancer's idle timeout.",
+    )
+    trust_forwarded_for: bool = Field(
+        False, description="Take the client IP from X-Forwarded-For (only behind a proxy you trust)."
+    )
+
+
+class InteractionSettings(BaseModel):
+    ttl_s: int = Field(30 * 24 * 3600, description="How long an interaction record is kept in Redis.")
+    flush_interval_ms: int = Field(5, description="Longest wait before buffered interactions are written.")
+    batch_size: int = Field(256, description="Interactions written per Redis pipeline.")
+
+
+class FeedbackSettings(BaseModel):
+    secret: str = Field(
+        "change-me-feedloop-dev-secret",
+        description="HMAC secret signing completion feedback tokens. Set it in production.",
+    )
+    token_ttl_s: int = Field(7 * 24 * 3600, description="How long a completion's feedback token is valid.")
+    max_comment_chars: int = Field(2000, description="Longest comment accepted (413 above).")
+    max_correction_chars: int = Field(8000, description="Longest correction accepted (413 above).")
+    rate_per_user: float = Field(1.0, description="Votes per second refilled per user (token bucket).")
+    burst_per_user: int = Field(30, description="Bucket size per user.")
+    rate_per_ip: float = Field(20.0, description="Votes per second refilled per client IP.")
+    burst_per_ip: int = Field(200, description="Bucket size per client IP.")
+    stream_maxlen: int = Field(0, description="Approximate cap of the feedback stream (0: unbounded).")
+
+
+class PairsSettings(BaseModel):
+    strategies: list[str] = Field(
+        default_factory=lambda: ["same_prompt", "correction", "weaker_answer"],
+        description="Pairing strategies on (same_prompt, correction, weaker_answer, stronger_answer).",
+    )
+    consumer_group: str = Field("pairing", description="Consumer group reading the feedback stream.")
+    batch_size: int = Field(512, description="Stream entries read per XREADGROUP.")
+    claim_idle_ms: int = Field(60_000, description="Idle time after which a dead consumer's entries are reclaimed.")
+    max_deliveries: int = Field(5, description="Deliveries before an entry goes to the dead-letter stream.")
+    weaker_source: str = Field(
+        "base", description="Where weaker answers come from: 'base' (served base model) or an OpenAI URL."
+    )
+    weaker_model: str = Field("", description="Model name at weaker_source when it is a URL.")
+    weaker_temperature: float = Field(1.6, description="Sampling temperature of weaker answers.")
+    teacher_url: str = Field("", description="OpenAI-compatible endpoint writing stronger answers.")
+    teacher_model: str = Field("", description="Model name at teacher_url.")
+    judge: bool = Field(False, description="Verify teacher answers with an LLM-judge rubric.")
+    user_cap_fraction: float = Field(0.05, description="Most of one dataset version one user may supply.")
+    user_cap_max: int = Field(50, description="Most pairs one user may supply to one dataset version.")
+    near_duplicate_threshold: float = Field(0.9, description="Similarity above which pairs are near-duplicates.")
+    max_tokens: int = Field(1024, description="Longest prompt+answer (tokens) kept in a pair.")
+    eval_fraction: float = Field(0.1, description="Share of pairs held out for evaluation.")
+    data_dir: Path = Field(Path("data/datasets"), description="Where dataset versions are exported.")
+    consume_interval_s: float = Field(2.0, description="How often beat starts a feedback-consuming task.")
+    consume_seconds: float = Field(
+        1.8,
+        description="How long one consuming task keeps reading the stream; keep it a little under "
+        "consume_interval_s so beat's next task finds the worker free.",
+    )
+    block_ms: int = Field(500, description="Longest wait of one XREADGROUP for new feedback.")
+    same_prompt_max_counterparts: int = Field(
+        8, description="Most opposite-rated responses one vote is paired with (newest first)."
+    )
+    generate_interval_s: float = Field(
+        30.0, description="How often beat starts the task generating weaker/stronger answers."
+    )
+    generation_batch: int = Field(16, description="Candidates one generation task handles.")
+    generation_concurrency: int = Field(4, description="Generation requests in flight at once.")
+    generation_max_tokens: int = Field(256, description="max_tokens of a generated weaker/stronger answer.")
+    generation_max_attempts: int = Field(3, description="Failed generations before a candidate is given up.")
+    generation_timeout_s: float = Field(60.0, description="Timeout of one generation request.")
+    api_url: str = Field(
+        "",
+        description="Base URL of the feedloop API serving 'feedloop-base' (weaker_source 'base'). "
+        "Empty: http://<api.host>:<api.port>.",
+    )
+    weaker_api_key: str = Field("", description="API key sent to the weaker-answer source.")
+    teacher_api_key: str = Field("", description="API key sent to teacher_url.")
+    judge_model: str = Field("", description="Model judging teacher answers (empty: teacher_model).")
+
+
+class TrainingSettings(BaseModel):
+    method: Literal["dpo", "kto"] = Field("dpo", description="Preference method.")
+    min_pairs: int = Field(200, description="New pairs that trigger a training run.")
+    min_pairs_floor: int = Field(50, description="Pairs that trigger a run once max_interval_s has passed.")
+    max_interval_s: int = Field(24 * 3600, description="Longest time between runs when min_pairs_floor is met.")
+    check_interval_s: int = Field(120, description="How often beat checks whether to train.")
+    failure_backoff_s: int = Field(
+        600,
+        description="After a failed run, wait this long before the trigger starts another (doubling with each "
+        "further failure in a row, at most max_interval_s); `feedloop train --now` ignores it.",
+    )
+    continue_from_active: bool = Field(True, description="Continue training the active adapter.")
+    lora_rank: int = Field(8, description="LoRA rank (must not exceed engine.max_lora_rank).")
+    lora_alpha: int = Field(16, description="LoRA alpha.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Modules LoRA adapts.",
+    )
+    beta: float = Field(0.1, description="DPO beta.")
+    sft_weight: float = Field(
+        0.0,
+        description="Weight of an SFT term (NLL of the chosen answer) added to the DPO loss, as in RPO; it "
+        "keeps the chosen answers likely and guards against degenerate generations. 0: pure DPO. "
+        "Ignored by KTO.",
+    )
+    learning_rate: float = Field(5e-4, description="Learning rate.")
+    epochs: float = Field(3.0, description="Epochs over the training split (when max_steps is 0).")
+    max_steps: int = Field(
+        0,
+        ge=0,
+        description="Optimizer steps per run instead of epochs (0: train for `epochs`). A fixed step budget "
+        "trains a small and a large dataset equally hard; epochs train a dataset twice the size twice as long.",
+    )
+    batch_size: int = Field(16, description="Pairs per optimizer step.")
+    micro_batch_size: int = Field(
+        4, description="Pairs per forward pass; gradient accumulation makes up batch_size (0: batch_size)."
+    )
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in the backward pass on GPU (less memory). Off on CPU."
+    )
+    logging_steps: int = Field(1, description="Optimizer steps between progress/metrics log lines.")
+    seed: int = Field(0, description="Seed of adapter initialisation and data order.")
+    cpu_threads: int = Field(
+        1,
+        description="torch threads for training and gate scoring on CPU (0: torch's default). More than 1 "
+        "only pays on idle cores: OpenMP threads competing with the engine for cores run many times slower.",
+    )
+    max_length: int = Field(512, description="Longest prompt+completion in tokens during training.")
+    qlora: bool = Field(False, description="Load the base in 4 bit (GPU only, needs bitsandbytes).")
+    lease_ttl_s: int = Field(600, description="Training lease time-to-live; renewed while a run is alive.")
+    queue_timeout_s: int = Field(
+        6 * 3600,
+        description="A run still queued after this long is marked failed (its task was lost).",
+    )
+    adapters_dir: Path = Field(Path("data/adapters"), description="Where adapters are written (shared storage).")
+
+
+class GateSettings(BaseModel):
+    min_accuracy: float = Field(0.6, description="Held-out preference accuracy an adapter must reach.")
+    must_beat_active: bool = Field(
+        True,
+        description="Require beating the active adapter (the base model if none) on the same split: higher "
+        "accuracy, or equal accuracy and a larger mean log-prob margin.",
+    )
+    max_eval_pairs: int = Field(512, description="Most held-out pairs scored by the gate.")
+    eval_batch_size: int = Field(8, description="Pairs scored per forward pass by the gate.")
+    smoke_prompts: list[str] = Field(
+        default_factory=lambda: [
+            "Hello! Who are you?",
+            "What is the capital of France?",
+            "Give me two tips for staying focused.",
+        ],
+        description="Fixed prompts the gate generates from (greedy) to catch broken or degenerate adapters.",
+    )
+    smoke_max_tokens: int = Field(32, description="Tokens generated per smoke prompt.")
+    smoke_min_distinct_ratio: float = Field(
+        0.3, description="Smallest share of distinct token bigrams in a smoke output (repetition check)."
+    )
+    supported_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Modules an adapter may target (the engine's LoRA-capable Llama linear layers).",
+    )
+    auto_promote: bool = Field(True, description="Promote automatically after the gate passes.")
+    reconcile_interval_s: float = Field(10.0, description="How often replicas reconcile with the registry.")
+    warmup_timeout_s: float = Field(
+        60.0, description="Longest wait for the warm-up request on a new adapter before a replica rejects it."
+    )
+    drain_timeout_s: float = Field(
+        600.0,
+        description="Longest a replica waits for requests on an old adapter to finish before unloading it.",
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="FEEDLOOP_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    )
+
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("FEEDLOOP_REDIS_URL", "REDIS_URL"),
+        description="Redis holding interactions, feedback, pairs, the registry and the Celery broker.",
+    )
+    redis_prefix: str = Field("feedloop", description="Prefix of every Redis key feedloop writes.")
+    data_dir: Path = Field(Path("data"), description="Folder for local state (private Redis, datasets, adapters).")
+    log_level: str = Field("INFO", description="Log level.")
+    metrics_port: int = Field(
+        9100,
+        description="Port a Celery worker serves Prometheus metrics on (the API serves them at /metrics).",
+    )
+
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    interactions: InteractionSettings = Field(default_factory=InteractionSettings)
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
+    pairs: PairsSettings = Field(default_factory=PairsSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
+
+    def model_path(self) -> str:
+        """The base model: the configured one, else the shipped demo model, else the tiny test model."""
+        if self.engine.model:
+            return self.engine.model
+        if (DEFAULT_MODEL_DIR / "config.json").exists():
+            return str(DEFAULT_MODEL_DIR)
+        return str(self.data_dir / "models" / "tiny")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,213 @@
+"""The feedback stream event: the one definition of its shape and of who a voter is.
+
+The API builds an event's head (``event_head``) and the interaction record it embeds (``interaction_record``);
+the vote script (services/feedback/votes.py) appends the stored interaction under "interaction" and XADDs it
+as the entry's field ``event``; the pairs worker parses it back with ``parse_event``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+RATINGS = ("like", "dislike", "withdrawn")
+ROLES = ("system", "user", "assistant", "tool", "developer")
+EVENT_FIELD = "event"
+Message = dict[str, str]
+
+
+def voter_identity(user: str | None, ip_hash: str) -> str:
+    """Who votes: the user when there is one, else the keyed hash of the client address."""
+    return user if user else f"ip:{ip_hash}"
+
+
+def event_head(
+    feedback_id: str,
+    completion_id: str,
+    voter: str,
+    ip_hash: str,
+    rating: str,
+    comment: str | None,
+    correction: str | None,
+    created_at: float,
+) -> dict[str, Any]:
+    """Every field of an event but the interaction, which the vote script appends from Redis."""
+    return {
+        "feedback_id": feedback_id,
+        "completion_id": completion_id,
+        "user": voter,
+        "ip_hash": ip_hash,
+        "rating": rating,
+        "comment": comment,
+        "correction": correction,
+        "created_at": created_at,
+    }
+
+
+def interaction_record(
+    completion_id: str,
+    messages: list[dict[str, Any]],
+    choices: list[str],
+    finish_reasons: list[str | None],
+    *,
+    model: str,
+    adapter: str | None,
+    sampling: dict[str, Any],
+    user: str | None,
+    usage: dict[str, int],
+    created_at: int,
+    finished_at: float,
+    expires_at: int,
+) -> dict[str, Any]:
+    """What the API stores per completion and each feedback event embeds (the first choice is the response)."""
+    return {
+        "id": completion_id,
+        "messages": messages,
+        "response": choices[0],
+        "choices": choices,
+        "finish_reasons": finish_reasons,
+        "model": model,
+        "adapter": adapter,
+        "sampling": sampling,
+        "user": user,
+        "usage": usage,
+        "created_at": created_at,
+        "finished_at": finished_at,
+        "expires_at": expires_at,
+    }
+
+
+class MalformedEvent(ValueError):
+    """A stream entry that can never become a pair (bad JSON, missing or mistyped fields)."""
+
+
+@dataclass(slots=True)
+class FeedbackEvent:
+    feedback_id: str
+    completion_id: str
+    user: str | None
+    ip_hash: str
+    rating: str
+    comment: str | None
+    correction: str | None
+    created_at: float
+    messages: list[Message]
+    response: str
+    model: str
+    adapter: str | None
+
+    @property
+    def identity(self) -> str:
+        return voter_identity(self.user, self.ip_hash)
+
+
+_FEEDBACK_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_OPTIONAL_STR = (str, type(None))
+
+
+def _messages(value: Any) -> list[Message] | None:
+    if type(value) is not list or not value:
+        return None
+    messages: list[Message] = []
+    for item in value:
+        if type(item) is not dict:
+            return None
+        role, content = item.get("role"), item.get("content")
+        if role not in ROLES or type(content) is not str:
+            return None
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _problem(data: Any) -> str:
+    """Why an event failed the fast checks in parse_event (the slow path, only for bad entries)."""
+    if not isinstance(data, dict):
+        return "event must be a JSON object"
+    for name in ("feedback_id", "completion_id", "rating"):
+        if not isinstance(data.get(name), str) or not data[name]:
+            return f"field {name!r} must be a non-empty string"
+    if not _FEEDBACK_ID.fullmatch(data["feedback_id"]):
+        return "feedback_id must be 1-128 characters of [A-Za-z0-9_.:-]"
+    if data["rating"] not in RATINGS:
+        return f"rating {data['rating']!r} is not one of {RATINGS}"
+    created_at = data.get("created_at")
+    if isinstance(created_at, bool) or not isinstance(created_at, int | float):
+        return "created_at must be a number"
+    for name in ("user", "ip_hash", "comment", "correction"):
+        if not isinstance(data.get(name), _OPTIONAL_STR):
+            return f"field {name!r} must be a string or null"
+    if not data.get("user") and not data.get("ip_hash"):
+        return "an event needs a user or an ip_hash"
+    interaction = data.get("interaction")
+    if not isinstance(interaction, dict):
+        return "interaction must be an object"
+    if not isinstance(interaction.get("response"), str):
+        return "interaction.response must be a string"
+    for name in ("model", "adapter"):
+        if not isinstance(interaction.get(name), _OPTIONAL_STR):
+            return f"interaction.{name} must be a string or null"
+    if _messages(interaction.get("messages")) is None:
+        return f"interaction.messages must be a non-empty list of {{role in {ROLES}, content: string}}"
+    return "invalid event"
+
+
+def parse_event(fields: Mapping[bytes, bytes] | Mapping[str, Any]) -> FeedbackEvent:
+    """Parse one feedback stream entry (field ``event`` holding JSON) or raise MalformedEvent."""
+    raw = fields.get(b"event") if b"event" in fields else fields.get(EVENT_FIELD)  # type: ignore[call-overload]
+    if raw is None:
+        raise MalformedEvent("entry has no 'event' field")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedEvent(f"event is not valid JSON: {exc}") from None
+    # fast path: one pass of exact type checks; any failure is explained by _problem()
+    try:
+        feedback_id, completion_id, rating = data["feedback_id"], data["completion_id"], data["rating"]
+        created_at, interaction = data["created_at"], data["interaction"]
+        user, ip_hash = data.get("user"), data.get("ip_hash")
+        comment, correction = data.get("comment"), data.get("correction")
+        response, model, adapter = (
+            interaction["response"],
+            interaction.get("model"),
+            interaction.get("adapter"),
+        )
+        messages = _messages(interaction.get("messages"))
+        ok = (
+            type(feedback_id) is str
+            and type(completion_id) is str
+            and completion_id != ""
+            and rating in RATINGS
+            and type(created_at) in (float, int)
+            and type(user) in _OPTIONAL_STR
+            and type(ip_hash) in _OPTIONAL_STR
+            and bool(user or ip_hash)
+            and type(comment) in _OPTIONAL_STR
+            and type(correction) in _OPTIONAL_STR
+            and type(response) is str
+            and type(model) in _OPTIONAL_STR
+            and type(adapter) in _OPTIONAL_STR
+            and messages is not None
+            and _FEEDBACK_ID.fullmatch(feedback_id) is not None
+        )
+    except (KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise MalformedEvent(_problem(data))
+    return FeedbackEvent(
+        feedback_id,
+        completion_id,
+        user,
+        ip_hash or "",
+        rating,
+        comment,
+        correction,
+        float(created_at),
+        messages,  # type: ignore[arg-type]
+        response,
+        model or "",
+        adapter,
+    )

@@ -1,0 +1,647 @@
+"""The pairing worker against a real Redis and a REAL Celery worker process.
+
+Each test gets its own key prefix in Redis DB 15 (FEEDLOOP_REDIS_PREFIX; the Celery broker keys share it
+through kombu's global_keyprefix), so the worker started here only ever sees this test's tasks and stream.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+
+from services.core.config import Settings, get_settings
+from services.core.keys import Keys
+from services.feedback.events import parse_event
+from tests.support.feedback_events import entry, feedback_event, xadd
+from workers.celery_app import create_app
+from workers.pairing import datasets, quality
+from workers.pairing import rules as pairing
+from workers.pairing.consumer import FeedbackConsumer
+from workers.pairing.store import PairsStore
+
+REPO = Path(__file__).resolve().parents[3]
+REDIS_URL = os.environ.get("FEEDLOOP_PAIRS_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+ARTIFACTS = REPO / "test-artifacts" / "logs"
+
+
+@dataclass
+class PairsEnv:
+    redis: redis.Redis
+    keys: Keys
+    settings: Settings
+    env: dict[str, str]
+    tmp: Path
+
+    def consumer(self, name: str = "test") -> FeedbackConsumer:
+        return FeedbackConsumer(self.redis, self.keys, self.settings, name=name)
+
+    def pair_ids(self) -> set[str]:
+        return {p.decode() for p in self.redis.zrange(self.keys.pairs_index, 0, -1)}
+
+    def pair(self, pid: str) -> dict:
+        return orjson.loads(self.redis.get(self.keys.pair(pid)))
+
+    def stats(self) -> quality.PairStats:
+        return quality.read_stats(self.redis, self.keys.pairs_stats)
+
+    def backlog(self) -> tuple[int, int | None]:
+        return self.consumer("probe").group_backlog()
+
+    def wait_drained(self, expected_entries: int, timeout: float = 120) -> None:
+        """Until every entry was delivered to the group and none is pending."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            groups = (
+                self.redis.xinfo_groups(self.keys.feedback_stream)
+                if self.redis.exists(self.keys.feedback_stream)
+                else []
+            )
+            for group in groups:
+                if group["name"].decode() == self.settings.pairs.consumer_group:
+                    delivered_all = group["lag"] == 0 and group["entries-read"] >= expected_entries
+                    if delivered_all and group["pending"] == 0:
+                        return
+            time.sleep(0.05)
+        raise AssertionError(f"stream not drained in {timeout}s: {self.redis.xinfo_groups(self.keys.feedback_stream)}")
+
+
+@pytest.fixture
+def pairs_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PairsEnv]:
+    prefix = f"pairs-test-{uuid.uuid4().hex[:8]}"
+    env = {
+        "FEEDLOOP_REDIS_URL": REDIS_URL,
+        "FEEDLOOP_REDIS_PREFIX": prefix,
+        "FEEDLOOP_PAIRS__STRATEGIES": '["same_prompt", "correction"]',
+        "FEEDLOOP_PAIRS__CLAIM_IDLE_MS": "500",
+        "FEEDLOOP_PAIRS__MAX_DELIVERIES": "3",
+        "FEEDLOOP_PAIRS__BATCH_SIZE": "100",
+        "FEEDLOOP_PAIRS__BLOCK_MS": "100",
+        "FEEDLOOP_PAIRS__USER_CAP_FRACTION": "1.0",
+        "FEEDLOOP_PAIRS__DATA_DIR": str(tmp_path / "datasets"),
+        "FEEDLOOP_ENGINE__MODEL": str(tmp_path / "no-model"),  # token limits fall back to the heuristic
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        yield PairsEnv(client, Keys(prefix), Settings(), env, tmp_path)
+    finally:
+        get_settings.cache_clear()
+        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            client.delete(key)
+        client.close()
+
+
+class CeleryWorker:
+    """`celery -A workers.celery_app worker -Q pairs` as a subprocess in its own process group."""
+
+    def __init__(self, env: dict[str, str], name: str) -> None:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.log_path = ARTIFACTS / f"pairs-worker-{name}-{uuid.uuid4().hex[:6]}.log"
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.celery_app",
+            "worker",
+            "-Q",
+            "pairs",
+            "-c",
+            "1",
+            "-P",
+            "prefork",
+            "-n",
+            f"{name}-{uuid.uuid4().hex[:6]}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-l",
+            "INFO",
+        ]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._wait_ready()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def _wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"celery worker exited {self.proc.returncode}:\n{self.log()}")
+            if " ready." in self.log_path.read_text(errors="replace"):
+                return
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError(f"celery worker not ready in {timeout}s:\n{self.log()}")
+
+    def kill(self) -> None:
+        """SIGKILL the whole group: the main process and its pool child die mid-whatever."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        """Warm shutdown: the main process lets a running task finish, then exits with its pool."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def start_worker(pairs_env: PairsEnv) -> Iterator:
+    workers: list[CeleryWorker] = []
+
+    def start(name: str = "pairs") -> CeleryWorker:
+        worker = CeleryWorker(pairs_env.env, name)
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+def send_consume(pairs_env: PairsEnv, seconds: float = 90) -> None:
+    app = create_app(pairs_env.settings)
+    app.send_task("pairs.consume", kwargs={"max_seconds": seconds, "until_drained": True})
+
+
+# --- the scenario -----------------------------------------------------------------------------------------
+
+
+def scenario() -> tuple[list[dict], dict[str, tuple[str, ...]]]:
+    """Events in arrival order, and the pairs they must leave: name -> (strategy, *source ids)."""
+    japan, italy = "Capital of Japan?", "Capital of Italy?"
+    events = [
+        feedback_event("c1", "like", "u1", response="Four."),
+        feedback_event("c2", "dislike", "u2", prompt="What is  two plus two? ", response="Five."),
+        feedback_event("c3", "dislike", "u3", system="Answer in French.", response="Cinq."),  # other prompt
+        feedback_event(
+            "c4",
+            "dislike",
+            "u4",
+            prompt="Capital of France?",
+            response="Lyon.",
+            correction="Paris. Write to me at ann@example.com",
+        ),
+        feedback_event("c5", "like", "u5", prompt=japan, response="Tokyo."),
+        feedback_event("c6", "dislike", "u6", prompt=japan, response="Kyoto."),  # pair c5 > c6 ...
+        feedback_event("c6", "like", "u7", prompt=japan, response="Kyoto."),
+        feedback_event("c6", "like", "u8", prompt=japan, response="Kyoto."),  # ... until c6 is liked too
+        feedback_event("c7", "like", "u1", prompt=italy, response="Rome."),
+        feedback_event("c8", "dislike", "u2", prompt=italy, response="Milan."),  # pair c7 > c8 ...
+        feedback_event("c7", "withdrawn", "u1", prompt=italy, response="Rome."),  # ... until withdrawn
+        feedback_event("c9", "like", "u9", prompt=italy, response="Rome, of course."),  # pair c9 > c8
+    ]
+    correction = pairing.text_hash("Paris. Write to me at ann@example.com")
+    expected = {
+        "c1>c2": ("same_prompt", "c1", "c2"),
+        "c4 corrected": ("correction", "c4", "u4", correction),
+        "c5>c6": ("same_prompt", "c5", "c6"),
+        "c7>c8": ("same_prompt", "c7", "c8"),
+        "c9>c8": ("same_prompt", "c9", "c8"),
+    }
+    return events, expected
+
+
+def test_events_become_the_expected_pairs_through_a_celery_worker(pairs_env: PairsEnv, start_worker):
+    events, expected = scenario()
+    for event in events:
+        xadd(pairs_env.redis, pairs_env.keys.feedback_stream, event)
+    start_worker()
+    send_consume(pairs_env)
+    pairs_env.wait_drained(len(events))
+
+    ids = {name: pairing.pair_id(*spec) for name, spec in expected.items()}
+    assert pairs_env.pair_ids() == set(ids.values())
+    c1c2 = pairs_env.pair(ids["c1>c2"])
+    assert c1c2["chosen"] == [{"role": "assistant", "content": "Four."}]
+    assert c1c2["rejected"] == [{"role": "assistant", "content": "Five."}]
+    assert c1c2["users"] == ["u1", "u2"] and len(c1c2["feedback_ids"]) == 2
+    assert c1c2["feedback_ids"][0] == events[0]["feedback_id"]
+    corrected = pairs_env.pair(ids["c4 corrected"])
+    assert corrected["chosen"][0]["content"] == "Paris. Write to me at [EMAIL]"  # scrubbed
+    assert corrected["rejected"][0]["content"] == "Lyon."
+    stats = pairs_env.stats()
+    assert stats.created == {"same_prompt": 4, "correction": 1} and stats.pii == {"email": 1}
+
+    # the snapshot keeps only pairs whose votes still hold
+    manifest = datasets.snapshot(pairs_env.redis, pairs_env.keys, pairs_env.settings)
+    assert manifest["version"] == "ds-000001"
+    assert manifest["counts"]["stored"] == 5 and manifest["counts"]["kept"] == 3
+    assert manifest["filters"] == {"superseded:votes_changed": 2}
+    assert manifest["strategies"] == {"same_prompt": 2, "correction": 1}
+    folder = Path(manifest["path"])
+    rows = [orjson.loads(line) for name in ("train.jsonl", "eval.jsonl") for line in (folder / name).open("rb")]
+    assert {r["pair_id"] for r in rows} == {ids["c1>c2"], ids["c4 corrected"], ids["c9>c8"]}
+    assert set(rows[0]) == {"prompt", "chosen", "rejected", "pair_id"}
+    kto = [orjson.loads(line) for line in (folder / "kto.jsonl").open("rb")]
+    labels = {r["completion"][0]["content"]: r["label"] for r in kto}
+    assert labels == {
+        "Four.": True,
+        "Five.": False,
+        "Cinq.": False,
+        "Lyon.": False,
+        "Tokyo.": True,
+        "Kyoto.": True,
+        "Milan.": False,
+        "Rome, of course.": True,
+    }
+    assert datasets.count_new_pairs(pairs_env.redis, pairs_env.keys, "ds-000001") == 0
+    assert orjson.loads(pairs_env.redis.get(pairs_env.keys.dataset("ds-000001")))["counts"] == manifest["counts"]
+
+    # a later vote makes a new pair, counted as new since the version
+    xadd(
+        pairs_env.redis,
+        pairs_env.keys.feedback_stream,
+        feedback_event("c10", "dislike", "u3", response="Six."),
+    )
+    pairs_env.consumer().consume(10, until_drained=True)
+    assert datasets.count_new_pairs(pairs_env.redis, pairs_env.keys, "ds-000001") == 1
+    assert pairing.pair_id("same_prompt", "c1", "c10") in pairs_env.pair_ids()
+
+
+def test_redelivered_entries_add_nothing(pairs_env: PairsEnv):
+    events, expected = scenario()
+    for event in events:
+        xadd(pairs_env.redis, pairs_env.keys.feedback_stream, event)
+    consumer = pairs_env.consumer()
+    consumer.ensure_ready()
+    entries = consumer.read_new(None)
+    first = consumer.process(entries)
+    before = (pairs_env.pair_ids(), pairs_env.redis.hgetall(pairs_env.keys.pairs_stats))
+    again = consumer.process(entries)  # the same entries delivered a second time
+    assert first.pairs_written == len(expected) and again.pairs_written == 0
+    assert (pairs_env.pair_ids(), pairs_env.redis.hgetall(pairs_env.keys.pairs_stats)) == before
+
+
+def test_a_failing_pair_write_holds_back_only_its_own_entry(pairs_env: PairsEnv):
+    # a counter that cannot be incremented: the pair that would count an e-mail fails to record
+    pairs_env.redis.hset(pairs_env.keys.pairs_stats, quality.pii_field("email"), "not a number")
+    events = [
+        feedback_event("p1", "like", "u1", prompt="Name a colour.", response="Blue."),
+        feedback_event("p2", "dislike", "u2", prompt="Name a colour.", response="Seven."),
+        feedback_event("q1", "like", "u1", prompt="Your e-mail?", response="Mail ann@example.com"),
+        feedback_event("q2", "dislike", "u2", prompt="Your e-mail?", response="No."),
+    ]
+    ids = [xadd(pairs_env.redis, pairs_env.keys.feedback_stream, event) for event in events]
+    consumer = pairs_env.consumer()
+    consumer.ensure_ready()
+    report = consumer.process(consumer.read_new(None))
+
+    assert (report.pairs_written, report.failed, report.processed) == (1, 1, 3)
+    assert pairing.pair_id("same_prompt", "p1", "p2") in pairs_env.pair_ids()
+    pending = pairs_env.redis.xpending_range(
+        pairs_env.keys.feedback_stream, pairs_env.settings.pairs.consumer_group, "-", "+", 10
+    )
+    assert [row["message_id"] for row in pending] == [ids[3]]  # only the vote that derived the failing pair
+
+
+def test_idle_empty_consumers_are_pruned(pairs_env: PairsEnv):
+    consumer = pairs_env.consumer("live")
+    consumer.ensure_ready()
+    stream, group = pairs_env.keys.feedback_stream, pairs_env.settings.pairs.consumer_group
+    pairs_env.redis.xgroup_createconsumer(stream, group, "gone-1234")
+    xadd(pairs_env.redis, stream, feedback_event("c1", "like"))
+    holder = FeedbackConsumer(pairs_env.redis, pairs_env.keys, pairs_env.settings, name="holder")
+    assert holder.read_new(None)  # holds one pending entry: must survive
+    time.sleep(0.05)
+    assert consumer.prune_consumers(idle_ms=10) == 1
+    names = {c["name"].decode() for c in pairs_env.redis.xinfo_consumers(stream, group)}
+    assert names == {"holder"}  # "live" never read, so it was never a member
+
+
+def test_vote_state_matches_the_reference_rules_for_shuffled_events(pairs_env: PairsEnv):
+    import random
+
+    rng = random.Random(3)
+    events = []
+    for _ in range(400):
+        cid = f"k{rng.randrange(20)}"
+        rating = rng.choice(["like", "like", "dislike", "withdrawn"])
+        user, created_at = f"user{rng.randrange(6)}", 1000.0 + rng.randrange(300)
+        events.append(feedback_event(cid, rating, user, response=f"Answer {cid}.", created_at=created_at))
+    rng.shuffle(events)  # arrival order differs from created_at order
+    for event in events:
+        xadd(pairs_env.redis, pairs_env.keys.feedback_stream, event)
+    pairs_env.settings.pairs.same_prompt_max_counterparts = 50  # pair with every opposite response
+    pairs_env.consumer().consume(30, until_drained=True)
+
+    expected = pairing.resolve_labels(parse_event(entry(e)) for e in events)
+    phash = pairing.prompt_hash([{"role": "user", "content": "What is two plus two?"}])
+    probes = [{"strategy": "same_prompt", "completion_ids": [c], "prompt_hash": phash} for c in expected]
+    labels, _ = PairsStore(pairs_env.redis, pairs_env.keys).live_state(probes)
+    assert labels == expected
+    liked = {c for c, label in expected.items() if label == "like"}
+    disliked = {c for c, label in expected.items() if label == "dislike"}
+    assert liked and disliked
+    pairs = [pairs_env.pair(pid) for pid in pairs_env.pair_ids()]
+    live = {tuple(p["completion_ids"]) for p in pairs if pairing.pair_is_live(p, labels, {})}
+    assert live == {(a, b) for a in liked for b in disliked}
+
+
+# --- no loss, no duplicates under SIGKILL ------------------------------------------------------------------
+
+
+def test_sigkill_mid_batch_loses_nothing_and_duplicates_nothing(pairs_env: PairsEnv, start_worker):
+    prompts = 6000
+    pipe = pairs_env.redis.pipeline(transaction=False)
+    expected: set[str] = set()
+    for i in range(prompts):
+        prompt = f"Question {i}: what is {i} plus {i}?"
+        like = feedback_event(f"L{i}", "like", f"a{i}", prompt=prompt, response=f"It is {2 * i}.")
+        correction = f"The answer is {2 * i}." if i % 10 == 0 else None
+        dislike = feedback_event(
+            f"D{i}", "dislike", f"b{i}", prompt=prompt, response=f"It is {2 * i + 1}.", correction=correction
+        )
+        pipe.xadd(pairs_env.keys.feedback_stream, entry(like))
+        pipe.xadd(pairs_env.keys.feedback_stream, entry(dislike))
+        expected.add(pairing.pair_id("same_prompt", f"L{i}", f"D{i}"))
+        if correction:
+            expected.add(pairing.pair_id("correction", f"D{i}", f"b{i}", pairing.text_hash(correction)))
+    pipe.execute()
+    total = 2 * prompts
+
+    first = start_worker("doomed")
+    send_consume(pairs_env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        pending, _ = pairs_env.backlog()
+        if pending > 0 and pairs_env.redis.zcard(pairs_env.keys.pairs_index) > 500:
+            break
+        time.sleep(0.005)
+    first.kill()
+    pending, lag = pairs_env.backlog()
+    assert pending > 0, "the worker was not killed mid-batch"
+    assert lag and lag > 0, "the worker had finished the stream before it was killed"
+    stored_at_kill = pairs_env.redis.zcard(pairs_env.keys.pairs_index)
+    assert 0 < stored_at_kill < len(expected)
+
+    start_worker("rescuer")
+    send_consume(pairs_env)
+    pairs_env.wait_drained(total)
+
+    assert pairs_env.pair_ids() == expected
+    assert pairs_env.redis.zcard(pairs_env.keys.pairs_index) == len(expected)
+    assert int(pairs_env.redis.get(pairs_env.keys.pairs_seq)) == len(expected)  # no pair was written twice
+    stats = pairs_env.stats()
+    assert stats.created == {"same_prompt": prompts, "correction": prompts // 10}
+    assert not pairs_env.redis.exists(pairs_env.keys.feedback_dead_letter)
+
+
+# --- dead letters -----------------------------------------------------------------------------------------
+
+
+def test_malformed_and_poison_entries_end_in_the_dead_letter_stream(pairs_env: PairsEnv, start_worker):
+    stream = pairs_env.keys.feedback_stream
+    good = [
+        feedback_event("g1", "like", "u1", prompt="Name a colour.", response="Blue."),
+        feedback_event("g2", "dislike", "u2", prompt="Name a colour.", response="Seven."),
+    ]
+    bad_json = xadd(pairs_env.redis, stream, b'{"feedback_id": "x", ')
+    xadd(pairs_env.redis, stream, good[0])
+    bad_rating = xadd(pairs_env.redis, stream, {**feedback_event("b1", "like"), "rating": "meh"})
+    no_field = pairs_env.redis.xadd(stream, {"payload": "nothing"})
+    # a completion whose pairing state is corrupt: the vote script fails on every delivery
+    pairs_env.redis.set(pairs_env.keys.pairing_votes("poison"), "not a hash")
+    poison = xadd(pairs_env.redis, stream, feedback_event("poison", "like", "u9"))
+    xadd(pairs_env.redis, stream, good[1])
+
+    start_worker()
+    send_consume(pairs_env)
+    pairs_env.wait_drained(6, timeout=60)
+
+    assert pairs_env.pair_ids() == {pairing.pair_id("same_prompt", "g1", "g2")}
+    letters = {fields[b"entry_id"]: fields for _, fields in pairs_env.redis.xrange(pairs_env.keys.feedback_dead_letter)}
+    assert set(letters) == {bad_json, bad_rating, no_field, poison}
+    assert b"not valid JSON" in letters[bad_json][b"error"]
+    assert letters[bad_json][b"event"] == b'{"feedback_id": "x", '  # the original payload is kept
+    assert b"rating" in letters[bad_rating][b"error"]
+    assert b"no 'event' field" in letters[no_field][b"error"]
+    assert b"WRONGTYPE" in letters[poison][b"error"]
+    assert int(letters[poison][b"deliveries"]) == pairs_env.settings.pairs.max_deliveries
+    assert int(letters[bad_json][b"deliveries"]) == 1
+
+
+# --- the two consume() stages failing apart -----------------------------------------------------------------
+
+
+def two_answer_prompts(pairs_env: PairsEnv, prompts: int) -> set[str]:
+    """A like and a dislike per prompt (one pair each), written to the stream; returns the expected pair ids."""
+    pipe = pairs_env.redis.pipeline(transaction=False)
+    for i in range(prompts):
+        prompt = f"Question {i}: what is {i} times two?"
+        like = feedback_event(f"L{i}", "like", f"a{i}", prompt=prompt, response=f"It is {2 * i}.")
+        dislike = feedback_event(f"D{i}", "dislike", f"b{i}", prompt=prompt, response=f"It is {2 * i + 1}.")
+        pipe.xadd(pairs_env.keys.feedback_stream, entry(like))
+        pipe.xadd(pairs_env.keys.feedback_stream, entry(dislike))
+    pipe.execute()
+    return {pairing.pair_id("same_prompt", f"L{i}", f"D{i}") for i in range(prompts)}
+
+
+def assert_exactly_once(pairs_env: PairsEnv, expected: set[str]) -> None:
+    assert pairs_env.pair_ids() == expected
+    assert int(pairs_env.redis.get(pairs_env.keys.pairs_seq)) == len(expected)  # no pair was written twice
+    assert pairs_env.stats().created == {"same_prompt": len(expected)}
+    assert pairs_env.backlog() == (0, 0)
+    assert not pairs_env.redis.exists(pairs_env.keys.feedback_dead_letter)
+
+
+def vote_stage_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("feedback-votes")]
+
+
+def test_a_failing_vote_stage_acks_nothing_it_voted(pairs_env: PairsEnv, monkeypatch: pytest.MonkeyPatch):
+    expected = two_answer_prompts(pairs_env, 250)  # 500 entries, batches of 100
+    consumer = pairs_env.consumer()
+    vote, calls = consumer._vote, []
+
+    def vote_then_fail(batch):
+        vote(batch)  # the votes are applied ...
+        calls.append(batch)
+        if len(calls) == 2:
+            raise redis.ConnectionError("lost Redis after the votes")  # ... but the batch never reaches writing
+        return batch
+
+    monkeypatch.setattr(consumer, "_vote", vote_then_fail)
+    with pytest.raises(redis.ConnectionError):
+        consumer.consume(30)
+    assert not vote_stage_threads()
+    stream, group = pairs_env.keys.feedback_stream, pairs_env.settings.pairs.consumer_group
+    pending = {row["message_id"] for row in pairs_env.redis.xpending_range(stream, group, "-", "+", 1000)}
+    assert {entry_id for entry_id, _ in calls[1].entries} <= pending  # with those read after it
+    assert len(pending) + pairs_env.backlog()[1] == 400  # only the first batch was written and acked
+    written = pairs_env.pair_ids()
+    assert written and written < expected
+
+    monkeypatch.undo()
+    time.sleep(0.6)  # past claim_idle_ms: the voted entries are reclaimed and applied again
+    pairs_env.consumer("rescuer").consume(30, until_drained=True)
+    assert_exactly_once(pairs_env, expected)
+
+
+def test_a_failing_write_stage_leaves_the_voted_batch_pending(pairs_env: PairsEnv, monkeypatch: pytest.MonkeyPatch):
+    expected = two_answer_prompts(pairs_env, 250)
+    consumer = pairs_env.consumer()
+
+    def fail(batch):
+        raise redis.ConnectionError("lost Redis before the writes")
+
+    monkeypatch.setattr(consumer, "_apply", fail)
+    with pytest.raises(redis.ConnectionError):
+        consumer.consume(30)
+    assert not vote_stage_threads()  # the vote stage finished the batch it had started, then stopped
+    pending, lag = pairs_env.backlog()
+    assert pending + lag == 500 and pending >= 200  # the failed batch and those read meanwhile; nothing acked
+    assert not pairs_env.pair_ids()
+
+    monkeypatch.undo()
+    time.sleep(0.6)
+    pairs_env.consumer("rescuer").consume(30, until_drained=True)
+    assert_exactly_once(pairs_env, expected)
+
+
+def test_votes_applied_before_a_redis_restart_are_applied_again(pairs_env: PairsEnv, monkeypatch: pytest.MonkeyPatch):
+    # a NOSCRIPT reply (seen by either stage) means Redis restarted, maybe losing writes made before it:
+    # a batch voted before it is seen must not be acked on the strength of those votes
+    expected = two_answer_prompts(pairs_env, 250)
+    consumer = pairs_env.consumer()
+    apply, reports = consumer._apply, []
+
+    def restart_seen_first(batch):
+        if not reports:
+            consumer._forget_stored()  # what the write stage does on NOSCRIPT
+        reports.append(apply(batch))
+        return reports[-1]
+
+    monkeypatch.setattr(consumer, "_apply", restart_seen_first)
+    total = consumer.consume(30, until_drained=True)
+    assert (reports[0].entries, reports[0].failed, reports[0].pairs_written) == (100, 100, 0)
+    assert total.processed == 500 and total.dead_lettered == 0
+    assert not vote_stage_threads()
+    assert_exactly_once(pairs_env, expected)
+
+
+def test_a_flushed_script_cache_is_reloaded_by_either_stage(pairs_env: PairsEnv, monkeypatch: pytest.MonkeyPatch):
+    # as after a Redis restart (the script cache is server-wide; every client here reloads on NOSCRIPT)
+    expected = two_answer_prompts(pairs_env, 400)
+    consumer = pairs_env.consumer()
+    vote, apply, calls = consumer._vote, consumer._apply, {"vote": 0, "apply": 0}
+
+    def flush_then(stage, method):
+        def call(batch):
+            calls[stage] += 1
+            if calls[stage] == (2 if stage == "vote" else 5):
+                pairs_env.redis.script_flush()
+            return method(batch)
+
+        return call
+
+    monkeypatch.setattr(consumer, "_vote", flush_then("vote", vote))
+    monkeypatch.setattr(consumer, "_apply", flush_then("apply", apply))
+    total = consumer.consume(30, until_drained=True)
+    assert total.dead_lettered == 0
+    assert_exactly_once(pairs_env, expected)
+
+
+# --- export, loading, and one DPO step ---------------------------------------------------------------------
+
+
+def test_exported_jsonl_loads_and_trains_one_dpo_step(pairs_env: PairsEnv, tiny_model_dir: Path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from services.cli.pairs import pairs_app
+
+    topics = ["France", "Japan", "maths", "water", "music", "space", "trees", "rivers"]
+    for i, topic in enumerate(topics * 3):
+        prompt = f"Tell me about {topic} ({i})."
+        xadd(
+            pairs_env.redis,
+            pairs_env.keys.feedback_stream,
+            feedback_event(f"L{i}", "like", f"a{i}", prompt=prompt, response=f"A true fact about {topic}."),
+        )
+        xadd(
+            pairs_env.redis,
+            pairs_env.keys.feedback_stream,
+            feedback_event(f"D{i}", "dislike", f"b{i}", prompt=prompt, response=f"Nonsense {i}."),
+        )
+    pairs_env.consumer().consume(20, until_drained=True)
+
+    runner = CliRunner()
+    result = runner.invoke(pairs_app, ["snapshot"])
+    assert result.exit_code == 0, result.output
+    version = orjson.loads(result.output)["version"]
+    out = pairs_env.tmp / "export" / "dpo.jsonl"
+    result = runner.invoke(pairs_app, ["export", "--version", version, "--format", "dpo", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    kto_out = pairs_env.tmp / "export" / "kto.jsonl"
+    assert runner.invoke(pairs_app, ["export", "-v", "latest", "-f", "kto", "-o", str(kto_out)]).exit_code == 0
+    stats = runner.invoke(pairs_app, ["stats", "--json"])
+    assert stats.exit_code == 0 and orjson.loads(stats.output)["created_by_strategy"] == {"same_prompt": 24}
+
+    from datasets import load_dataset
+
+    dpo = load_dataset("json", data_files=str(out), split="train")
+    assert len(dpo) == 24 and set(dpo.column_names) == {"prompt", "chosen", "rejected", "pair_id"}
+    kto = load_dataset("json", data_files=str(kto_out), split="train")
+    assert len(kto) == 48 and sum(kto["label"]) == 24
+
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = DPOConfig(
+        output_dir=str(pairs_env.tmp / "dpo"),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        max_length=128,
+        disable_tqdm=True,
+    )
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = DPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=dpo.remove_columns(["pair_id"]),
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    output = trainer.train()
+    assert output.global_step == 1
+    changed = [n for n, p in trainer.model.named_parameters() if "lora_B" in n and not torch.equal(p, before[n])]
+    assert changed, "one DPO step must move the LoRA weights"

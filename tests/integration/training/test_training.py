@@ -1,0 +1,242 @@
+"""The DPO/KTO job, the atomic publish and the evaluation gate on the tiny model (real TRL/PEFT, CPU).
+
+The data (tests/preference_data.py) can only be learned by conditioning on the prompt, so accuracy
+well above 50% means real learning. Runs use an SFT term (training.sft_weight) so that greedy
+generation stays clean enough for the smoke check.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.adapters.manifest import base_model_fingerprint, base_model_id, validate_adapter
+from services.adapters.publish import publish_adapter
+from services.core.config import Settings
+from tests.support.adapter_corpus import publish_lora
+from tests.support.preference_data import FACTS, SMOKE_PROMPTS, write_dataset
+from workers.evaluation.gate import evaluate_adapter
+from workers.training.trainer import TrainingError, TrainingResult, run_training
+
+MAX_RANK = 16
+
+
+def make_settings(model_dir: Path, **training: Any) -> Settings:
+    return Settings(
+        engine={"model": str(model_dir), "max_lora_rank": MAX_RANK},
+        training={
+            "epochs": 5,
+            "batch_size": 8,
+            "micro_batch_size": 8,
+            "learning_rate": 1e-2,
+            "sft_weight": 1.0,
+            "max_length": 128,
+            "lora_rank": 8,
+            "lora_alpha": 16,
+            "cpu_threads": 1,
+            **training,
+        },
+        # The random-weight base already scores ~0.6 on this split (its sentence log-probs depend weakly
+        # on the prompt): the bar sits above that, the trained adapter reaches 1.0.
+        gate={"smoke_prompts": SMOKE_PROMPTS, "min_accuracy": 0.75, "must_beat_active": True},
+    )
+
+
+def publish(result: TrainingResult, adapters_dir: Path, version: str) -> Path:
+    publish_adapter(
+        result.adapter_dir,
+        adapters_dir,
+        version,
+        base_model=result.base_model,
+        base_model_sha256=result.base_model_sha256,
+        dataset_version=result.dataset_version,
+        run_id=result.run_id,
+        parent=result.parent,
+        metrics=result.manifest_metrics(),
+        versions=result.versions,
+    )
+    return adapters_dir / version
+
+
+def validate(path: Path, model_dir: Path, version: str):
+    return validate_adapter(
+        path,
+        base_model_id(str(model_dir)),
+        MAX_RANK,
+        served_base_sha256=base_model_fingerprint(str(model_dir)),
+        expected_version=version,
+    )
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("training")
+
+
+@pytest.fixture(scope="module")
+def dataset(workspace: Path) -> Path:
+    return write_dataset(workspace / "datasets" / "ds-1")
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_model_dir: Path, workspace: Path, dataset: Path) -> tuple[TrainingResult, Path, list[dict]]:
+    """A fresh DPO adapter, published as feedloop-v1."""
+    records: list[dict] = []
+    result = run_training(
+        make_settings(tiny_model_dir),
+        dataset,
+        workspace / "runs" / "run-1",
+        "run-1",
+        "ds-1",
+        progress=records.append,
+    )
+    return result, publish(result, workspace / "adapters", "feedloop-v1"), records
+
+
+def test_dpo_run_writes_a_valid_adapter_and_learns(first_run, tiny_model_dir: Path) -> None:
+    result, adapter, records = first_run
+    manifest = validate(adapter, tiny_model_dir, "feedloop-v1")
+    assert (manifest.rank, manifest.alpha, manifest.parent) == (8, 16, None)
+    assert (manifest.dataset_version, manifest.run_id) == ("ds-1", "run-1")
+    assert manifest.versions["trl"] == "1.16.0" and manifest.versions["peft"].startswith("0.21")
+    assert manifest.base_model == str(tiny_model_dir.resolve())
+
+    accuracies = [record["rewards/accuracies"] for record in result.history]
+    assert len(accuracies) == result.steps == len(records) >= 20
+    assert sum(accuracies[:3]) / 3 < 0.6 < 0.9 <= sum(accuracies[-3:]) / 3
+    assert result.history[-1]["rewards/margins"] > result.history[0]["rewards/margins"] + 0.5
+    assert manifest.metrics["eval_rewards/accuracies"] >= 0.8
+    assert manifest.metrics["first_rewards/margins"] == 0.0  # fresh adapter: policy == base == reference
+    assert records[-1]["step"] == records[-1]["total_steps"] and records[-1]["eta_s"] == 0
+    assert all(record["examples_per_s"] > 0 for record in records)
+
+
+def test_continuing_trains_the_parent_against_itself(
+    first_run, tiny_model_dir: Path, workspace: Path, dataset: Path
+) -> None:
+    """The previous adapter is the DPO reference: the continued run starts at zero reward margin even
+    though the parent already separates the pairs far better than the base model does."""
+    from safetensors.numpy import load_file
+
+    parent_result, parent, _ = first_run
+    result = run_training(
+        make_settings(tiny_model_dir, epochs=1),
+        dataset,
+        workspace / "runs" / "run-2",
+        "run-2",
+        "ds-1",
+        parent_adapter_dir=parent,
+    )
+    assert parent_result.history[-1]["rewards/margins"] > 0.5  # the parent's gain over the base
+    first = result.history[0]
+    assert abs(first["rewards/margins"]) < 1e-4 and abs(first["rewards/chosen"]) < 1e-4
+
+    child = publish(result, workspace / "adapters", "feedloop-v2")
+    manifest = validate(child, tiny_model_dir, "feedloop-v2")
+    assert manifest.parent == "feedloop-v1"
+    before = load_file(str(parent / "adapter_model.safetensors"))
+    after = load_file(str(child / "adapter_model.safetensors"))
+    assert before.keys() == after.keys()  # only the trained adapter ships, not TRL's "ref" copy
+    assert any(not (before[name] == after[name]).all() for name in before)
+
+
+def test_kto_trains_on_the_unpaired_export(tiny_model_dir: Path, workspace: Path, dataset: Path) -> None:
+    settings = make_settings(tiny_model_dir, method="kto", epochs=2, lora_rank=4, lora_alpha=8)
+    result = run_training(settings, dataset, workspace / "runs" / "kto", "run-kto", "ds-1")
+    assert result.method == "kto" and result.train_examples == 72 and result.rank == 4
+    assert "kl" in result.history[-1] and result.history[-1]["loss"] < result.history[0]["loss"]
+    manifest = validate(publish(result, workspace / "adapters", "feedloop-kto"), tiny_model_dir, "feedloop-kto")
+    assert manifest.metrics["method"] == "kto" and manifest.rank == 4
+
+
+def test_gate_passes_the_trained_adapter(first_run, tiny_model_dir: Path, dataset: Path) -> None:
+    _, adapter, _ = first_run
+    gate = evaluate_adapter(make_settings(tiny_model_dir), adapter, dataset / "eval.jsonl")
+    assert gate.passed, gate.reasons
+    metrics = gate.to_dict()["metrics"]
+    assert metrics["reference"] == "base" and metrics["eval_pairs"] == 24
+    assert metrics["candidate"]["accuracy"] >= 0.9 > metrics["reference_score"]["accuracy"]
+    outputs = [smoke["output"] for smoke in metrics["smoke"]]
+    assert len(set(outputs)) == len(outputs) and all(output.strip() for output in outputs)
+    assert sum(output in FACTS.values() for output in outputs) >= 2  # it learned the answers
+
+
+def test_gate_does_not_promote_an_adapter_that_only_ties_the_active_one(
+    first_run, tiny_model_dir: Path, dataset: Path
+) -> None:
+    _, adapter, _ = first_run
+    gate = evaluate_adapter(make_settings(tiny_model_dir), adapter, dataset / "eval.jsonl", active_adapter_dir=adapter)
+    assert not gate.passed
+    assert gate.metrics["reference"] == "feedloop-v1"
+    assert len(gate.reasons) == 1 and gate.reasons[0].startswith("does not beat feedloop-v1")
+
+
+def test_gate_fails_flipped_and_random_adapters(tiny_model_dir: Path, workspace: Path, dataset: Path) -> None:
+    settings = make_settings(tiny_model_dir)
+    flipped_data = write_dataset(workspace / "datasets" / "flipped", flip=True)
+    flipped = run_training(settings, flipped_data, workspace / "runs" / "flipped", "run-flip", "flipped")
+    random_lora = publish_lora(tiny_model_dir, workspace / "adapters", "feedloop-random", seed=3)
+
+    for adapter in (flipped.adapter_dir, random_lora):
+        gate = evaluate_adapter(settings, adapter, dataset / "eval.jsonl")
+        assert not gate.passed
+        assert any("below gate.min_accuracy" in reason for reason in gate.reasons), gate.reasons
+        assert any(reason.startswith("does not beat base") for reason in gate.reasons), gate.reasons
+        assert gate.to_dict()["metrics"]["candidate"]["accuracy"] < 0.75
+
+
+def test_pairs_are_rendered_with_the_model_chat_template(tiny_model_dir: Path, dataset: Path) -> None:
+    """Training (TRL's conversational format) and the gate score the exact text the engine serves."""
+    from transformers import AutoTokenizer
+
+    from workers.evaluation.gate import tokenize_pair
+    from workers.pairing.exports import load_preference_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    row = load_preference_rows(dataset / "eval.jsonl")[0]
+    prompt, chosen, rejected = tokenize_pair(tokenizer, row, max_length=128)
+    question = row["prompt"][0]["content"]
+    assert tokenizer.decode(prompt) == f"<|user|>\n{question}<|end|>\n<|assistant|>\n"
+    # A completion ends where the engine stops: at <|end|>, with no token after it.
+    assert tokenizer.decode(chosen) == row["chosen"][0]["content"] + "<|end|>"
+    assert tokenizer.decode(rejected) == row["rejected"][0]["content"] + "<|end|>"
+
+
+def test_rank_above_the_engine_maximum_is_refused_before_any_work(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="max_lora_rank 16"):
+        run_training(make_settings(tiny_model_dir, lora_rank=32), tmp_path / "none", tmp_path / "out", "r", "d")
+    with pytest.raises(TrainingError, match=r"not in gate\.supported_target_modules"):
+        settings = make_settings(tiny_model_dir, target_modules=["q_proj", "lm_head"])
+        run_training(settings, tmp_path / "none", tmp_path / "out", "r", "d")
+    assert not (tmp_path / "out").exists()
+
+
+def test_qlora_without_cuda_is_a_clear_error(tiny_model_dir: Path, workspace: Path, dataset: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: QLoRA is allowed")
+    with pytest.raises(TrainingError, match="qlora needs a CUDA GPU"):
+        run_training(make_settings(tiny_model_dir, qlora=True), dataset, workspace / "runs" / "q", "r", "d")
+
+
+def test_progress_callback_can_abort_a_run(tiny_model_dir: Path, workspace: Path, dataset: Path) -> None:
+    class LeaseLost(Exception):
+        pass
+
+    def progress(record: dict) -> None:
+        raise LeaseLost(f"lease lost at step {record['step']}")
+
+    with pytest.raises(LeaseLost, match="step 1"):
+        run_training(make_settings(tiny_model_dir), dataset, workspace / "runs" / "abort", "r", "d", progress=progress)
+    assert not (workspace / "runs" / "abort" / "adapter").exists()
+
+
+def test_max_steps_replaces_epochs(tiny_model_dir: Path, workspace: Path, dataset: Path) -> None:
+    records: list[dict] = []
+    settings = make_settings(tiny_model_dir, max_steps=3, lora_rank=4, lora_alpha=8)  # 5 epochs would be 20+
+    result = run_training(settings, dataset, workspace / "runs" / "steps", "run-steps", "ds-1", progress=records.append)
+    assert result.steps == len(result.history) == 3
+    assert records[-1]["step"] == records[-1]["total_steps"] == 3

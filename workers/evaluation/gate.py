@@ -1,0 +1,320 @@
+"""The evaluation gate: a trained adapter must prefer the held-out chosen answers and still generate sanely.
+
+Pure logic (paths in, a JSON-serialisable result out); the Celery task wraps it. Heavy imports stay
+inside functions.
+
+Preference accuracy is measured with the policy's log-prob margin,
+``log p(chosen | prompt) - log p(rejected | prompt)`` summed over the completion tokens, the prompt
+rendered with the model tokenizer's chat template exactly as in training and serving. A pair counts as
+correct when the margin is > 0. Unlike DPO's implicit reward, this needs no reference model, so the
+candidate, the active adapter and the base model are scored on the same scale.
+
+"Beat" rule (``gate.must_beat_active``): the candidate must be *strictly* more accurate than the
+reference (the active adapter, or the base model when none is active) or, at equal accuracy, have a
+strictly larger mean margin. Small held-out splits tie often, and a saturated split (both at 1.0)
+would otherwise block every later adapter; the margin tie-break still demands that the candidate
+separates the pairs more clearly, and an exact tie (e.g. the same adapter twice) fails.
+
+Smoke check: greedy generation on ``gate.smoke_prompts`` must be non-empty, not a loop (share of
+distinct token bigrams >= ``gate.smoke_min_distinct_ratio``), and not the same text for every prompt
+(a collapsed model answers everything alike).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from services.adapters.manifest import adapter_version_name
+from services.core.config import Settings
+from services.core.runtime import quiet_progress_bars, use_cpu_threads
+from workers.pairing.exports import load_preference_rows
+
+logger = logging.getLogger(__name__)
+
+CANDIDATE = "candidate"
+ACTIVE = "active"
+
+
+@dataclass
+class PreferenceScore:
+    accuracy: float
+    correct: int
+    pairs: int
+    mean_margin: float
+    margins: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_margins(cls, margins: list[float]) -> PreferenceScore:
+        correct = sum(margin > 0 for margin in margins)
+        pairs = len(margins)
+        return cls(
+            accuracy=correct / pairs if pairs else 0.0,
+            correct=correct,
+            pairs=pairs,
+            mean_margin=sum(margins) / pairs if pairs else 0.0,
+            margins=margins,
+        )
+
+    def beats(self, other: PreferenceScore) -> bool:
+        if self.correct != other.correct:
+            return self.correct > other.correct
+        return self.mean_margin > other.mean_margin
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "accuracy": self.accuracy,
+            "correct": self.correct,
+            "pairs": self.pairs,
+            "mean_margin": self.mean_margin,
+        }
+
+
+@dataclass
+class SmokeOutput:
+    prompt: str
+    output: str
+    tokens: int
+    distinct_bigram_ratio: float
+    ok: bool
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    reasons: list[str]
+    metrics: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def distinct_bigram_ratio(token_ids: list[int]) -> float:
+    """Distinct token bigrams / bigrams: 1.0 for varied text, ~1/n for one token repeated n times."""
+    bigrams = list(itertools.pairwise(token_ids))
+    return len(set(bigrams)) / len(bigrams) if bigrams else 1.0
+
+
+def smoke_failures(outputs: list[SmokeOutput]) -> list[str]:
+    reasons = []
+    for smoke in outputs:
+        if not smoke.output.strip():
+            reasons.append(f"smoke: empty output for prompt {smoke.prompt!r}")
+        elif not smoke.ok:
+            reasons.append(
+                f"smoke: degenerate output for prompt {smoke.prompt!r} "
+                f"(distinct bigram ratio {smoke.distinct_bigram_ratio:.2f}): {smoke.output[:80]!r}"
+            )
+    texts = {smoke.output.strip() for smoke in outputs}
+    if len(outputs) > 1 and len(texts) == 1:
+        reasons.append(f"smoke: every prompt gets the same output {next(iter(texts))[:80]!r}")
+    return reasons
+
+
+def _render_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+    encoded = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+    )
+    return list(encoded["input_ids"])
+
+
+def tokenize_pair(tokenizer, row: dict[str, Any], max_length: int) -> tuple[list[int], list[int], list[int]]:
+    """(prompt, chosen, rejected) ids as TRL's DPOTrainer builds them: the completion starts where the
+    rendered prompt and the rendered prompt+completion diverge; prompt+completion keeps its start."""
+    prompt = _render_ids(tokenizer, row["prompt"], add_generation_prompt=True)
+    with_chosen = _render_ids(tokenizer, row["prompt"] + row["chosen"], add_generation_prompt=False)
+    with_rejected = _render_ids(tokenizer, row["prompt"] + row["rejected"], add_generation_prompt=False)
+    split = min(_common_prefix(prompt, with_chosen), _common_prefix(prompt, with_rejected))
+    prompt = prompt[:split]
+    room = max(max_length - len(prompt), 1)
+    return prompt, with_chosen[split:][:room], with_rejected[split:][:room]
+
+
+def _common_prefix(ids: list[int], other: list[int]) -> int:
+    length = 0
+    for token, other_token in zip(ids, other, strict=False):
+        if token != other_token:
+            break
+        length += 1
+    return length
+
+
+def completion_logprobs(model, sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -> list[float]:
+    """Sum of log p(completion token | prefix) for each (prompt_ids, completion_ids)."""
+    import torch
+
+    width = max(len(prompt) + len(completion) for prompt, completion in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, (prompt, completion) in enumerate(sequences):
+        ids = prompt + completion
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention[row, : len(ids)] = 1
+        completion_mask[row, len(prompt) : len(ids)] = True
+    input_ids, attention, completion_mask = (
+        input_ids.to(device),
+        attention.to(device),
+        completion_mask.to(device),
+    )
+    logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
+    totals = []
+    for row in range(len(sequences)):  # one row at a time: a full-vocab fp32 log-softmax per batch is large
+        row_logprobs = logits[row, :-1].float().log_softmax(-1)
+        token_logprobs = row_logprobs.gather(-1, input_ids[row, 1:, None]).squeeze(-1)
+        totals.append(float(token_logprobs[completion_mask[row, 1:]].sum()))
+    return totals
+
+
+def score_preferences(model, pairs, pad_id: int, batch_size: int, device) -> PreferenceScore:
+    """Preference accuracy and margins of the model's currently active adapter (or base)."""
+    margins: list[float] = []
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start : start + batch_size]
+        sequences = [(prompt, chosen) for prompt, chosen, _ in batch]
+        sequences += [(prompt, rejected) for prompt, _, rejected in batch]
+        logprobs = completion_logprobs(model, sequences, pad_id, device)
+        margins.extend(c - r for c, r in zip(logprobs[: len(batch)], logprobs[len(batch) :], strict=True))
+    return PreferenceScore.from_margins(margins)
+
+
+def smoke_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, min_ratio: float, device):
+    import torch
+
+    outputs = []
+    for prompt in prompts:
+        ids = _render_ids(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+        input_ids = torch.tensor([ids], device=device)
+        generated = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, len(ids) :].tolist()
+        special = set(tokenizer.all_special_ids)
+        content = [token for token in generated if token not in special]
+        text = tokenizer.decode(content, skip_special_tokens=True)
+        ratio = distinct_bigram_ratio(content)
+        outputs.append(
+            SmokeOutput(
+                prompt=prompt,
+                output=text,
+                tokens=len(content),
+                distinct_bigram_ratio=ratio,
+                ok=bool(text.strip()) and ratio >= min_ratio,
+            )
+        )
+    return outputs
+
+
+def _use(model, adapter: str | None):
+    """Context: run the model with one named adapter, or with adapters disabled (the base)."""
+    import contextlib
+
+    if adapter is None:
+        return model.disable_adapter()
+    model.set_adapter(adapter)
+    return contextlib.nullcontext()
+
+
+def evaluate_adapter(
+    settings: Settings,
+    adapter_dir: Path | str,
+    eval_jsonl: Path | str,
+    active_adapter_dir: Path | str | None = None,
+) -> GateResult:
+    """Gate one candidate adapter on a held-out DPO split (see the module docstring for the rules)."""
+    gate = settings.gate
+    started = time.monotonic()
+    rows = load_preference_rows(Path(eval_jsonl))[: gate.max_eval_pairs]
+    reference_name = adapter_version_name(Path(active_adapter_dir)) if active_adapter_dir else "base"
+    metrics: dict[str, Any] = {"eval_pairs": len(rows), "reference": reference_name}
+    if not rows:
+        return GateResult(False, [f"no held-out pairs in {eval_jsonl}"], metrics)
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_progress_bars()
+    on_gpu = torch.cuda.is_available()
+    use_cpu_threads(settings, on_gpu)
+    device = torch.device("cuda" if on_gpu else "cpu")
+    model_path = settings.model_path()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    base = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.bfloat16 if on_gpu else torch.float32, device_map={"": str(device)}
+    )
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=CANDIDATE)
+        if active_adapter_dir:
+            model.load_adapter(str(active_adapter_dir), adapter_name=ACTIVE)
+    except Exception as error:  # a corrupt or mismatched adapter fails here, and that is the gate's answer
+        return GateResult(False, [f"adapter does not load: {type(error).__name__}: {error}"], metrics)
+    model.eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pairs = [tokenize_pair(tokenizer, row, settings.training.max_length) for row in rows]
+
+    with torch.no_grad():
+        with _use(model, CANDIDATE):
+            candidate = score_preferences(model, pairs, pad_id, gate.eval_batch_size, device)
+            smoke = smoke_generate(
+                model,
+                tokenizer,
+                gate.smoke_prompts,
+                gate.smoke_max_tokens,
+                gate.smoke_min_distinct_ratio,
+                device,
+            )
+        with _use(model, ACTIVE if active_adapter_dir else None):
+            reference = score_preferences(model, pairs, pad_id, gate.eval_batch_size, device)
+
+    reasons = []
+    if candidate.accuracy < gate.min_accuracy:
+        reasons.append(
+            f"accuracy {candidate.accuracy:.3f} ({candidate.correct}/{candidate.pairs}) "
+            f"below gate.min_accuracy {gate.min_accuracy}"
+        )
+    if gate.must_beat_active and not candidate.beats(reference):
+        reasons.append(
+            f"does not beat {reference_name}: accuracy {candidate.accuracy:.3f} vs {reference.accuracy:.3f}, "
+            f"mean margin {candidate.mean_margin:.3f} vs {reference.mean_margin:.3f}"
+        )
+    if any(math.isnan(margin) for margin in candidate.margins):
+        reasons.append("NaN log-probs under the candidate adapter")
+    reasons.extend(smoke_failures(smoke))
+    metrics.update(
+        candidate=candidate.summary(),
+        reference_score=reference.summary(),
+        margins=[round(margin, 4) for margin in candidate.margins],
+        smoke=[asdict(output) for output in smoke],
+        rule={
+            "min_accuracy": gate.min_accuracy,
+            "must_beat_active": gate.must_beat_active,
+            "smoke_min_distinct_ratio": gate.smoke_min_distinct_ratio,
+        },
+        runtime_s=time.monotonic() - started,
+    )
+    passed = not reasons
+    logger.info(
+        "gate %s: %s accuracy %.3f vs %s %.3f, margin %.3f vs %.3f%s",
+        adapter_dir,
+        "PASS" if passed else "FAIL",
+        candidate.accuracy,
+        reference_name,
+        reference.accuracy,
+        candidate.mean_margin,
+        reference.mean_margin,
+        "" if passed else f": {'; '.join(reasons)}",
+    )
+    del model, base
+    if on_gpu:
+        torch.cuda.empty_cache()
+    return GateResult(passed, reasons, metrics)

@@ -1,0 +1,267 @@
+"""Dataset versions: freeze the current pairs into an immutable, exported snapshot.
+
+snapshot() takes every pair stored up to now (by creation sequence), keeps those whose votes still hold
+(pairing.pair_is_live: superseded pairs are excluded here, not deleted), applies the set-level filters
+(duplicates, per-user cap), splits train/eval by a hash of the pair id (a pair never changes side between
+versions), and writes ``<data_dir>/<version>/`` with train.jsonl and eval.jsonl (TRL conversational
+preference format), kto.jsonl (unpaired thumbs) and manifest.json. The folder is built under a temporary
+name, every file fsynced, then renamed into place, so a version folder is either complete or absent. The
+manifest is also stored in Redis (Keys.dataset(version), indexed in Keys.datasets_index).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+from redis import Redis
+
+from services.core.config import Settings
+from services.core.keys import Keys
+from workers.pairing import quality
+from workers.pairing import rules as pairing
+from workers.pairing.store import PairsStore
+
+TRAIN_FILE, EVAL_FILE, KTO_FILE, MANIFEST_FILE = "train.jsonl", "eval.jsonl", "kto.jsonl", "manifest.json"
+
+_RELEASE_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+class SnapshotError(RuntimeError):
+    pass
+
+
+def version_name(number: int) -> str:
+    return f"ds-{number:06d}"
+
+
+def is_eval(pid: str, eval_fraction: float) -> bool:
+    """Deterministic split: the pair id's hash decides, so a pair stays on its side in every version."""
+    bucket = int(hashlib.sha256(pid.encode()).hexdigest()[:8], 16) / 0x1_0000_0000
+    return bucket < eval_fraction
+
+
+def dpo_row(pair: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "prompt": pair["prompt"],
+        "chosen": pair["chosen"],
+        "rejected": pair["rejected"],
+        "pair_id": pair["pair_id"],
+    }
+
+
+def kto_rows(store: PairsStore, fits: Any) -> tuple[list[dict[str, Any]], Counter[tuple[str, str]]]:
+    """One unpaired example per completion whose majority is currently like or dislike."""
+    rows: list[dict[str, Any]] = []
+    dropped: Counter[tuple[str, str]] = Counter()
+    for record, label in store.labeled_completions():
+        if label is None:
+            continue
+        pii: Counter[str] = Counter()
+        prompt = quality.scrub_messages(record["prompt"], pii)
+        completion = quality.scrub_messages([{"role": "assistant", "content": record["response"]}], pii)
+        if not completion[0]["content"].strip():
+            dropped[("empty", "completion")] += 1
+            continue
+        if not fits([*prompt, *completion]):
+            dropped[("length", "completion_too_long")] += 1
+            continue
+        rows.append({"prompt": prompt, "completion": completion, "label": label == "like"})
+    return rows, dropped
+
+
+def _write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    count = 0
+    with open(path, "wb") as handle:
+        for row in rows:
+            line = orjson.dumps(row) + b"\n"
+            digest.update(line)
+            handle.write(line)
+            count += 1
+        handle.flush()
+        os.fsync(handle.fileno())
+    return {"rows": count, "sha256": digest.hexdigest()}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _entry_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return (int(ms), int(seq or 0)) if ms.isdigit() else (0, 0)
+
+
+def snapshot(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
+    """Freeze the current pairs into the next dataset version; return its manifest."""
+    token = uuid.uuid4().hex
+    if not redis.set(keys.snapshot_lock, token, nx=True, px=15 * 60 * 1000):
+        raise SnapshotError("another snapshot is running")
+    try:
+        return _snapshot(redis, keys, settings)
+    finally:
+        redis.eval(_RELEASE_LOCK, 1, keys.snapshot_lock, token)
+
+
+def _snapshot(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
+    cfg = settings.pairs
+    store = PairsStore(redis, keys)
+    tokens = quality.TokenCounter(settings.model_path())
+
+    def fits(messages: list[pairing.Message]) -> bool:
+        return tokens.fits(messages, cfg.max_tokens)
+
+    max_seq = store.max_seq()
+    pairs = [pair for _, pair in store.iter_pairs(max_seq=max_seq)]
+    labels, corrections = store.live_state(pairs)
+    live = [p for p in pairs if pairing.pair_is_live(p, labels, corrections)]
+    filters: Counter[tuple[str, str]] = Counter()
+    if len(live) < len(pairs):
+        filters[("superseded", "votes_changed")] = len(pairs) - len(live)
+    deduped = quality.dedupe(live, cfg.near_duplicate_threshold)
+    filters.update(deduped.dropped)
+    capped, cap = quality.apply_user_cap(deduped.kept, cfg.user_cap_fraction, cfg.user_cap_max)
+    filters.update(capped.dropped)
+    kept = capped.kept
+    kto, kto_dropped = kto_rows(store, fits)
+    if not kept and not kto:
+        raise SnapshotError(f"nothing to snapshot ({len(pairs)} pairs stored, none kept)")
+
+    train = [dpo_row(p) for p in kept if not is_eval(p["pair_id"], cfg.eval_fraction)]
+    evaluation = [dpo_row(p) for p in kept if is_eval(p["pair_id"], cfg.eval_fraction)]
+    version = version_name(int(redis.incr(keys.datasets_seq)))
+    entry_ids = sorted((p.get("entry_id") or "" for p in kept if p.get("entry_id")), key=_entry_key)
+
+    data_dir = Path(cfg.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    target = data_dir / version
+    if target.exists():
+        raise SnapshotError(f"{target} already exists (dataset versions are immutable)")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=data_dir))
+    try:
+        files = {
+            TRAIN_FILE: _write_jsonl(tmp / TRAIN_FILE, train),
+            EVAL_FILE: _write_jsonl(tmp / EVAL_FILE, evaluation),
+            KTO_FILE: _write_jsonl(tmp / KTO_FILE, kto),
+        }
+        manifest = {
+            "version": version,
+            "created_at": time.time(),
+            "path": str(target.resolve()),
+            "pairs_seq_max": max_seq,
+            "counts": {
+                "stored": len(pairs),
+                "live": len(live),
+                "kept": len(kept),
+                "train": len(train),
+                "eval": len(evaluation),
+                "kto": len(kto),
+                "kto_desirable": sum(1 for r in kto if r["label"]),
+                "kto_undesirable": sum(1 for r in kto if not r["label"]),
+            },
+            "strategies": dict(Counter(p["strategy"] for p in kept)),
+            "filters": {f"{name}:{reason}": n for (name, reason), n in sorted(filters.items())},
+            "kto_filters": {f"{name}:{reason}": n for (name, reason), n in sorted(kto_dropped.items())},
+            "user_cap": cap,
+            "users": len({u for p in kept for u in p.get("users", [])}),
+            "feedback": {
+                "ids": len({f for p in kept for f in p["feedback_ids"]}),
+                "first_entry_id": entry_ids[0] if entry_ids else None,
+                "last_entry_id": entry_ids[-1] if entry_ids else None,
+            },
+            "eval_fraction": cfg.eval_fraction,
+            "near_duplicate_threshold": cfg.near_duplicate_threshold,
+            "files": files,
+        }
+        (tmp / MANIFEST_FILE).write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+        with open(tmp / MANIFEST_FILE, "rb") as handle:
+            os.fsync(handle.fileno())
+        _fsync_dir(tmp)
+        os.rename(tmp, target)
+        _fsync_dir(data_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    pipe = redis.pipeline(transaction=True)
+    pipe.set(keys.dataset(version), orjson.dumps(manifest))
+    pipe.zadd(keys.datasets_index, {version: int(version.split("-")[1])})
+    for (name, reason), n in filters.items():
+        pipe.hincrby(keys.pairs_stats, quality.drop_field(name, reason), n)
+    pipe.execute()
+    return manifest
+
+
+# --- reading versions back ------------------------------------------------------------------------------
+
+
+def list_versions(redis: Redis, keys: Keys) -> list[str]:
+    versions: Any = redis.zrange(keys.datasets_index, 0, -1)
+    return [v.decode() if isinstance(v, bytes) else v for v in versions]
+
+
+def latest_version(redis: Redis, keys: Keys) -> str | None:
+    versions: Any = redis.zrange(keys.datasets_index, -1, -1)
+    if not versions:
+        return None
+    return versions[0].decode() if isinstance(versions[0], bytes) else versions[0]
+
+
+def load_manifest(redis: Redis, keys: Keys, version: str) -> dict[str, Any]:
+    raw = redis.get(keys.dataset(version))
+    if raw is None:
+        raise SnapshotError(f"unknown dataset version {version!r}")
+    return orjson.loads(raw)
+
+
+def count_new_pairs(redis: Redis, keys: Keys, since_version: str | None) -> int:
+    """Pairs stored after dataset version since_version was frozen (all pairs when None). Counts stored
+    pairs; a few may later be superseded or filtered out at the next snapshot."""
+    store = PairsStore(redis, keys)
+    if since_version is None:
+        return int(redis.zcard(keys.pairs_index))
+    return store.count_since(int(load_manifest(redis, keys, since_version)["pairs_seq_max"]))
+
+
+def dataset_files(redis: Redis, keys: Keys, version: str) -> Path:
+    return Path(load_manifest(redis, keys, version)["path"])
+
+
+def export(redis: Redis, keys: Keys, version: str, fmt: str, out: Path, split: str = "all") -> int:
+    """Copy one version's rows in format fmt (dpo: train/eval pairs, kto: unpaired thumbs) to out
+    (atomically); returns the rows written."""
+    folder = dataset_files(redis, keys, version)
+    if fmt == "dpo":
+        sources = {"train": [TRAIN_FILE], "eval": [EVAL_FILE], "all": [TRAIN_FILE, EVAL_FILE]}[split]
+    elif fmt == "kto":
+        sources = [KTO_FILE]
+    else:
+        raise ValueError(f"unknown format {fmt!r} (dpo or kto)")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    rows = 0
+    with open(tmp, "wb") as handle:
+        for name in sources:
+            with open(folder / name, "rb") as source:
+                for line in source:
+                    handle.write(line)
+                    rows += 1
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, out)
+    return rows

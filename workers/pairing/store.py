@@ -1,0 +1,541 @@
+"""Redis side of pairing: the atomic vote script, idempotent pair writes, and reading pairs back.
+
+Over 400 lines because most of it is the Lua that mirrors workers/pairing/rules.py; the two are read
+side by side.
+
+Why Lua: a vote changes several keys of one prompt group (the identity's vote, the completion's majority
+label, the liked/disliked sets) and must read the result back. Doing it in one script makes each vote
+atomic, so any number of consumers can process events at once without racing on a prompt group. One call
+applies a few hundred votes: the fixed cost of an EVALSHA and of each redis.call from Lua is most of a
+vote's Redis CPU, so a call reads each completion's votes once and keeps them for its later events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from hiredis import pack_command as _pack_command
+from redis import Redis
+from redis.exceptions import ResponseError
+
+from services.core.keys import Keys
+from workers.pairing.rules import PairRecord
+
+# A batch of votes in one script call: atomic per batch (so per event), and one EVALSHA instead of one per
+# event (the per-call overhead of EVALSHA and of each redis.call is most of the vote's Redis CPU).
+# KEYS: 1 labeled_completions, then 5 per slot (one slot per distinct completion and prompt hash in the
+#       batch): votes(cid) prompt_group(ph) prompt_liked(ph) prompt_disliked(ph) pairing_completion(cid)
+# ARGV: 1 most counterparts returned 2 number of slots, then 2 per slot: cid, completion JSON ('' when the
+#       caller knows it is stored), then 3 per event in stream order: slot (1-based), identity, vote
+# A vote is stored as "created_at|feedback_id|rating|correction_hash" (no field may hold "|"; identities are
+# hash fields, never inside values). The group hash maps completion id -> its majority label; it only ever
+# changes here, together with the votes, so the label before a vote is the majority of the votes read.
+# Returns per event either its label (when it has no counterparts) or {label, counterparts, votes}: the
+# completion's label after the vote, the newest responses to the same prompt currently labelled the other
+# way, and the completion's votes as a flat HGETALL list. The reply does not depend on whether the vote was
+# new, so a redelivered event re-derives the same pairs.
+VOTE_BATCH_SCRIPT = """
+local k = tonumber(ARGV[1]) - 1
+local nslots = tonumber(ARGV[2])
+for s = 1, nslots do
+  if ARGV[2 + 2 * s] ~= '' then redis.call('SET', KEYS[1 + 5 * s], ARGV[2 + 2 * s], 'NX') end
+end
+local function rating(vote)  -- +1 like, -1 dislike, 0 other ('|' delimits the rating field alone)
+  if string.find(vote, '|like|', 1, true) then return 1 end
+  if string.find(vote, '|dislike|', 1, true) then return -1 end
+  return 0
+end
+local function majority(state)
+  if state.nl > state.nd then return 'like' elseif state.nd > state.nl then return 'dislike' end
+  return ''
+end
+local slots = {}  -- slot -> {votes = flat HGETALL list, nl = likes, nd = dislikes}, read once per call
+local out = {}
+for a = 3 + 2 * nslots, #ARGV, 3 do
+  local s, who, vote = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2]
+  local base = 5 * s - 4
+  local vk, lk, dk, cid = KEYS[base + 1], KEYS[base + 3], KEYS[base + 4], ARGV[1 + 2 * s]
+  local state = slots[s]
+  if state == nil then
+    state = {votes = redis.call('HGETALL', vk), nl = 0, nd = 0}
+    for i = 2, #state.votes, 2 do
+      local r = rating(state.votes[i])
+      if r == 1 then state.nl = state.nl + 1 elseif r == -1 then state.nd = state.nd + 1 end
+    end
+    slots[s] = state
+  end
+  local votes = state.votes
+  local at = nil
+  for i = 1, #votes, 2 do
+    if votes[i] == who then at = i break end
+  end
+  local old = majority(state)
+  local label = old
+  local ts, fid = string.match(vote, '^([^|]*)|([^|]*)|')
+  local nts = tonumber(ts)
+  local fresh = true
+  if at then
+    local cts, cfid = string.match(votes[at + 1], '^([^|]*)|([^|]*)|')
+    cts = tonumber(cts)
+    if cts > nts or (cts == nts and cfid >= fid) then fresh = false end
+  end
+  if fresh then
+    redis.call('HSET', vk, who, vote)
+    if at then
+      local r = rating(votes[at + 1])
+      if r == 1 then state.nl = state.nl - 1 elseif r == -1 then state.nd = state.nd - 1 end
+      votes[at + 1] = vote
+    else
+      votes[#votes + 1] = who
+      votes[#votes + 1] = vote
+    end
+    local r = rating(vote)
+    if r == 1 then state.nl = state.nl + 1 elseif r == -1 then state.nd = state.nd + 1 end
+    label = majority(state)
+    if label ~= old then
+      redis.call('HSET', KEYS[base + 2], cid, label)
+      if old == 'like' then redis.call('ZREM', lk, cid)
+      elseif old == 'dislike' then redis.call('ZREM', dk, cid) end
+    end
+    if label == 'like' then redis.call('ZADD', lk, ts, cid)
+    elseif label == 'dislike' then redis.call('ZADD', dk, ts, cid) end
+    if label ~= '' and old == '' then redis.call('ZADD', KEYS[1], 'NX', ts, cid) end
+  end
+  local others = nil
+  if k >= 0 then
+    if label == 'like' then others = redis.call('ZREVRANGE', dk, 0, k)
+    elseif label == 'dislike' then others = redis.call('ZREVRANGE', lk, 0, k) end
+  end
+  if others and #others > 0 then
+    local copy = {}  -- the votes as of this event (later events of the call change the cached list)
+    for i = 1, #votes do copy[i] = votes[i] end
+    out[#out + 1] = {label, others, copy}
+  else
+    out[#out + 1] = label
+  end
+end
+return out
+"""
+
+# RECORD_PAIR_SCRIPT for many records in one call. Each record is done (stored, indexed, counted) before
+# the next, and a failing record does not stop the others: it is answered with its error message.
+# KEYS: 1 pairs_index 2 pairs_seq 3 pairs_stats, then one per record: the pair (or dropped-marker) key
+# ARGV: per record: pair id, value, '1' to index the pair, n, then n field/increment pairs
+# Returns per record 1 (new, counted), 0 (already stored) or "ERR <message>".
+RECORD_BATCH_SCRIPT = """
+local function record(key, pid, value, index, a, n)
+  local set = redis.pcall('SET', key, value, 'NX')
+  if type(set) == 'table' and set.err then return set.err end
+  if not set then return 0 end
+  if index == '1' then
+    local seq = redis.pcall('INCR', KEYS[2])
+    if type(seq) == 'table' and seq.err then return seq.err end
+    local added = redis.pcall('ZADD', KEYS[1], seq, pid)
+    if type(added) == 'table' and added.err then return added.err end
+  end
+  for i = a + 4, a + 2 + 2 * n, 2 do
+    local done = redis.pcall('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
+    if type(done) == 'table' and done.err then return done.err end
+  end
+  return 1
+end
+local out = {}
+local a, r = 1, 4
+while a <= #ARGV do
+  local n = tonumber(ARGV[a + 3])
+  local result = record(KEYS[r], ARGV[a], ARGV[a + 1], ARGV[a + 2], a, n)
+  if type(result) == 'string' then result = 'ERR ' .. result end
+  out[#out + 1] = result
+  a = a + 4 + 2 * n
+  r = r + 1
+end
+return out
+"""
+
+# KEYS: 1 pair (or dropped-marker) key 2 pairs_index 3 pairs_seq 4 pairs_stats
+# ARGV: 1 pair id 2 value 3 '1' to index the pair 4.. field, increment, field, increment ...
+# Counters move only when the key is new, so a redelivered event never counts twice.
+RECORD_PAIR_SCRIPT = """
+if redis.call('SET', KEYS[1], ARGV[2], 'NX') then
+  if ARGV[3] == '1' then
+    local seq = redis.call('INCR', KEYS[3])
+    redis.call('ZADD', KEYS[2], seq, ARGV[1])
+  end
+  for i = 4, #ARGV, 2 do redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1]) end
+  return 1
+end
+return 0
+"""
+
+
+class CommandBatch:
+    """Commands sent to Redis in one write and answered in order: a pipeline without redis-py's
+    per-command encoding and reply callbacks (hiredis packs in about a third of the time). Error replies
+    come back as ResponseError instances in place, never raised."""
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[Any, ...]] = []
+        self.packed: dict[int, bytes] = {}  # command index -> its pack_command() bytes, packed beforehand
+
+    def add(self, *args: Any) -> None:
+        self.commands.append(args)
+
+    def add_packed(self, args: tuple[Any, ...], packed: bytes | None) -> None:
+        if packed is not None:
+            self.packed[len(self.commands)] = packed
+        self.commands.append(args)
+
+    def __len__(self) -> int:
+        return len(self.commands)
+
+    def execute(self, redis: Redis) -> list[Any]:
+        if not self.commands:
+            return []
+        pool = redis.connection_pool
+        conn = pool.get_connection()
+        try:
+            packed = self.packed
+            conn.send_packed_command(
+                [b"".join(packed.get(i) or _pack_command(args) for i, args in enumerate(self.commands))]
+            )
+            replies: list[Any] = []
+            for _ in self.commands:
+                try:
+                    replies.append(conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            conn.disconnect()  # replies may be half read: never hand this connection out again as is
+            raise
+        finally:
+            pool.release(conn)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _flat(reply: Any) -> list[Any]:
+    """A hash reply as a flat [field, value, ...] list (RESP3 connections return a map)."""
+    if isinstance(reply, dict):
+        return [part for item in reply.items() for part in item]
+    return list(reply)
+
+
+def parse_vote(raw: bytes | str) -> tuple[float, str, str, str]:
+    """(created_at, feedback_id, rating, correction_hash) from a stored vote."""
+    ts, fid, rating, correction = _text(raw).split("|", 3)
+    return float(ts), fid, rating, correction
+
+
+def tally(votes: Sequence[bytes | str], limit: int = 20) -> tuple[str | None, list[str], list[str]]:
+    """From a completion's votes (flat HGETALL list): its majority label and the feedback ids and
+    identities of the votes behind that label, oldest first (at most limit)."""
+    likes: list[tuple[str, str, str]] = []
+    dislikes: list[tuple[str, str, str]] = []
+    for i in range(0, len(votes), 2):
+        ts, fid, rating, _ = _text(votes[i + 1]).split("|", 3)
+        if rating == "like":
+            likes.append((ts, fid, _text(votes[i])))
+        elif rating == "dislike":
+            dislikes.append((ts, fid, _text(votes[i])))
+    if len(likes) > len(dislikes):
+        label, rows = "like", likes
+    elif len(dislikes) > len(likes):
+        label, rows = "dislike", dislikes
+    else:
+        return None, [], []
+    rows.sort(key=lambda row: (float(row[0]), row[1]))
+    rows = rows[:limit]
+    return label, [fid for _, fid, _ in rows], [who for _, _, who in rows]
+
+
+def supporters(votes: Sequence[bytes | str], rating: str | None, limit: int = 20) -> tuple[list[str], list[str]]:
+    """(feedback ids, identities) of the votes with this rating, oldest first (at most limit)."""
+    rows = []
+    for i in range(0, len(votes), 2):
+        ts, fid, vote, _ = _text(votes[i + 1]).split("|", 3)
+        if vote == rating:
+            rows.append((float(ts), fid, _text(votes[i])))
+    rows.sort()
+    return [fid for _, fid, _ in rows[:limit]], [who for _, _, who in rows[:limit]]
+
+
+def parse_label(raw: bytes | str | None) -> str | None:
+    return _text(raw) or None if raw else None
+
+
+@dataclass(slots=True)
+class VoteOutcome:
+    label: str | None
+    counterparts: list[str]  # completion ids labelled the other way, newest first
+    votes: list[bytes]  # this completion's votes (flat HGETALL), only when there are counterparts
+
+    @classmethod
+    def parse(cls, reply: Any) -> VoteOutcome:
+        """One event's part of a VOTE_BATCH_SCRIPT reply: a bare label, or {label, counterparts, votes}."""
+        if isinstance(reply, bytes | str):
+            return cls(parse_label(reply), [], [])
+        return cls(parse_label(reply[0]), [_text(c) for c in reply[1]], list(reply[2]))
+
+
+class VoteBatch:
+    """The arguments of one VOTE_BATCH_SCRIPT call: events in stream order, each naming its slot (a distinct
+    completion id and prompt hash) so that keys and the completion record are sent once per slot."""
+
+    __slots__ = ("_k", "command", "event_args", "keys", "max_counterparts", "packed", "slot_args", "slots")
+
+    def __init__(self, keys: Keys) -> None:
+        self._k = keys
+        self.keys: list[str] = [keys.labeled_completions]
+        self.slot_args: list[str | bytes] = []
+        self.event_args: list[Any] = []
+        self.slots: dict[tuple[str, str], int] = {}
+        self.command: tuple[Any, ...] | None = None  # set by PairsStore.pack_votes()
+        self.max_counterparts = 0
+        self.packed: bytes | None = None
+
+    def __len__(self) -> int:
+        return len(self.event_args) // 3
+
+    def add_slot(self, completion_id: str, phash: str, completion_json: bytes) -> int:
+        """A new slot; completion_json is b"" when the completion record is known to be stored."""
+        k = self._k
+        self.keys += (
+            k.pairing_votes(completion_id),
+            k.prompt_group(phash),
+            k.prompt_liked(phash),
+            k.prompt_disliked(phash),
+            k.pairing_completion(completion_id),
+        )
+        self.slot_args += (completion_id, completion_json)
+        slot = self.slots[(completion_id, phash)] = len(self.slots) + 1
+        return slot
+
+    def add(self, slot: int, identity: str, vote: str) -> None:
+        """One vote, vote_value() formatted."""
+        self.event_args += (slot, identity, vote)
+
+
+def vote_value(created_at: float, feedback_id: str, rating: str, correction_hash: str) -> str:
+    return f"{created_at!r}|{feedback_id}|{rating}|{correction_hash}"
+
+
+class RecordBatch:
+    """The arguments of one RECORD_BATCH_SCRIPT call."""
+
+    __slots__ = ("args", "keys")
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.args: list[Any] = []
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class PairsStore:
+    """Pair storage on one Redis client and key prefix."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.vote_script = redis.register_script(VOTE_BATCH_SCRIPT)
+        self.record_script = redis.register_script(RECORD_PAIR_SCRIPT)
+        self.record_batch_script = redis.register_script(RECORD_BATCH_SCRIPT)
+
+    def ensure_scripts(self) -> None:
+        """Load the scripts so pipelined EVALSHA calls never hit NOSCRIPT."""
+        for script in (VOTE_BATCH_SCRIPT, RECORD_PAIR_SCRIPT, RECORD_BATCH_SCRIPT):
+            self.redis.script_load(script)
+
+    # --- writes (queued on a CommandBatch) ---
+
+    def pack_votes(self, votes: VoteBatch, max_counterparts: int) -> None:
+        """Build (and, with hiredis, encode) the VOTE_BATCH_SCRIPT call, e.g. ahead of time in another thread."""
+        votes.max_counterparts = max_counterparts
+        votes.command = (
+            "EVALSHA",
+            self.vote_script.sha,
+            len(votes.keys),
+            *votes.keys,
+            max_counterparts,
+            len(votes.slots),
+            *votes.slot_args,
+            *votes.event_args,
+        )
+        votes.packed = _pack_command(votes.command)
+
+    def queue_votes(self, batch: CommandBatch, votes: VoteBatch, max_counterparts: int) -> None:
+        """One VOTE_BATCH_SCRIPT call; its reply is one VoteOutcome.parse()-able item per event."""
+        if votes.command is None or votes.max_counterparts != max_counterparts:
+            self.pack_votes(votes, max_counterparts)
+        assert votes.command is not None
+        batch.add_packed(votes.command, votes.packed)
+
+    def add_pair(self, records: RecordBatch, pair: PairRecord, counters: Mapping[str, int]) -> None:
+        """Like queue_pair, on a RecordBatch."""
+        pid = pair["pair_id"]
+        records.keys.append(self.keys.pair(pid))
+        records.args += (pid, orjson.dumps(pair), "1", len(counters))
+        for name, value in counters.items():
+            records.args += (name, value)
+
+    def add_drop(self, records: RecordBatch, pid: str, reason_field: str, counters: Mapping[str, int]) -> None:
+        """Like queue_drop, on a RecordBatch."""
+        records.keys.append(self.keys.pair_dropped(pid))
+        records.args += (pid, reason_field, "0", len(counters))
+        for name, value in counters.items():
+            records.args += (name, value)
+
+    def queue_records(self, batch: CommandBatch, records: RecordBatch) -> None:
+        """One RECORD_BATCH_SCRIPT call; its reply is 1 (new), 0 (known) or b"ERR ..." per record, in order."""
+        k = self.keys
+        batch.add(
+            "EVALSHA",
+            self.record_batch_script.sha,
+            3 + len(records.keys),
+            k.pairs_index,
+            k.pairs_seq,
+            k.pairs_stats,
+            *records.keys,
+            *records.args,
+        )
+
+    def queue_pair(self, batch: CommandBatch, pair: PairRecord, counters: Mapping[str, int]) -> None:
+        """SET NX the pair, index it under the next sequence number and bump counters, all only if new."""
+        k = self.keys
+        args: list[Any] = [pair["pair_id"], orjson.dumps(pair), "1"]
+        for name, value in counters.items():
+            args += [name, value]
+        batch.add(
+            "EVALSHA",
+            self.record_script.sha,
+            4,
+            k.pair(pair["pair_id"]),
+            k.pairs_index,
+            k.pairs_seq,
+            k.pairs_stats,
+            *args,
+        )
+
+    def queue_drop(self, batch: CommandBatch, pid: str, reason_field: str, counters: Mapping[str, int]) -> None:
+        """Remember that a filter dropped this pair id (once), counting the drop only the first time."""
+        k = self.keys
+        args: list[Any] = [pid, reason_field, "0"]
+        for name, value in counters.items():
+            args += [name, value]
+        batch.add(
+            "EVALSHA",
+            self.record_script.sha,
+            4,
+            k.pair_dropped(pid),
+            k.pairs_index,
+            k.pairs_seq,
+            k.pairs_stats,
+            *args,
+        )
+
+    # --- reads ---
+
+    def completions(self, completion_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        if not completion_ids:
+            return {}
+        raws = self.redis.mget([self.keys.pairing_completion(c) for c in completion_ids])
+        return {cid: orjson.loads(raw) for cid, raw in zip(completion_ids, raws, strict=True) if raw}
+
+    def completions_with_votes(self, completion_ids: Sequence[str]) -> dict[str, tuple[dict[str, Any], list[bytes]]]:
+        """Records and votes (flat HGETALL lists) of completions, in one round trip."""
+        if not completion_ids:
+            return {}
+        batch = CommandBatch()
+        batch.add("MGET", *[self.keys.pairing_completion(c) for c in completion_ids])
+        for cid in completion_ids:
+            batch.add("HGETALL", self.keys.pairing_votes(cid))
+        replies = batch.execute(self.redis)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return {
+            cid: (orjson.loads(raw), _flat(votes))
+            for cid, raw, votes in zip(completion_ids, replies[0], replies[1:], strict=True)
+            if raw
+        }
+
+    def max_seq(self) -> int:
+        return int(self.redis.get(self.keys.pairs_seq) or 0)
+
+    def iter_pairs(
+        self, min_seq: float = float("-inf"), max_seq: float = float("inf"), chunk: int = 2000
+    ) -> Iterator[tuple[int, PairRecord]]:
+        """(sequence, pair) in creation order, read in chunks."""
+        low: float | str = min_seq
+        while True:
+            rows: Any = self.redis.zrangebyscore(
+                self.keys.pairs_index, low, max_seq, start=0, num=chunk, withscores=True
+            )
+            if not rows:
+                return
+            ids = [r[0].decode() if isinstance(r[0], bytes) else r[0] for r in rows]
+            raws = self.redis.mget([self.keys.pair(i) for i in ids])
+            for (_, score), raw in zip(rows, raws, strict=True):
+                if raw:
+                    yield int(score), orjson.loads(raw)
+            if len(rows) < chunk:
+                return
+            low = f"({int(rows[-1][1])}"
+
+    def count_since(self, seq: int) -> int:
+        return int(self.redis.zcount(self.keys.pairs_index, f"({seq}", "+inf"))
+
+    def live_state(self, pairs: Iterable[PairRecord]) -> tuple[dict[str, str | None], dict[tuple[str, str], str]]:
+        """Current labels of the completions the pairs name, and the correction hash of each corrected
+        vote, as pairing.pair_is_live needs them."""
+        label_keys: dict[str, str] = {}
+        correction_keys: set[tuple[str, str]] = set()
+        for pair in pairs:
+            if pair["strategy"] == "correction":
+                correction_keys.add((pair["completion_ids"][0], pair["users"][0]))
+            else:
+                for cid in pair["completion_ids"]:
+                    label_keys[cid] = pair["prompt_hash"]
+        label_items = list(label_keys.items())
+        correction_items = sorted(correction_keys)
+        labels: dict[str, str | None] = {}
+        corrections: dict[tuple[str, str], str] = {}
+        for start in range(0, max(len(label_items), len(correction_items)), 5000):
+            pipe = self.redis.pipeline(transaction=False)
+            for cid, phash in label_items[start : start + 5000]:
+                pipe.hget(self.keys.prompt_group(phash), cid)
+            for cid, who in correction_items[start : start + 5000]:
+                pipe.hget(self.keys.pairing_votes(cid), who)
+            replies = pipe.execute()
+            n_labels = len(label_items[start : start + 5000])
+            for (cid, _), raw in zip(label_items[start : start + 5000], replies[:n_labels], strict=True):
+                labels[cid] = parse_label(raw)
+            for key, raw in zip(correction_items[start : start + 5000], replies[n_labels:], strict=True):
+                if raw:
+                    _, _, rating, correction = parse_vote(raw)
+                    corrections[key] = correction if rating != "withdrawn" else ""
+        return labels, corrections
+
+    def labeled_completions(self, chunk: int = 2000) -> Iterator[tuple[dict[str, Any], str | None]]:
+        """Every completion that ever had a label, with its current label (for the KTO export)."""
+        start = 0
+        while True:
+            ids: Any = self.redis.zrange(self.keys.labeled_completions, start, start + chunk - 1)
+            if not ids:
+                return
+            cids = [i.decode() if isinstance(i, bytes) else i for i in ids]
+            records = self.completions(cids)
+            pipe = self.redis.pipeline(transaction=False)
+            ordered = [records[c] for c in cids if c in records]
+            for record in ordered:
+                pipe.hget(self.keys.prompt_group(record["prompt_hash"]), record["completion_id"])
+            for record, raw in zip(ordered, pipe.execute(), strict=True):
+                yield record, parse_label(raw)
+            start += chunk
