@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install install-test up demo test test-fast lint typecheck bench clean readme demo-model test-charts image-cpu image-gpu
+.PHONY: install install-test up demo test test-fast test-reliability lint typecheck bench clean readme demo-model test-charts image-cpu image-gpu
 
 install:
 	@scripts/install.sh
@@ -42,6 +42,9 @@ readme: install
 
 demo-model: install
 	nice -n 10 $(BIN)/python models/build_demo_model.py --force
+
+test-reliability: install-test
+	$(BIN)/python -m pytest tests/reliability $(PYTEST_ARGS)
 
 test-charts: install-test
 	$(BIN)/python -m pytest tests/charts -m "not slow"

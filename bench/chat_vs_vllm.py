@@ -15,7 +15,12 @@ TTFT is the time from sending a request to its first chunk with non-empty conten
 view, the CPU time of each server's API process (and of its engine-core children) is read from /proc,
 which is less noisy than wall time on a shared machine: the API process is where the two servers differ.
 
-Writes bench/results/chat_vs_vllm.json and prints a markdown table.
+`--kind` picks the request: `plain` (the default), `json_schema` (a `response_format` JSON schema, through vLLM's
+structured outputs; no ignore_eos, the grammar ends the answer) or `logprobs` (`logprobs` with `top_logprobs` 5
+on every token).
+
+Writes bench/results/chat_vs_vllm.json (chat_vs_vllm-<kind>.json for the other kinds) and prints a markdown
+table.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class Target:
     server: harness.Server
     url: str
     model: str
+    kind: str = "plain"
     rounds: list[Round] = field(default_factory=list)
 
 
@@ -141,20 +147,34 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return t.user + t.system, children
 
 
-def request_body(model: str, i: int, max_tokens: int) -> bytes:
+KINDS = ("plain", "json_schema", "logprobs")
+STORY_SCHEMA = {
+    "type": "object",
+    "properties": {"title": {"type": "string"}, "sea": {"type": "string", "enum": ["calm", "rough"]},
+                   "story": {"type": "string"}},
+    "required": ["title", "sea", "story"],
+    "additionalProperties": False,
+}  # fmt: skip
+
+
+def request_body(model: str, i: int, max_tokens: int, kind: str = "plain") -> bytes:
     import orjson
 
-    return orjson.dumps(
-        {
-            "model": model,
-            "messages": [{"role": "user", "content": f"Request {i}: tell me a story about the sea."}],
-            "max_tokens": max_tokens,
-            "temperature": 1.0,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-    )
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": f"Request {i}: tell me a story about the sea."}],
+        "max_tokens": max_tokens,
+        "temperature": 1.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if kind == "json_schema":
+        del body["ignore_eos"]  # the grammar ends the answer; past its end only EOS is allowed
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "story", "schema": STORY_SCHEMA}}
+    elif kind == "logprobs":
+        body["logprobs"], body["top_logprobs"] = True, 5
+    return orjson.dumps(body)
 
 
 async def stream_one(session: Any, url: str, body: bytes) -> Sample:
@@ -189,7 +209,7 @@ async def stream_one(session: Any, url: str, body: bytes) -> Sample:
 
 async def run_round(session: Any, target: Target, n: int, concurrency: int, max_tokens: int, seq: list[int]):
     """n requests with `concurrency` in flight; returns (wall seconds, samples)."""
-    bodies = [request_body(target.model, seq[0] + i, max_tokens) for i in range(n)]
+    bodies = [request_body(target.model, seq[0] + i, max_tokens, target.kind) for i in range(n)]
     seq[0] += n
     samples: list[Sample] = []
     next_index = 0
@@ -392,8 +412,13 @@ def main() -> None:
     )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--profile", type=Path, help="py-spy (raw, collapsed stacks) of our API process")
-    parser.add_argument("--output", type=Path, default=harness.RESULTS / "chat_vs_vllm.json")
+    parser.add_argument("--kind", choices=KINDS, default="plain", help="plain chat, json_schema or logprobs")
+    parser.add_argument("--output", type=Path, help="default: bench/results/chat_vs_vllm[-KIND].json")
     args = parser.parse_args()
+    if args.output is None:
+        args.output = harness.RESULTS / (
+            "chat_vs_vllm.json" if args.kind == "plain" else f"chat_vs_vllm-{args.kind}.json"
+        )
 
     harness.install_cleanup()
     started = time.time()
@@ -401,9 +426,15 @@ def main() -> None:
     prefix = f"flbench-chat-{uuid.uuid4().hex[:8]}"
     ours_server, vllm_server, settings = start_servers(args, prefix)
     targets = {
-        OURS: Target(OURS, ours_server, ours_server.base_url + "/v1/chat/completions", settings.engine.alias),
+        OURS: Target(
+            OURS, ours_server, ours_server.base_url + "/v1/chat/completions", settings.engine.alias, args.kind
+        ),
         VLLM: Target(
-            VLLM, vllm_server, vllm_server.base_url + "/v1/chat/completions", settings.engine.served_model_name
+            VLLM,
+            vllm_server,
+            vllm_server.base_url + "/v1/chat/completions",
+            settings.engine.served_model_name,
+            args.kind,
         ),
     }
     profiler = start_profiler(ours_server.proc.pid, args.profile) if args.profile else None
@@ -426,9 +457,10 @@ def main() -> None:
         {
             **harness.result_header("chat_vs_vllm", started, load_start),
             "load": {
+                "kind": args.kind,
                 "concurrency": args.concurrency,
                 "max_tokens": args.max_tokens,
-                "ignore_eos": True,
+                "ignore_eos": args.kind != "json_schema",
                 "temperature": 1.0,
                 "requests_per_round": args.requests_per_round,
                 "rounds_per_server": len(targets[OURS].rounds),

@@ -116,6 +116,7 @@ def feedloop_server(
             "FEEDLOOP_DATA_DIR": str(data_dir),
             "FEEDLOOP_ENGINE__MODEL": model,
             "FEEDLOOP_API__PORT": str(port),
+            "FEEDLOOP_FEEDBACK__SECRET": f"bench-{prefix}",  # `serve` refuses the documented default
             "FEEDLOOP_TRAINING__ADAPTERS_DIR": str(adapters_dir or data_dir / "adapters"),
             **(env or {}),
         },

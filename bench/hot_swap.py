@@ -129,10 +129,10 @@ def swap_histogram(base_url: str) -> tuple[float, float]:
 def publish_adapters(model: Path, adapters_dir: Path, redis_url: str, prefix: str, count: int) -> list[str]:
     """Random-weight LoRA adapters with manifests, registered as candidates."""
     import redis
+    from tests.adapter_corpus import publish_lora
 
     from services.adapters.registry import AdapterRegistry
     from services.core.keys import Keys
-    from tests.adapter_corpus import publish_lora
 
     registry = AdapterRegistry(redis.Redis.from_url(redis_url), Keys(prefix))
     versions = []

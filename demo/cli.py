@@ -7,6 +7,7 @@ Heavy imports happen inside the commands, so `feedloop --help` stays fast.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,12 +25,14 @@ AdversarialVolume = Annotated[int | None, typer.Option(help="Chat loops per adve
 Seed = Annotated[int | None, typer.Option(help="Seed of the users' choices.")]
 
 
-def simulation_settings(**overrides: Any) -> Any:
-    """The simulate settings with the options given on the command line (None: keep the setting)."""
+def simulation_settings(profile_defaults: Mapping[str, Any] | None = None, **overrides: Any) -> Any:
+    """The simulate settings: a profile's defaults where the environment sets nothing, then the options given on
+    the command line (None: keep the setting)."""
     from demo.settings import get_demo_settings
 
     sim = get_demo_settings().simulate
-    return sim.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    defaults = {k: v for k, v in (profile_defaults or {}).items() if k not in sim.model_fields_set}
+    return sim.model_copy(update={**defaults, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 @demo_app.command()
@@ -110,22 +113,30 @@ def demo(
     port: Annotated[int | None, typer.Option(help="API port (default: a free one).")] = None,
     out: Annotated[Path, typer.Option(help="Folder for demo-report.json and demo-report.png.")] = Path("."),
     keep: Annotated[bool, typer.Option(help="Keep the demo's Redis keys, adapters and logs.")] = False,
+    model: Annotated[
+        str, typer.Option(help="smollm2 (SmolLM2-135M-Instruct, the default base model) or toy (the 2.2M demo model).")
+    ] = "smollm2",
 ) -> None:
     """The whole loop on this machine: baseline, simulated feedback, training, hot-swap, measured per round."""
+    from demo.profiles import PROFILES
     from demo.run import DemoError, DemoOptions, run_demo
     from services.cli.common import configure_logging, fail, require_engine
     from services.core.config import get_settings
 
+    if model not in PROFILES:
+        raise fail(f"--model must be one of {', '.join(PROFILES)}, not {model!r}")
+    profile = PROFILES[model]
     settings = get_settings()
     configure_logging(settings.model_copy(update={"log_level": "WARNING"}))
     require_engine()
     sim = simulation_settings(
+        profile.simulate,
         users=users, likes=likes, rate_probability=rate_probability, correction_probability=correction_probability,
         noise_rate=noise, adversarial_fraction=adversarial, adversarial_volume=adversarial_volume, seed=seed,
     )  # fmt: skip
     options = DemoOptions(
         rounds=rounds, identity_samples=samples, questions=questions, final_chats=final_chats, port=port,
-        out_dir=out, keep=keep,
+        out_dir=out, keep=keep, profile=profile,
     )  # fmt: skip
     try:
         report = run_demo(settings, options, sim, echo=typer.echo)

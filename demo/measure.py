@@ -42,8 +42,9 @@ class DemoModelInfo:
     is_demo_model: bool
 
     @classmethod
-    def load(cls, model_path: str | Path) -> DemoModelInfo:
-        path = Path(model_path) / MODEL_INFO_FILE
+    def load(cls, model_path: str | Path, info_file: Path | None = None) -> DemoModelInfo:
+        """The held-out sets in info_file (a profile's), else the model folder's feedloop_model.json."""
+        path = info_file if info_file is not None else Path(model_path) / MODEL_INFO_FILE
         if not path.exists():
             return cls(
                 DEFAULT_ORG,

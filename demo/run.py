@@ -12,7 +12,7 @@ share the round state; measurement, simulation and the report itself live in the
 4. A last short simulation on the final version gives its like-rate. Print a table per round and write
    demo-report.json and demo-report.png.
 
-Training is tuned for the small demo model on a 2-core CPU (DEMO_ENV); any of those variables set in the
+Training is tuned per model on a 2-core CPU (demo/profiles.py); any of those variables set in the
 caller's environment wins over the demo's value.
 """
 
@@ -25,49 +25,25 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
+from redis import exceptions as redis_errors
 
 from demo.measure import DemoModelInfo, Measurement, measure
+from demo.profiles import SMOLLM2, DemoProfile
 from demo.settings import SimulationSettings
 from demo.simulate import PromptPool, Rubric, SimulationStats, format_progress, run_simulation
 from services.cli.procs import feedloop_children, free_port, private_redis, redis_answers
 from services.core.config import Settings
 from services.core.keys import Keys
 
-# What the demo changes for its children, unless the caller's environment sets it. Measured on the 2-core
-# machine with the shipped demo model (see the README's demo section).
-DEMO_ENV: dict[str, str] = {
-    "FEEDLOOP_TRAINING__MIN_PAIRS": "200",
-    "FEEDLOOP_TRAINING__CHECK_INTERVAL_S": "3",
-    # Each round trains a fresh adapter on every pair so far: continuing from the active adapter trains the
-    # first round's pairs (and their adversarial noise) twice as long.
-    "FEEDLOOP_TRAINING__CONTINUE_FROM_ACTIVE": "false",
-    # A fixed budget of optimizer steps, not epochs: how many pairs the trigger's snapshot holds varies with
-    # timing (180 to 520 here), and 6 epochs over the larger sets overtrained the model into wrong arithmetic.
-    "FEEDLOOP_TRAINING__MAX_STEPS": "80",
-    "FEEDLOOP_TRAINING__LEARNING_RATE": "0.002",
-    # beta 0.5 stops pushing once a pair is clearly separated, which spares arithmetic and facts; a little SFT
-    # on the chosen answers keeps the small model's greedy answers intact.
-    "FEEDLOOP_TRAINING__BETA": "0.5",
-    "FEEDLOOP_TRAINING__SFT_WEIGHT": "0.3",
-    # Weaker answers (liked answer > the base model's answer at high temperature) anchor arithmetic and facts:
-    # make them quickly, while the users are still chatting.
-    "FEEDLOOP_PAIRS__GENERATE_INTERVAL_S": "3",
-    "FEEDLOOP_PAIRS__GENERATION_BATCH": "64",
-    "FEEDLOOP_PAIRS__GENERATION_CONCURRENCY": "8",
-    "FEEDLOOP_PAIRS__GENERATION_MAX_TOKENS": "48",
-    # Every simulated user comes from 127.0.0.1: the per-IP bucket would throttle all of them as one.
-    # The per-user buckets stay as configured, so high-volume adversaries still meet 429s.
-    "FEEDLOOP_FEEDBACK__RATE_PER_IP": "100000",
-    "FEEDLOOP_FEEDBACK__BURST_PER_IP": "100000",
-}
 CHILDREN = ("serve", "worker", "beat")
+REDIS_TRANSIENT = (redis_errors.ConnectionError, redis_errors.TimeoutError)
 POLL_S = 1.0
 
 
@@ -84,11 +60,12 @@ class DemoOptions:
     port: int | None = None
     out_dir: Path = Path(".")
     trigger_timeout_s: float = 600.0
-    run_timeout_s: float = 900.0
+    run_timeout_s: float = 1800.0
     serve_timeout_s: float = 180.0
     start_timeout_s: float = 300.0
     keep: bool = False
-    env: dict[str, str] = field(default_factory=dict)  # extra child environment (wins over DEMO_ENV)
+    env: dict[str, str] = field(default_factory=dict)  # extra child environment (wins over the profile's)
+    profile: DemoProfile = SMOLLM2
 
 
 class Progress:
@@ -147,9 +124,9 @@ class Stack:
 
 
 def child_env(settings: Settings, base: dict[str, str], redis_url: str, prefix: str, data_dir: Path, port: int,
-              metrics_port: int, extra: dict[str, str]) -> dict[str, str]:  # fmt: skip
+              metrics_port: int, extra: dict[str, str], profile_env: Mapping[str, str]) -> dict[str, str]:  # fmt: skip
     env = {**base, "PYTHONUNBUFFERED": "1"}
-    for name, value in DEMO_ENV.items():
+    for name, value in profile_env.items():
         env.setdefault(name, value)
     env.update(
         {
@@ -206,7 +183,9 @@ def demo_stack(settings: Settings, options: DemoOptions, progress: Progress) -> 
         redis_url = settings.redis_url
         if not shared_redis:
             redis_url = stack.enter_context(private_redis(data_dir / "redis"))
-        env = child_env(settings, dict(os.environ), redis_url, prefix, data_dir, port, free_port(), options.env)
+        env = child_env(
+            settings, dict(os.environ), redis_url, prefix, data_dir, port, free_port(), options.env, options.profile.env
+        )
         progress.done(
             f"demo: Redis {redis_url} (key prefix {prefix}) · data and logs in {data_dir} · API http://127.0.0.1:{port}"
         )
@@ -325,8 +304,11 @@ class Demo:
                 if time.monotonic() > deadline:
                     raise DemoError(f"training did not start within {self.options.trigger_timeout_s:.0f} s")
                 stack.check_alive()
-                pairs = await asyncio.to_thread(new_pairs, redis, stack.keys)
-                fresh = sorted(run_ids(redis, stack.keys) - known, key=lambda r: int(r.rsplit("-", 1)[-1]))
+                try:
+                    pairs = await asyncio.to_thread(new_pairs, redis, stack.keys)
+                    fresh = sorted(run_ids(redis, stack.keys) - known, key=lambda r: int(r.rsplit("-", 1)[-1]))
+                except REDIS_TRANSIENT:  # a slow moment of a busy machine: look again
+                    fresh = []
                 run_id = fresh[0] if fresh else None
                 if run_id is None:
                     await asyncio.sleep(POLL_S)
@@ -347,12 +329,16 @@ class Demo:
         try:
             while True:
                 stack.check_alive()
-                run = runs.get(run_id) or {}
-                if run.get("status") in TERMINAL:
-                    return run
                 if time.monotonic() > deadline:
                     raise DemoError(f"{run_id} did not finish within {self.options.run_timeout_s:.0f} s")
-                steps = len(runs.history(run_id))
+                try:
+                    run = runs.get(run_id) or {}
+                    steps = len(runs.history(run_id))
+                except REDIS_TRANSIENT:  # a slow moment of a busy machine: look again
+                    await asyncio.sleep(POLL_S)
+                    continue
+                if run.get("status") in TERMINAL:
+                    return run
                 elapsed = time.time() - (run.get("created_at") or time.time())
                 timings = run.get("timings") or {}
                 phase = "gate" if "train_s" in timings else "training" if "snapshot_s" in timings else "starting"
@@ -444,6 +430,7 @@ class Demo:
         final = await self.final_check(stack, current)
         report = {
             "likes": self.sim.likes,
+            "profile": self.options.profile.name,
             "model": self.settings.model_path(),
             "rounds": rounds,
             "baseline": baseline.to_dict(),
@@ -500,11 +487,14 @@ def run_demo(
     from demo.report import write_chart, write_json
 
     progress = progress or Progress()
-    info = DemoModelInfo.load(settings.model_path())
+    profile = options.profile
+    settings = settings.model_copy(deep=True)
+    settings.engine.model = profile.model_path(settings)
+    info = DemoModelInfo.load(settings.model_path(), profile.info_file)
     if not info.is_demo_model:
         raise DemoError(
-            f"{settings.model_path()} is not a demo model (no feedloop_model.json): build it with "
-            "`python models/build_demo_model.py`, or point FEEDLOOP_ENGINE__MODEL at one"
+            f"{settings.model_path()} has no held-out sets (no feedloop_model.json, and the {profile.name} profile "
+            "names no file): build the demo model with `python models/build_demo_model.py`, or use --model toy"
         )
     started = time.monotonic()
     demo = Demo(settings, options, sim, info, progress, echo)

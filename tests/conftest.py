@@ -30,13 +30,25 @@ CACHE = REPO / "data" / "test-cache"
 ARTIFACTS = REPO / "test-artifacts"
 ADMIN_TOKEN = "test-admin-token"
 FEEDBACK_SECRET = "test-feedback-secret"
-ALLOWED_ORIGIN = "http://127.0.0.1:18765"
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _session_port(name: str) -> int:
+    """A free port picked once per test session (kept in the environment: this module is imported both as
+    `conftest` and as `tests.conftest`, and both must agree), never a fixed one that another suite on the same
+    machine may hold."""
+    return int(os.environ.setdefault(name, str(free_port())))
+
+
+# Browser tests serve host pages on these origins: the first is in the live_api server's CORS allow-list.
+ALLOWED_PORT = _session_port("FEEDLOOP_TEST_ALLOWED_ORIGIN_PORT")
+FORBIDDEN_PORT = _session_port("FEEDLOOP_TEST_FORBIDDEN_ORIGIN_PORT")
+ALLOWED_ORIGIN = f"http://127.0.0.1:{ALLOWED_PORT}"
 
 
 def delete_prefix(client: redis.Redis, prefix: str) -> None:
@@ -178,6 +190,9 @@ def live_api(
         "FEEDLOOP_DATA_DIR": str(data_dir),
         "FEEDLOOP_ENGINE__MODEL": str(tiny_model_dir),
         "FEEDLOOP_ENGINE__MAX_MODEL_LEN": "1024",
+        # renders like the tiny model's own template, and renders tools (tests/integration/api/test_openai_parity.py)
+        "FEEDLOOP_ENGINE__CHAT_TEMPLATE": str(REPO / "tests" / "support" / "tool_chat_template.jinja"),
+        "FEEDLOOP_ENGINE__TOOL_CALL_PARSER": "hermes",
         "FEEDLOOP_API__PORT": str(port),
         "FEEDLOOP_API__DEMO_PAGE": "true",
         "FEEDLOOP_API__ADMIN_TOKEN": ADMIN_TOKEN,

@@ -38,6 +38,12 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "options": {"expires": pairs.consume_interval_s},
         },
     }
+    if pairs.retention_s > 0:
+        schedule["compact-pairs"] = {
+            "task": "pairs.compact",
+            "schedule": timedelta(seconds=pairs.compact_interval_s),
+            "options": {"expires": pairs.compact_interval_s},
+        }
     schedule["check-training"] = {
         "task": "train.check",
         "schedule": timedelta(seconds=settings.training.check_interval_s),
@@ -64,8 +70,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "visibility_timeout": VISIBILITY_TIMEOUT_S,
             # broker keys live beside feedloop's own keys, under the same prefix
             "global_keyprefix": f"{settings.redis_prefix}:celery:",
+            # a partitioned broker fails a publish or a read instead of hanging the worker forever
+            "socket_timeout": settings.redis_socket_timeout_s,
+            "socket_connect_timeout": settings.redis_connect_timeout_s,
+            "socket_keepalive": True,
         },
         "result_backend_transport_options": {"global_keyprefix": f"{settings.redis_prefix}:celery:"},
+        "redis_socket_timeout": settings.redis_socket_timeout_s,
+        "redis_socket_connect_timeout": settings.redis_connect_timeout_s,
+        "redis_socket_keepalive": True,
         "task_queues": (Queue(PAIRS_QUEUE), Queue(TRAIN_QUEUE)),
         "task_default_queue": PAIRS_QUEUE,
         "task_routes": {"pairs.*": {"queue": PAIRS_QUEUE}, "train.*": {"queue": TRAIN_QUEUE}},

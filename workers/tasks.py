@@ -12,12 +12,14 @@ from redis import Redis
 
 from services.core.config import get_settings
 from services.core.keys import Keys
+from services.core.redis import connect_sync
 from workers.celery_app import PAIRS_QUEUE, app
 
 
 @lru_cache
 def _redis(pid: int) -> Redis:  # one client per worker process (keyed by pid: never shared across fork)
-    return Redis.from_url(get_settings().redis_url)
+    settings = get_settings()
+    return connect_sync(settings.redis_url, settings)  # socket timeouts and keep-alive
 
 
 @lru_cache
@@ -43,6 +45,15 @@ def generate(strategies: list[str] | None = None) -> dict[str, Any]:
 
     settings = get_settings()
     return generate_pairs(_redis(os.getpid()), Keys(settings.redis_prefix), settings, strategies=strategies)
+
+
+@app.task(name="pairs.compact")
+def compact() -> dict[str, int]:
+    """Remove pairing state and pairs older than pairs.retention_s (Redis memory levels off)."""
+    from workers.pairing.retention import compact as compact_pairs
+
+    settings = get_settings()
+    return compact_pairs(_redis(os.getpid()), Keys(settings.redis_prefix), settings)
 
 
 @app.task(name="pairs.snapshot")

@@ -6,6 +6,8 @@
   const sendButton = $("send");
   const conversation = []; // {role, content} turns, kept in the page only
   let controller = null; // AbortController of the answer being streamed
+  // Small chat models (the default SmolLM2-135M) ramble at the API's default temperature of 1.0.
+  const TEMPERATURE = 0.3;
 
   // One anonymous id per browser, so a person's votes are theirs across answers.
   const userId = (() => {
@@ -105,7 +107,7 @@
       const res = await fetch("v1/chat/completions", {
         method: "POST",
         headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
-        body: JSON.stringify({ model, messages, stream: true, user: userId }),
+        body: JSON.stringify({ model, messages, stream: true, user: userId, temperature: TEMPERATURE }),
         signal: controller.signal,
       });
       if (!res.ok) {

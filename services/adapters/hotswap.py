@@ -12,10 +12,14 @@ Switching to version V (never reloading an old name: one immutable engine name p
     -> unload every version except the active and the previous one, each after its requests drained
 
 A request resolves the alias once, when it starts, so running requests finish on the version they
-started with; the previous version stays loaded, so a rollback is only an alias switch. A version that
-fails validation, loading or warm-up is marked rejected in the registry with its reason (the registry
-then reverts to the version replicas still serve) and is never served here: the alias stays where it
-was. The replica reports ready (/readyz) only after its first reconcile has loaded the active version.
+started with; the previous version stays loaded, so a rollback is only an alias switch. A version whose
+*content* fails a check (manifest, base model, rank, modules, sha256) is marked rejected in the registry
+with its reason (the registry then reverts to the version replicas still serve) and is never served: the
+alias stays where it was; an operator may re-validate it (`feedloop adapters revalidate V`). A *local*
+failure (an I/O error, a folder not mounted here, a load error, a timeout under load) says nothing about
+the version: this replica retries it with back-off (5 s doubling to ``gate.local_retry_max_s``), counts it
+in ``feedloop_adapter_swaps_total{outcome="failure"}`` and leaves the registry alone. The replica reports
+ready (/readyz) only once the alias serves what the registry says (first reconcile done).
 
 The swapper acts when the registry's active version differs from the one it last applied, not from
 whatever the alias points at: a manual switch through ``PUT /admin/engine/aliases/{alias}`` (a debugging
@@ -48,6 +52,8 @@ from services.engine.engine import AdapterError, Engine, UnknownModel
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
+    from services.core.redis_watch import RedisWatch
+
 log = logging.getLogger(__name__)
 
 WARMUP_MESSAGES = [{"role": "user", "content": "Hello"}]
@@ -60,16 +66,38 @@ _UNSET = object()
 
 
 class SwapFailed(Exception):
+    """outcome "rejected": the adapter's content failed a check (every replica would fail it): the version is
+    rejected in the registry. outcome "failure": this replica's local trouble (I/O, a folder not mounted, a
+    load error, a warm-up timeout under load): the replica retries with back-off and the registry is left alone.
+    """
+
     def __init__(self, outcome: str, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
-        self.outcome = outcome  # metrics label: "rejected" (validation) or "failure" (load, warm-up)
+        self.outcome = outcome  # metrics label: "rejected" (content) or "failure" (local: load, I/O, warm-up)
         self.code = code
         self.message = message
 
+    @property
+    def local(self) -> bool:
+        return self.outcome != "rejected"
+
+
+LOCAL_RETRY_FIRST_S = 5.0
+
 
 class Swapper:
-    def __init__(self, engine: Engine, redis: Redis, keys: Keys, settings: Settings, replica: str | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        redis: Redis,
+        keys: Keys,
+        settings: Settings,
+        replica: str | None = None,
+        *,
+        watch: RedisWatch | None = None,
+    ):
         self.engine = engine
+        self.watch = watch  # tells a Redis that lost its data from a registry emptied on purpose
         self.redis = redis
         self.keys = keys
         self.settings = settings
@@ -84,11 +112,19 @@ class Swapper:
         self._tasks: list[asyncio.Task[None]] = []
         self._managed: set[str] = set()  # versions this swapper loaded (it unloads only those)
         self._unloading: dict[str, asyncio.Task[None]] = {}
-        self._failed: set[str] = set()  # versions that failed here: never retried by this replica
+        # versions whose content failed here (rejected in the registry) -> when; retried only after an operator
+        # revalidates the version (its record's revalidated_at is newer)
+        self._failed: dict[str, float] = {}
+        # versions that failed here for a local reason -> (attempts, monotonic time of the next try, error)
+        self._retrying: dict[str, tuple[int, float, str]] = {}
         # What this swapper last made the alias serve (None: the base model). The swapper acts when the
         # registry's active version differs from it, so a manual switch through /admin/engine/aliases (a
         # debugging tool) holds until the registry changes; a replica that missed an event still converges.
         self._applied: str | object | None = _UNSET
+        # Redis data losses (RedisWatch) known when the applied version was switched to; a later one means an
+        # empty registry is a lost one, and the replica keeps serving what it has (kept_after_data_loss).
+        self._losses_seen = 0
+        self.kept_after_data_loss = False
 
     # ---- life cycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -116,7 +152,10 @@ class Swapper:
             self._wake.clear()
             try:
                 await self.reconcile()
-                self.ready = True
+                # ready once the alias serves what the registry says (an adapter that fails here for a local
+                # reason at start keeps the replica unready while it retries, rather than serving the base)
+                if self._applied is not _UNSET:
+                    self.ready = True
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -153,7 +192,9 @@ class Swapper:
             view = await self.registry.serving()
             active, previous = view.get(view.active), view.get(view.previous)
             if active is None:
-                if self._applied is not None:
+                if isinstance(self._applied, str) and await self._registry_lost():
+                    pass  # Redis lost the registry: keep the adapter rather than fall back to base silently
+                elif self._applied is not None:
                     if self._applied is not _UNSET:
                         log.info("registry has no active adapter: %s serves the base model", self.alias)
                         metrics.ADAPTER_ROLLBACKS.inc()
@@ -169,8 +210,34 @@ class Swapper:
             for version in sorted(self._managed - keep - set(self._unloading)):
                 self._unloading[version] = asyncio.create_task(self._unload(version), name=f"unload-{version}")
 
+    async def _registry_lost(self) -> bool:
+        """The registry has no active version because Redis came back without its data (not because an
+        operator or a rejection emptied it): the epoch key changed since the applied version was switched to."""
+        if self.kept_after_data_loss:
+            return True
+        if self.watch is None:
+            return False
+        await self.watch.check()
+        if self.watch.data_losses <= self._losses_seen:
+            return False
+        self.kept_after_data_loss = True
+        log.error(
+            "the adapter registry is empty after a Redis data loss: %s keeps serving %s (alert "
+            "FeedloopRedisDataLost). Promote a version again to resume following the registry.",
+            self.alias,
+            self._applied,
+        )
+        return True
+
     def _servable(self, record: AdapterRecord) -> bool:
-        return record.status != "rejected" and record.version not in self._failed
+        failed_at = self._failed.get(record.version)
+        if failed_at is not None and record.revalidated_at is not None and record.revalidated_at > failed_at:
+            del self._failed[record.version]  # an operator revalidated it: try again
+            failed_at = None
+        retry = self._retrying.get(record.version)
+        if retry is not None and time.monotonic() < retry[1]:
+            return False  # backing off after a local failure
+        return record.status != "rejected" and failed_at is None
 
     def _loaded(self, version: str) -> bool:
         """Loaded, validated and warmed up by this swapper."""
@@ -185,12 +252,15 @@ class Swapper:
         except SwapFailed as failure:
             await self._reject(record, failure)
             return
+        self._retrying.pop(record.version, None)
         elapsed = time.perf_counter() - started
         metrics.ADAPTER_SWAP_DURATION.observe(elapsed)
         metrics.ADAPTER_SWAPS.labels("success").inc()
         if record.activated_by in ROLLBACK_SOURCES:
             metrics.ADAPTER_ROLLBACKS.inc()
         self._applied = record.version
+        self._losses_seen = self.watch.data_losses if self.watch is not None else 0
+        self.kept_after_data_loss = False
         metrics.set_active_adapter(record.version, record.promoted_at)
         log.info("%s -> %s in %.3fs (%s)", self.alias, record.version, elapsed, record.activated_by)
 
@@ -198,12 +268,25 @@ class Swapper:
         """Load the previous version (a replica that started after it was demoted) for instant rollback."""
         try:
             await self._load(record)
+            self._retrying.pop(record.version, None)
         except SwapFailed as failure:
             await self._reject(record, failure)
 
     async def _reject(self, record: AdapterRecord, failure: SwapFailed) -> None:
         metrics.ADAPTER_SWAPS.labels(failure.outcome).inc()
-        self._failed.add(record.version)
+        if failure.local:  # this replica's trouble: retry later, leave the version alone everywhere else
+            attempts = self._retrying.get(record.version, (0, 0.0, ""))[0] + 1
+            delay = min(LOCAL_RETRY_FIRST_S * 2 ** (attempts - 1), self.settings.gate.local_retry_max_s)
+            self._retrying[record.version] = (attempts, time.monotonic() + delay, str(failure))
+            log.warning(
+                "adapter %s failed on this replica (attempt %d): %s; retrying in %.0fs (not rejected: a local failure)",
+                record.version,
+                attempts,
+                failure,
+                delay,
+            )
+            return
+        self._failed[record.version] = time.time()
         log.error("adapter %s not served: %s", record.version, failure)
         try:
             outcome = await self.registry.reject(
@@ -220,18 +303,28 @@ class Swapper:
         if version in self._unloading:  # an older copy of this version is still draining out
             await asyncio.shield(self._unloading[version])
         await self._make_room()
+        timeout = self.settings.gate.warmup_timeout_s
         try:
-            await asyncio.to_thread(
-                validate_adapter,
-                record.path,
-                self._served_model,
-                self.settings.engine.max_lora_rank,
-                self.settings.gate.supported_target_modules,
-                served_base_sha256=self._served_sha256,
-                expected_version=version,
+            # a folder that is not there at all is this replica's storage (a volume not mounted), not content
+            if not await asyncio.wait_for(asyncio.to_thread(os.path.isdir, record.path), timeout):
+                raise SwapFailed("failure", "not_found_here", f"{record.path} is not a folder on this replica")
+            await asyncio.wait_for(
+                asyncio.to_thread(
+                    validate_adapter,
+                    record.path,
+                    self._served_model,
+                    self.settings.engine.max_lora_rank,
+                    self.settings.gate.supported_target_modules,
+                    served_base_sha256=self._served_sha256,
+                    expected_version=version,
+                ),
+                timeout,
             )
         except AdapterRejected as rejection:
             raise SwapFailed("rejected", rejection.reason, rejection.message) from None
+        except (OSError, TimeoutError) as error:  # I/O error or slow storage: local
+            reason = "timed out" if isinstance(error, TimeoutError) else f"{type(error).__name__}: {error}"
+            raise SwapFailed("failure", "io_error", f"reading {record.path} failed: {reason}") from None
         if not any(a.name == version for a in self.engine.list_adapters()):  # else loaded by hand: adopt it
             try:
                 await self.engine.add_adapter(version, record.path)
@@ -294,4 +387,6 @@ class Swapper:
             "loaded": sorted(self._managed),
             "unloading": sorted(self._unloading),
             "failed_here": sorted(self._failed),
+            "retrying_here": {v: {"attempts": a, "error": e} for v, (a, _, e) in sorted(self._retrying.items())},
+            "kept_after_data_loss": self.kept_after_data_loss,
         }

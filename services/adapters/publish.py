@@ -129,5 +129,9 @@ def publish_adapter(
         versions=versions,
         created_at=time.time(),
     )
-    _write_file_durably(target / MANIFEST_NAME, manifest.model_dump_json(indent=2).encode())
+    try:
+        _write_file_durably(target / MANIFEST_NAME, manifest.model_dump_json(indent=2).encode())
+    except BaseException:  # e.g. the disk filled up: leave no half-published version behind
+        _clear_abandoned(target)
+        raise
     return manifest

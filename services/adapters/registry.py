@@ -41,8 +41,10 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, TypedDict, Unpack
 
+from services.core.counters import highest_on_disk, next_number, next_number_async
 from services.core.keys import Keys
 
 Status = Literal["candidate", "active", "previous", "retired", "rejected"]
@@ -150,6 +152,18 @@ announce(ARGV[7], previous or cjson.null, path, now, 'revert', version)
 return {'reverted', previous or ''}
 """
 
+# KEYS: adapter hash. ARGV: now, by. An operator's second look at a rejected version (`feedloop adapters
+# revalidate`, after its content checks passed again): it becomes a candidate, its earlier reasons are kept.
+_REVALIDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown', ''} end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'rejected' then return {'not_rejected', status} end
+redis.call('HSET', KEYS[1], 'status', 'candidate', 'status_at', ARGV[1], 'revalidated_at', ARGV[1],
+  'revalidated_by', ARGV[2], 'rejected_reasons', redis.call('HGET', KEYS[1], 'reasons') or '[]',
+  'reasons', '[]', 'reject_code', '')
+return {'revalidated', ''}
+"""
+
 # KEYS: index, active, previous, pin. ARGV: adapter key prefix, 'all' or 'serving'.
 _READ = """
 local out = {}
@@ -232,6 +246,7 @@ class AdapterRecord:
     status_at: float | None = None
     promoted_at: float | None = None
     rolled_back_at: float | None = None
+    revalidated_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -302,6 +317,7 @@ def parse_record(raw: Any) -> AdapterRecord | None:
         status_at=_float(fields.get("status_at")),
         promoted_at=_float(fields.get("promoted_at")),
         rolled_back_at=_float(fields.get("rolled_back_at")),
+        revalidated_at=_float(fields.get("revalidated_at")),
     )
 
 
@@ -361,6 +377,7 @@ class _RegistryBase:
         self._rollback = redis.register_script(_LUA_HELPERS + _ROLLBACK)
         self._reject = redis.register_script(_LUA_HELPERS + _REJECT)
         self._read = redis.register_script(_READ)
+        self._revalidate = redis.register_script(_REVALIDATE)
         self._number = re.compile(rf"^{re.escape(alias)}-v(\d+)$")
 
     @property
@@ -369,6 +386,9 @@ class _RegistryBase:
 
     def version_name(self, number: int) -> str:
         return f"{self.alias}-v{number}"
+
+    def _floor(self, adapters_dir: Path | str | None) -> int:
+        return highest_on_disk([adapters_dir], rf"{re.escape(self.alias)}-v(\d+)") if adapters_dir else 0
 
     def _register_call(self, version: str, path: str, details: Registration) -> Any:
         if not VERSION_PATTERN.match(version) or version in self.reserved:
@@ -457,8 +477,10 @@ class _RegistryBase:
 class AdapterRegistry(_RegistryBase):
     """The registry for sync callers (CLI, Celery tasks). Methods mirror :class:`AsyncAdapterRegistry`."""
 
-    def next_version(self) -> str:
-        return self.version_name(int(self.redis.incr(self.keys.adapters_seq)))
+    def next_version(self, adapters_dir: Path | str | None = None) -> str:
+        """The next version name; with adapters_dir, above every version folder there (Redis may have lost
+        its counter while the adapters stayed on disk)."""
+        return self.version_name(next_number(self.redis, self.keys.adapters_seq, self._floor(adapters_dir)))
 
     def register(self, version: str, path: str, **details: Unpack[Registration]) -> str:
         """Add a version (``registered``; ``exists`` when the same run registers it again)."""
@@ -486,6 +508,14 @@ class AdapterRegistry(_RegistryBase):
         """Mark a version rejected: ``rejected``, ``reverted`` (it was active), ``unchanged`` (already)."""
         return _rejection(self._reject_call(version, reasons, code, by, fence), version)
 
+    def revalidate(self, version: str, by: str = "operator") -> str:
+        """A rejected version becomes a candidate again (``revalidated``); replicas that failed it retry.
+        Raises UnknownVersion; ``not_rejected:<status>`` when it was not rejected."""
+        reply = self._revalidate(keys=[self.keys.adapter(version)], args=[repr(time.time()), by])
+        outcome, status = (_text(v) for v in reply)
+        _refuse_stale_or_unknown(outcome, "revalidating", version)
+        return outcome if outcome == "revalidated" else f"{outcome}:{status}"
+
     def get(self, version: str) -> AdapterRecord | None:
         return parse_record(self.redis.hgetall(self.keys.adapter(version)))
 
@@ -500,8 +530,9 @@ class AdapterRegistry(_RegistryBase):
 class AsyncAdapterRegistry(_RegistryBase):
     """The registry for asyncio callers (the API and its hot-swapper)."""
 
-    async def next_version(self) -> str:
-        return self.version_name(int(await self.redis.incr(self.keys.adapters_seq)))
+    async def next_version(self, adapters_dir: Path | str | None = None) -> str:
+        floor = self._floor(adapters_dir)
+        return self.version_name(await next_number_async(self.redis, self.keys.adapters_seq, floor))
 
     async def register(self, version: str, path: str, **details: Unpack[Registration]) -> str:
         return _registration(await self._register_call(version, path, details), version, details.get("run_id"))

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import ORJSONResponse
 from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.core import metrics
+
+log = logging.getLogger(__name__)
+
+STORE_RETRY_AFTER_S = 5  # Retry-After of a 503 answered while Redis is unreachable
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -25,6 +31,38 @@ _TYPE_BY_STATUS = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: every 4xx and 5xx the API answers has this shape."""
+
+    error: ErrorDetail
+
+
+_STATUS_DOC = {
+    400: "Bad request (malformed JSON, a value the model cannot take, a context too long)",
+    401: "A valid API key is required",
+    403: "The token or key does not allow this",
+    404: "Unknown model, completion or route",
+    409: "Conflicts with the current state",
+    410: "The completion's feedback window has closed",
+    413: "Body or field too large",
+    422: "A field is missing or has the wrong type or range",
+    429: "Rate limited (see Retry-After)",
+    503: "A dependency (Redis) is unavailable (see Retry-After)",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """FastAPI `responses=` documenting these error statuses with OpenAI's error body."""
+    return {status: {"model": ErrorResponse, "description": _STATUS_DOC[status]} for status in statuses}
 
 
 class ApiError(Exception):
@@ -116,6 +154,19 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> ORJSONResponse:
         return _validation_response(exc)
+
+    @app.exception_handler(RedisError)
+    async def _store_down(_: Request, exc: RedisError) -> ORJSONResponse:
+        # Redis unreachable, timing out or refusing writes: nothing was recorded; the client may retry.
+        log.warning("a request failed on Redis: %s: %s", type(exc).__name__, exc)
+        return error_response(
+            ApiError(
+                503,
+                "The feedback store is unavailable right now; nothing was recorded. Retry shortly.",
+                code="store_unavailable",
+                headers={"Retry-After": str(STORE_RETRY_AFTER_S)},
+            )
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> ORJSONResponse:

@@ -17,7 +17,7 @@ import typer
 
 from services.cli.common import fail, redis_context
 
-adapters_app = typer.Typer(help="The adapter registry: list, promote, rollback, pin.", no_args_is_help=True)
+adapters_app = typer.Typer(help="The adapter registry: list, promote, rollback, pin, revalidate.", no_args_is_help=True)
 
 
 def _registry() -> Any:
@@ -78,6 +78,38 @@ def pin(version: str) -> None:
     """Promote VERSION and turn auto-promotion off until `feedloop adapters unpin`."""
     result = _registry_call(_registry().pin, version)
     typer.echo(f"{version}: {result.outcome}, pinned (auto-promotion off)")
+
+
+@adapters_app.command()
+def revalidate(version: str) -> None:
+    """Check a rejected VERSION's content again here (manifest, base model, rank, modules, sha256); if it
+    passes, make it a candidate again (replicas that failed it retry). Promote it afterwards to serve it."""
+    from services.adapters.manifest import AdapterRejected, base_model_fingerprint, base_model_id, validate_adapter
+    from services.core.config import get_settings
+
+    settings = get_settings()
+    registry = _registry()
+    record = _registry_call(registry.get, version)
+    if record is None:
+        raise fail(f"no adapter version {version!r} in the registry")
+    if record.status != "rejected":
+        raise fail(f"{version} is {record.status}, not rejected: nothing to revalidate")
+    model = settings.model_path()
+    try:
+        validate_adapter(
+            record.path,
+            base_model_id(model),
+            settings.engine.max_lora_rank,
+            settings.gate.supported_target_modules,
+            served_base_sha256=base_model_fingerprint(model),
+            expected_version=version,
+        )
+    except AdapterRejected as rejection:
+        raise fail(f"{version} still fails its checks: {rejection}") from None
+    except OSError as error:
+        raise fail(f"cannot read {record.path} here: {error}") from None
+    outcome = _registry_call(registry.revalidate, version, "operator (feedloop adapters revalidate)")
+    typer.echo(f"{version}: {outcome} (was rejected: {'; '.join(record.reasons) or '-'}); promote it to serve it")
 
 
 @adapters_app.command()

@@ -31,10 +31,9 @@ def require_engine() -> None:
 
 def redis_context() -> tuple[Any, Any, Settings]:
     """(Redis client, Keys, Settings) for the configured Redis and key prefix."""
-    from redis import Redis
-
     from services.core.config import get_settings
     from services.core.keys import Keys
+    from services.core.redis import connect_sync
 
     settings = get_settings()
-    return Redis.from_url(settings.redis_url), Keys(settings.redis_prefix), settings
+    return connect_sync(settings.redis_url, settings), Keys(settings.redis_prefix), settings

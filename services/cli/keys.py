@@ -6,18 +6,18 @@ import datetime
 from typing import Annotated
 
 import typer
-from redis import Redis
 
 from services.core.apikeys import ApiKeyError, ApiKeyStore
 from services.core.config import get_settings
 from services.core.keys import Keys
+from services.core.redis import connect_sync
 
 keys_app = typer.Typer(help="API keys: create, list, revoke (stored hashed in Redis; a key is shown once).")
 
 
 def _store() -> ApiKeyStore:
     settings = get_settings()
-    return ApiKeyStore(Redis.from_url(settings.redis_url), Keys(settings.redis_prefix))
+    return ApiKeyStore(connect_sync(settings.redis_url, settings), Keys(settings.redis_prefix))
 
 
 @keys_app.command("create")

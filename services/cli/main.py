@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
@@ -11,7 +12,7 @@ import typer
 
 from services.cli.common import configure_logging, fail, require_engine
 from services.cli.procs import ChildError, feedloop_children, private_redis, redis_answers
-from services.core.config import DEFAULT_MODEL_DIR, Settings, get_settings
+from services.core.config import DEFAULT_FEEDBACK_SECRET, Settings, get_settings
 
 app = typer.Typer(
     help="feedloop: chat on vLLM, collect feedback, train DPO adapters, hot-swap them.",
@@ -21,15 +22,45 @@ app = typer.Typer(
 
 
 def ensure_model(settings: Settings) -> str:
+    """The served model's folder: FEEDLOOP_ENGINE__MODEL, else the default packaged model (imported once)."""
     path = settings.model_path()
     if Path(path, "config.json").exists():
         return path
     if settings.engine.model:
         raise fail(f"no model at {path} (FEEDLOOP_ENGINE__MODEL): point it at a Hugging Face model folder")
-    from demo.tinymodel import build_tiny_model
+    from services.cli.models import ensure_default_model
 
-    typer.echo(f"feedloop: no demo model in {DEFAULT_MODEL_DIR}; building the tiny random model in {path}")
-    return str(build_tiny_model(Path(path)))
+    return ensure_default_model(settings)
+
+
+SECRET_FILE = "feedback-secret"
+
+
+def embedded_secret(data_dir: Path) -> str:
+    """`feedloop up`'s feedback secret: generated once, kept (mode 0600) in the data dir, reused after."""
+    path = Path(data_dir) / SECRET_FILE
+    if path.exists():
+        kept = path.read_text().strip()
+        if kept:
+            return kept
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value + "\n")
+    os.chmod(path, 0o600)
+    return value
+
+
+def _refuse_weak_secret(settings: Settings) -> None:
+    """Outside the embedded default, the feedback secret must be set: anyone who read the README knows the
+    default, and could forge feedback tokens and reverse the keyed IP hashes."""
+    if not settings.feedback.secret or settings.feedback.secret == DEFAULT_FEEDBACK_SECRET:
+        raise fail(
+            "FEEDLOOP_FEEDBACK__SECRET is empty or the documented default: set a random secret (e.g. "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`), or use `feedloop up`, which "
+            "generates one in the data dir."
+        )
 
 
 def _run_api(settings: Settings) -> None:
@@ -41,6 +72,12 @@ def _run_api(settings: Settings) -> None:
         f"feedloop: serving {settings.model_path()} on http://{settings.api.host}:{settings.api.port} "
         f"(models: {settings.engine.alias}, {settings.engine.served_model_name})"
     )
+    if settings.api.auth:
+        typer.echo("feedloop: auth on: the chat API needs an API key (`feedloop keys create --app NAME`)")
+    else:
+        typer.echo(
+            "feedloop: auth off: anyone who reaches this port can chat (FEEDLOOP_API__AUTH=true requires API keys)"
+        )
     uvicorn.run(
         create_app(settings),
         host=settings.api.host,
@@ -49,6 +86,9 @@ def _run_api(settings: Settings) -> None:
         access_log=False,
         timeout_graceful_shutdown=10,
         timeout_keep_alive=settings.api.keep_alive_s,
+        # the client address is decided by api.trusted_proxy_hops alone (uvicorn would otherwise take
+        # X-Forwarded-For from any connection on 127.0.0.1)
+        proxy_headers=False,
     )
 
 
@@ -57,6 +97,7 @@ def serve() -> None:
     """Serve the API and the engine (needs a reachable Redis at REDIS_URL)."""
     settings = get_settings()
     configure_logging(settings)
+    _refuse_weak_secret(settings)
     require_engine()
     if not redis_answers(settings.redis_url):
         raise fail(f"no Redis answers at {settings.redis_url}: set REDIS_URL, or use `feedloop up`")
@@ -120,6 +161,10 @@ def up(
     if port is not None:
         settings.api.port = port
     settings.api.demo_page = True  # the embedded default shows the demo chat page at /
+    if "FEEDLOOP_API__AUTH" not in os.environ:
+        settings.api.auth = False  # one machine, the demo page chats without a key; the banner says so
+    if not settings.feedback.secret or settings.feedback.secret == DEFAULT_FEEDBACK_SECRET:
+        settings.feedback.secret = embedded_secret(settings.data_dir)
     ensure_model(settings)
     with ExitStack() as stack:
         if not redis_answers(settings.redis_url):
@@ -134,6 +179,8 @@ def up(
             "FEEDLOOP_ENGINE__MODEL": settings.model_path(),
             "FEEDLOOP_API__PORT": str(settings.api.port),
             "FEEDLOOP_API__DEMO_PAGE": "true",
+            "FEEDLOOP_API__AUTH": "true" if settings.api.auth else "false",
+            "FEEDLOOP_FEEDBACK__SECRET": settings.feedback.secret,
         }
         if workers:
             stack.enter_context(feedloop_children([["worker"], ["beat"]], env, stop_timeout_s=20))
@@ -165,10 +212,16 @@ def _mount_subcommands() -> None:
     from demo.cli import demo_app
 
     app.add_typer(demo_app)
+    from services.cli.models import models_app
+
+    app.add_typer(models_app, name="models")
     from services.cli.adapters import adapters_app, train
 
     app.add_typer(adapters_app, name="adapters")
     app.command("train")(train)
+    from services.cli.keys import keys_app
+
+    app.add_typer(keys_app, name="keys")
 
 
 _mount_subcommands()

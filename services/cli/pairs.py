@@ -64,6 +64,9 @@ def collect_stats() -> dict[str, Any]:
             "strategies": manifest["strategies"],
             "filters": manifest["filters"],
             "user_cap": manifest["user_cap"],
+            "app_cap": manifest.get("app_cap"),
+            "contributions": manifest.get("contributions", {}),
+            "kto_contributions": manifest.get("kto_contributions", {}),
             "new_pairs_since": datasets.count_new_pairs(redis, keys, manifest["version"]),
         },
     }
@@ -99,6 +102,12 @@ def stats(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
             f"latest dataset {latest['version']}: {latest['counts']}, user cap {latest['user_cap']}, "
             f"filters {latest['filters']}, new pairs since {latest['new_pairs_since']}"
         )
+        for name, key in (("pairs", "contributions"), ("kto rows", "kto_contributions")):
+            for kind in ("apps", "users"):
+                counts = latest[key].get(kind) or {}
+                if counts:
+                    shown = ", ".join(f"{who} {n}" for who, n in counts.items())
+                    typer.echo(f"  {name} by {kind[:-1]} (top 20): {shown}")
 
 
 @pairs_app.command()

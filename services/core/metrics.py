@@ -127,6 +127,15 @@ INTERACTION_WRITES = Counter(
 INTERACTION_WRITE_QUEUE = Gauge(
     "feedloop_interaction_write_queue", "Interaction records buffered in this process, not yet written."
 )
+REDIS_UP = Gauge(
+    "feedloop_redis_up",
+    "1 when this API replica's last Redis check was answered, 0 when it failed (chat goes on without Redis).",
+)
+REDIS_DATA_LOSS = Counter(
+    "feedloop_redis_data_loss_total",
+    "Times this replica found Redis back without its data (its epoch key changed: a restart without "
+    "persistence, a failover to an empty replica).",
+)
 
 # --- Feedback -----------------------------------------------------------------------------------------
 
@@ -142,6 +151,17 @@ FEEDBACK_LIKES = Counter(
 )
 FEEDBACK_VOTES = Counter(
     "feedloop_feedback_votes_total", "Likes plus dislikes recorded, by adapter version.", ["adapter"]
+)
+FEEDBACK_VOTES_BY_APP = Counter(
+    "feedloop_feedback_votes_by_app_total",
+    "Likes plus dislikes recorded, by the app whose key made the completion ('(none)' without auth; apps "
+    "are created by admins, so the label set is bounded).",
+    ["app"],
+)
+DATASET_PAIRS_BY_APP = Gauge(
+    "feedloop_dataset_pairs_by_app",
+    "Pairs in the last dataset version by app (the top 20; the rest under '(other)', no app: '(none)').",
+    ["app"],
 )
 FEEDBACK_REFUSED = Counter(
     "feedloop_feedback_refused_total",
@@ -168,6 +188,14 @@ FEEDBACK_DEAD_LETTERED = Counter(
     "feedloop_feedback_dead_lettered_total",
     "Feedback entries moved to the dead-letter stream (malformed, or too many deliveries).",
 )
+FEEDBACK_DEAD_LETTERS_TRIMMED = Counter(
+    "feedloop_feedback_dead_letters_trimmed_total",
+    "Oldest dead-letter entries removed to keep the dead-letter stream under pairs.dead_letter_maxlen.",
+)
+FEEDBACK_STREAM_TRIMMED = Counter(
+    "feedloop_feedback_stream_trimmed_total",
+    "Feedback stream entries removed after every consumer group had acknowledged them (XTRIM MINID).",
+)
 PII_MASKED = Counter(
     "feedloop_pii_masked_total", "PII spans masked in pair text, by kind (email, phone, ...).", ["kind"]
 )
@@ -193,7 +221,7 @@ TRAINING_LAST_REWARD_MARGIN = Gauge(
 )
 GATE_RESULTS = Counter(
     "feedloop_gate_results_total",
-    "Evaluation gate decisions, by result (passed, rejected) and reason (ok, low_accuracy, not_better, ...).",
+    "Evaluation gate decisions, by result (passed, rejected) and reason (ok, low_accuracy, worse, not_better, ...).",
     ["result", "reason"],
 )
 DATASET_PAIRS = Gauge("feedloop_dataset_pairs", "Pairs in the last dataset version built for training.")
@@ -244,9 +272,12 @@ for _outcome in TRAINING_OUTCOMES:
     TRAINING_RUNS.labels(_outcome)
 for _outcome in SWAP_OUTCOMES:
     ADAPTER_SWAPS.labels(_outcome)
+for _outcome in ("written", "failed", "dropped"):
+    INTERACTION_WRITES.labels(_outcome)
 for _reason in FEEDBACK_REFUSAL_REASONS:
     FEEDBACK_REFUSED.labels(_reason)
 for _gauge in (
+    REDIS_UP,
     TRAINING_LAST_LOSS,
     TRAINING_LAST_REWARD_ACCURACY,
     TRAINING_LAST_REWARD_MARGIN,
@@ -370,13 +401,22 @@ def observe_tokens(model: str, prompt_tokens: int, output_tokens: int) -> None:
     OUTPUT_TOKENS.labels(model).inc(output_tokens)
 
 
-def record_feedback(rating: str, adapter: str | None) -> None:
+def record_feedback(rating: str, adapter: str | None, app: str | None = None) -> None:
     """Count one recorded feedback event (call it for status "recorded", not "unchanged").
 
     A changed vote counts as a new vote; a withdrawal counts only in feedloop_feedback_events_total.
     """
     for counter, amount in _feedback_series(rating if rating in FEEDBACK_RATINGS else "other", adapter_label(adapter)):
         counter.inc(amount)
+    if rating in ("like", "dislike"):
+        FEEDBACK_VOTES_BY_APP.labels(app or "(none)").inc()
+
+
+def set_dataset_pairs_by_app(counts: dict[str, int]) -> None:
+    """The last dataset version's pairs per app (a bounded dict: quality.contributions)."""
+    DATASET_PAIRS_BY_APP.clear()
+    for app, n in counts.items():
+        DATASET_PAIRS_BY_APP.labels(app).set(n)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -14,6 +14,7 @@ import os
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from services.core import metrics
@@ -62,6 +63,8 @@ class Engine:
         self._llm: Any = None
         self.tokenizer: Any = None
         self.max_model_len = settings.engine.max_model_len
+        template = settings.engine.chat_template
+        self.chat_template: str | None = Path(template).read_text() if template else None
         self._adapters: dict[str, Adapter] = {}
         self._aliases: dict[str, str | None] = {settings.engine.alias: None}
         self._lora_ids = itertools.count(1)
@@ -105,10 +108,18 @@ class Engine:
     def ready(self) -> bool:
         return self._llm is not None and not self._llm.errored
 
+    @property
+    def alive(self) -> bool:
+        """The engine core runs (vLLM marks it dead when its process exits); True before start()."""
+        return self._llm is None or not self._llm.errored
+
     # ---- prompts ----------------------------------------------------------------------------
-    def render(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a conversation rendered with the tokenizer's own chat template."""
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a conversation rendered with the chat template (the tokenizer's own, unless
+        ``engine.chat_template`` names another), with the request's tools when it has any."""
+        ids = self.tokenizer.apply_chat_template(
+            messages, tools=tools, chat_template=self.chat_template, add_generation_prompt=True, tokenize=True
+        )
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in newer transformers
             ids = ids["input_ids"]
         return list(ids)

@@ -23,12 +23,26 @@ log = logging.getLogger(__name__)
 
 
 class InteractionLog:
-    def __init__(self, redis: Redis, keys: Keys, ttl_s: int, flush_interval_s: float = 0.005, batch_size: int = 256):
+    """max_buffered bounds the buffer while Redis is slow or down: past it the oldest record is dropped
+    (counted in feedloop_interaction_writes_total{outcome="dropped"}), so an outage costs a bounded amount of
+    memory and the newest completions, the likeliest to be rated, stay votable."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        ttl_s: int,
+        flush_interval_s: float = 0.005,
+        batch_size: int = 256,
+        max_buffered: int = 50_000,
+    ):
         self.redis = redis
         self.keys = keys
         self.ttl_s = ttl_s
         self.flush_interval_s = flush_interval_s
         self.batch_size = batch_size
+        self.max_buffered = max(1, max_buffered)
+        self.dropped = 0
         self._buffer: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -37,6 +51,16 @@ class InteractionLog:
 
     def record(self, record: dict[str, Any]) -> None:
         self._buffer[record["id"]] = record
+        if len(self._buffer) > self.max_buffered:
+            self._buffer.popitem(last=False)
+            self.dropped += 1
+            metrics.INTERACTION_WRITES.labels("dropped").inc()
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning(
+                    "interaction buffer full (%d records, Redis slow or down): %d oldest dropped so far",
+                    self.max_buffered,
+                    self.dropped,
+                )
         metrics.INTERACTION_WRITE_QUEUE.set(len(self._buffer))
         self._wake.set()
 
@@ -62,7 +86,10 @@ class InteractionLog:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self.flush()
+        try:
+            await self.flush()
+        except Exception as error:  # Redis down at shutdown: the rest of the shutdown must still run
+            log.error("%d interaction records not written at shutdown: %s", len(self._buffer), error)
 
     async def flush(self) -> None:
         while self._buffer:

@@ -168,7 +168,7 @@ border:1px solid ${v("border", "#d1d5db")};border-radius:${v("radius", "8px")}}
       if (!pending) more.open = false;
     });
 
-    request("GET", url + (o.user ? "?user=" + encodeURIComponent(o.user) : ""))
+    request("GET", url + "?token=" + encodeURIComponent(o.token) + (o.user ? "&user=" + encodeURIComponent(o.user) : ""))
       .then((data) => {
         if (touched) return;
         apply(data);

@@ -12,6 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from tests.conftest import ALLOWED_PORT, FORBIDDEN_PORT  # noqa: F401  (re-exported to the browser tests)
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",
@@ -24,8 +26,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"
-ALLOWED_PORT = 18765  # in the live_api server's CORS allow-list
-FORBIDDEN_PORT = 18766  # not in it
+# ALLOWED_PORT is in the live_api server's CORS allow-list, FORBIDDEN_PORT is not (free ports, picked per session)
 
 
 class _PageHandler(BaseHTTPRequestHandler):

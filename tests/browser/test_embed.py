@@ -1,6 +1,6 @@
 """The widget embedded in a third-party page on another origin, loaded with one <script> tag from the API.
 
-The live_api server allows the origin http://127.0.0.1:18765 (CORS) and no other."""
+The live_api server allows the origin http://127.0.0.1:<ALLOWED_PORT> (CORS) and no other."""
 
 from __future__ import annotations
 

@@ -221,7 +221,7 @@ def test_builtin_redis_is_durable_and_never_evicts(rendered, case):
     else:
         assert [c["metadata"]["name"] for c in claims] == ["data"]
     if case == "everything.yaml":
-        assert directives["maxmemory"] == "4gb"
+        assert directives["maxmemory"] == "3gb"
 
 
 def secret_values(objects: list[dict]) -> dict[str, str]:
@@ -372,3 +372,20 @@ def test_settings_change_rolls_the_pods(render):
     before = one(render(), "Deployment", "api")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
     after = one(render(set_values=["config.FEEDLOOP_LOG_LEVEL=DEBUG"]), "Deployment", "api")
     assert after["spec"]["template"]["metadata"]["annotations"]["checksum/config"] != before
+
+
+def test_api_runs_with_auth_a_first_key_and_the_ingress_hop(render):
+    objects = render(set_values=("api.ingress.enabled=true",))
+    env = env_map(main_container(one(objects, "Deployment", "api")))
+    assert env["FEEDLOOP_API__AUTH"]["value"] == "true"
+    assert env["FEEDLOOP_API__BOOTSTRAP_APP"]["value"] == "default"
+    ref = env["FEEDLOOP_API__BOOTSTRAP_APP_KEY"]["valueFrom"]["secretKeyRef"]
+    assert ref["key"] == "app-key" and ref["optional"] is True
+    assert env["FEEDLOOP_API__TRUSTED_PROXY_HOPS"]["value"] == "1"
+    key = secret_values(objects)["app-key"]
+    assert len(key) == 40 and key.isalnum()
+    for component in ("pairs-worker", "trainer", "beat"):
+        assert "FEEDLOOP_API__BOOTSTRAP_APP_KEY" not in env_map(main_container(one(objects, "Deployment", component)))
+    # without the Ingress nothing appends to X-Forwarded-For: the socket address counts
+    plain = env_map(main_container(one(render(), "Deployment", "api")))
+    assert plain["FEEDLOOP_API__TRUSTED_PROXY_HOPS"]["value"] == "0"

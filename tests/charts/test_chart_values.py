@@ -86,6 +86,24 @@ def test_redis_eviction_and_persistence_cannot_be_overridden(helm, tmp_path):
             template(helm, values)
 
 
+def _redis_maxmemory(objects: list[dict]) -> str | None:
+    (config,) = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-redis")]
+    lines = [line.split() for line in config["data"]["redis.conf"].splitlines()]
+    return next((words[1] for words in lines if words and words[0] == "maxmemory"), None)
+
+
+def test_redis_maxmemory_stays_below_the_container_limit(helm, tmp_path):
+    # default: 75% of the 4Gi limit, so noeviction refuses writes before the kernel OOM-kills Redis
+    assert _redis_maxmemory(template(helm)) == "3072mb"
+    limit_2g = write_values(tmp_path, "redis:\n  resources:\n    limits:\n      memory: 2G\n")
+    assert _redis_maxmemory(template(helm, limit_2g)) == f"{2_000_000_000 * 3 // 4 // 1048576}mb"
+    assert _redis_maxmemory(template(helm, set_values=["redis.maxmemory=1gb"])) == "1gb"
+    for too_big in ("4gb", "4096mb", "5G"):  # the limit is 4Gi
+        with pytest.raises(HelmError, match=r"must be below redis\.resources\.limits\.memory"):
+            template(helm, set_values=[f"redis.maxmemory={too_big}"])
+    assert _redis_maxmemory(template(helm, set_values=["redis.resources.limits=null"])) is None
+
+
 def test_config_values_are_rendered_as_settings_strings(helm, tmp_path):
     values = write_values(
         tmp_path,

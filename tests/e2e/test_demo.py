@@ -21,7 +21,20 @@ from tests.conftest import ARTIFACTS, REPO, TEST_REDIS_URL
 pytestmark = pytest.mark.slow
 
 # Fewer users, samples and questions than the full demo; one round.
-DEMO_ARGS = ["--rounds", "1", "--samples", "120", "--questions", "80", "--final-chats", "0", "--users", "40"]
+DEMO_ARGS = [
+    "--model",
+    "toy",
+    "--rounds",
+    "1",
+    "--samples",
+    "120",
+    "--questions",
+    "80",
+    "--final-chats",
+    "0",
+    "--users",
+    "40",
+]
 
 
 @pytest.fixture

@@ -42,6 +42,10 @@ def test_up_starts_private_redis_serves_and_stops_cleanly(tiny_model_dir, tmp_pa
         r = client.chat.completions.create(model="feedloop", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
         assert r.choices[0].message.content is not None
         assert "metrics" in log and "/metrics" in log
+        # the embedded default: no API key needed, and the banner says so; a feedback secret of its own
+        assert "auth off" in log
+        secret_file = tmp_path / "data" / "feedback-secret"
+        assert len(secret_file.read_text().strip()) >= 32 and secret_file.stat().st_mode & 0o077 == 0
     finally:
         code = server.stop(signal.SIGINT, timeout=90)
     assert code == 0, server.log()

@@ -7,6 +7,8 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import redis
@@ -55,3 +57,14 @@ class RedisServer:
 
     def client(self, **kw: object) -> redis.Redis:
         return redis.Redis.from_url(self.url, **kw)  # type: ignore[arg-type]
+
+
+@contextmanager
+def private_redis(data_dir: Path, *args: str) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, killed on exit: for tests that do something server-wide (SCRIPT FLUSH,
+    a restart) that must not reach other suites sharing the test Redis."""
+    server = RedisServer(data_dir, args).start()
+    try:
+        yield server
+    finally:
+        server.kill()

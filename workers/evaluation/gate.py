@@ -9,11 +9,23 @@ rendered with the model tokenizer's chat template exactly as in training and ser
 correct when the margin is > 0. Unlike DPO's implicit reward, this needs no reference model, so the
 candidate, the active adapter and the base model are scored on the same scale.
 
-"Beat" rule (``gate.must_beat_active``): the candidate must be *strictly* more accurate than the
-reference (the active adapter, or the base model when none is active) or, at equal accuracy, have a
-strictly larger mean margin. Small held-out splits tie often, and a saturated split (both at 1.0)
-would otherwise block every later adapter; the margin tie-break still demands that the candidate
-separates the pairs more clearly, and an exact tie (e.g. the same adapter twice) fails.
+Every accuracy is reported with its Wilson interval (``gate.confidence``, 95% by default): on the few
+dozen held-out pairs of a young deployment an accuracy of 0.77 means anything from about 0.6 to 0.9.
+
+Comparison with the reference (the active adapter, or the base model when none is active), both scored
+on the same pairs (``gate.compare_to_active``):
+
+* ``not_worse`` (default): the candidate fails only when it is less accurate than the reference with
+  confidence ``gate.confidence``: the upper end of Newcombe's paired interval on
+  ``accuracy(candidate) - accuracy(reference)`` is below 0 (workers/evaluation/intervals.py). A candidate
+  that is not worse within that interval goes on (to the canary, where live votes decide): demanding a
+  strict win on ~15 pairs rejected good second rounds on noise.
+* ``beat``: the candidate must be *strictly* more accurate or, at equal accuracy, have a strictly
+  larger mean margin (an exact tie, e.g. the same adapter twice, fails). For deployments without a
+  canary that want the old, stricter bar.
+* ``off``: no comparison.
+
+``gate.min_accuracy`` stays a floor on the point estimate: the adapter must have learned its data.
 
 Smoke check: greedy generation on ``gate.smoke_prompts`` must be non-empty, not a loop (share of
 distinct token bigrams >= ``gate.smoke_min_distinct_ratio``), and not the same text for every prompt
@@ -33,6 +45,7 @@ from typing import Any
 from services.adapters.manifest import adapter_version_name
 from services.core.config import Settings
 from services.core.runtime import quiet_progress_bars, use_cpu_threads
+from workers.evaluation.intervals import PairedComparison, paired_difference, wilson
 from workers.pairing.exports import load_preference_rows
 
 logger = logging.getLogger(__name__)
@@ -66,13 +79,36 @@ class PreferenceScore:
             return self.correct > other.correct
         return self.mean_margin > other.mean_margin
 
-    def summary(self) -> dict[str, Any]:
+    def correct_pairs(self) -> list[bool]:
+        return [margin > 0 for margin in self.margins]
+
+    def summary(self, confidence: float = 0.95) -> dict[str, Any]:
         return {
             "accuracy": self.accuracy,
+            "accuracy_interval": list(wilson(self.correct, self.pairs, confidence)),
             "correct": self.correct,
             "pairs": self.pairs,
             "mean_margin": self.mean_margin,
         }
+
+
+def compare_to_reference(
+    candidate: PreferenceScore, reference: PreferenceScore, reference_name: str, mode: str, confidence: float
+) -> tuple[list[str], PairedComparison]:
+    """The comparison rule (``gate.compare_to_active``): reasons to fail (none to pass), and the paired interval."""
+    comparison = paired_difference(candidate.correct_pairs(), reference.correct_pairs(), confidence)
+    if mode == "beat" and not candidate.beats(reference):
+        return [
+            f"does not beat {reference_name}: accuracy {candidate.accuracy:.3f} vs {reference.accuracy:.3f}, "
+            f"mean margin {candidate.mean_margin:.3f} vs {reference.mean_margin:.3f}"
+        ], comparison
+    if mode == "not_worse" and comparison.upper < 0:
+        return [
+            f"worse than {reference_name}: accuracy {candidate.accuracy:.3f} vs {reference.accuracy:.3f}, "
+            f"difference {comparison.difference:+.3f} ({confidence:.0%} interval "
+            f"[{comparison.lower:+.3f}, {comparison.upper:+.3f}] on {candidate.pairs} pairs)"
+        ], comparison
+    return [], comparison
 
 
 @dataclass
@@ -282,34 +318,39 @@ def evaluate_adapter(
             f"accuracy {candidate.accuracy:.3f} ({candidate.correct}/{candidate.pairs}) "
             f"below gate.min_accuracy {gate.min_accuracy}"
         )
-    if gate.must_beat_active and not candidate.beats(reference):
-        reasons.append(
-            f"does not beat {reference_name}: accuracy {candidate.accuracy:.3f} vs {reference.accuracy:.3f}, "
-            f"mean margin {candidate.mean_margin:.3f} vs {reference.mean_margin:.3f}"
-        )
+    compared, comparison = compare_to_reference(
+        candidate, reference, reference_name, gate.compare_to_active, gate.confidence
+    )
+    reasons.extend(compared)
     if any(math.isnan(margin) for margin in candidate.margins):
         reasons.append("NaN log-probs under the candidate adapter")
     reasons.extend(smoke_failures(smoke))
     metrics.update(
-        candidate=candidate.summary(),
-        reference_score=reference.summary(),
+        candidate=candidate.summary(gate.confidence),
+        reference_score=reference.summary(gate.confidence),
+        comparison=comparison.to_dict(),
         margins=[round(margin, 4) for margin in candidate.margins],
         smoke=[asdict(output) for output in smoke],
         rule={
             "min_accuracy": gate.min_accuracy,
-            "must_beat_active": gate.must_beat_active,
+            "compare_to_active": gate.compare_to_active,
+            "confidence": gate.confidence,
             "smoke_min_distinct_ratio": gate.smoke_min_distinct_ratio,
         },
         runtime_s=time.monotonic() - started,
     )
     passed = not reasons
     logger.info(
-        "gate %s: %s accuracy %.3f vs %s %.3f, margin %.3f vs %.3f%s",
+        "gate %s: %s accuracy %.3f [%.3f, %.3f] vs %s %.3f, difference %+.3f [%+.3f, %+.3f], margin %.3f vs %.3f%s",
         adapter_dir,
         "PASS" if passed else "FAIL",
         candidate.accuracy,
+        *wilson(candidate.correct, candidate.pairs, gate.confidence),
         reference_name,
         reference.accuracy,
+        comparison.difference,
+        comparison.lower,
+        comparison.upper,
         candidate.mean_margin,
         reference.mean_margin,
         "" if passed else f": {'; '.join(reasons)}",

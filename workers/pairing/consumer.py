@@ -78,6 +78,35 @@ _VOTES_PER_CALL = 256  # events per vote script call: bounds how long one call k
 _RECORDS_PER_CALL = 512
 _CACHE_SIZE = 100_000  # completions remembered (prompt hash, record stored), then forgotten at once
 
+# Trim the feedback stream up to what every consumer group has acknowledged (never an unconsumed entry).
+# KEYS: stream. Returns {entries trimmed, the MINID used ('' when nothing may be trimmed)}.
+# Per group the first entry to keep is its oldest pending (delivered, unacknowledged) entry, or when none is
+# pending, the entry after the last one delivered to it. XTRIM MINID removes only entries below the lowest.
+_TRIM_ACKNOWLEDGED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, ''} end
+local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+if #groups == 0 then return {0, ''} end
+local best_ms, best_seq, best = nil, nil, nil
+for _, g in ipairs(groups) do
+  local info = {}
+  for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+  local ms, seq
+  if tonumber(info['pending']) > 0 then
+    local summary = redis.call('XPENDING', KEYS[1], info['name'])
+    ms, seq = string.match(summary[2], '^(%d+)-(%d+)$')
+    seq = tonumber(seq)
+  else
+    ms, seq = string.match(info['last-delivered-id'], '^(%d+)-(%d+)$')
+    seq = tonumber(seq) + 1
+  end
+  local nms = tonumber(ms)
+  if best_ms == nil or nms < best_ms or (nms == best_ms and seq < best_seq) then
+    best_ms, best_seq, best = nms, seq, ms .. '-' .. string.format('%d', seq)
+  end
+end
+return {redis.call('XTRIM', KEYS[1], 'MINID', best), best}
+"""
+
 
 @dataclass(slots=True)
 class _Work:
@@ -159,6 +188,9 @@ class FeedbackConsumer:
         read.add(*args, "STREAMS", self.keys.feedback_stream, ">")
         reply = read.execute(self.redis)[0]  # raw reply: redis-py's per-entry dict building is skipped
         if isinstance(reply, Exception):
+            if _group_gone(reply):
+                self._lost_group(reply)
+                return []
             raise reply
         if not reply:
             return []
@@ -171,14 +203,20 @@ class FeedbackConsumer:
         entries: list[Entry] = []
         start = "0-0"
         while len(entries) < self.cfg.batch_size:
-            reply = self.redis.xautoclaim(
-                self.keys.feedback_stream,
-                self.cfg.consumer_group,
-                self.name,
-                min_idle_time=self.cfg.claim_idle_ms,
-                start_id=start,
-                count=self.cfg.batch_size - len(entries),
-            )
+            try:
+                reply = self.redis.xautoclaim(
+                    self.keys.feedback_stream,
+                    self.cfg.consumer_group,
+                    self.name,
+                    min_idle_time=self.cfg.claim_idle_ms,
+                    start_id=start,
+                    count=self.cfg.batch_size - len(entries),
+                )
+            except ResponseError as error:
+                if not _group_gone(error):
+                    raise
+                self._lost_group(error)
+                return [], {}
             cursor, claimed = reply[0], reply[1]
             entries.extend(e for e in claimed if e[1] is not None)
             start = cursor.decode() if isinstance(cursor, bytes) else cursor
@@ -188,10 +226,33 @@ class FeedbackConsumer:
             return [], {}
         return entries, self.delivery_counts([e[0] for e in entries])
 
+    def _lost_group(self, error: Exception) -> None:
+        """Redis came back without its data (no AOF, a new pod, a failover): the stream and the group are gone.
+        Recreate the group (from the start of whatever the stream holds now) and forget what was stored."""
+        group = self.cfg.consumer_group
+        log.warning("consumer group %s is gone (%s): Redis lost its data; recreating it", group, error)
+        self._ready = False
+        self._forget_stored()
+        self.ensure_ready()
+
+    def trim_acknowledged(self) -> int:
+        """Trim the stream below the oldest entry some consumer group still needs; returns entries removed."""
+        trimmed, _ = self.redis.eval(_TRIM_ACKNOWLEDGED, 1, self.keys.feedback_stream)
+        if trimmed:
+            metrics.FEEDBACK_STREAM_TRIMMED.inc(int(trimmed))
+        return int(trimmed)
+
     def prune_consumers(self, idle_ms: int = 3_600_000) -> int:
         """Forget consumers (dead worker processes) that hold nothing and were idle for idle_ms."""
         removed = 0
-        for info in self.redis.xinfo_consumers(self.keys.feedback_stream, self.cfg.consumer_group):
+        try:
+            consumers = self.redis.xinfo_consumers(self.keys.feedback_stream, self.cfg.consumer_group)
+        except ResponseError as error:
+            if not _group_gone(error):
+                raise
+            self._lost_group(error)
+            return 0
+        for info in consumers:
             name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
             if name != self.name and int(info["pending"]) == 0 and int(info["idle"]) > idle_ms:
                 self.redis.xgroup_delconsumer(self.keys.feedback_stream, self.cfg.consumer_group, name)
@@ -214,7 +275,13 @@ class FeedbackConsumer:
 
     def group_backlog(self) -> tuple[int, int | None]:
         """(pending entries of the whole group, entries not yet delivered to the group)."""
-        for group in self.redis.xinfo_groups(self.keys.feedback_stream):
+        try:
+            groups = self.redis.xinfo_groups(self.keys.feedback_stream)
+        except ResponseError as error:
+            if not _group_gone(error):
+                raise
+            return 0, None  # no stream (Redis lost its data, or nothing was ever sent)
+        for group in groups:
             name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
             if name == self.cfg.consumer_group:
                 lag = group.get("lag")
@@ -372,12 +439,19 @@ class FeedbackConsumer:
         for entry_id, fields, error in dead:
             self._queue_dead_letter(writes, entry_id, fields, error, deliveries.get(entry_id, 1))
             owners += [[entry_id], [entry_id]]
+        trim_at = None  # the dead-letter cap: the oldest letters go first (their total stays in the stats)
+        if dead and self.cfg.dead_letter_maxlen > 0:
+            trim_at = len(owners)
+            writes.add("XTRIM", self.keys.feedback_dead_letter, "MAXLEN", self.cfg.dead_letter_maxlen)
+            owners.append([])  # nothing depends on it: a failed trim fails no entry
 
         write_failed: set[bytes] = set()
         built: Counter[str] = Counter()
         dropped: Counter[str] = Counter()
         masked: Counter[str] = Counter()
         replies = writes.execute(self.redis)
+        if trim_at is not None and isinstance(replies[trim_at], int) and replies[trim_at]:
+            metrics.FEEDBACK_DEAD_LETTERS_TRIMMED.inc(replies[trim_at])
         for index, (command_owners, reply) in enumerate(zip(owners, replies, strict=True)):
             if isinstance(reply, Exception):
                 write_failed.update(command_owners)
@@ -421,7 +495,12 @@ class FeedbackConsumer:
         metrics.FEEDBACK_DEAD_LETTERED.inc(report.dead_lettered)
         report.failed = len(entries) - len(acked)
         if acked:
-            self.redis.xack(self.keys.feedback_stream, self.cfg.consumer_group, *acked)
+            try:
+                self.redis.xack(self.keys.feedback_stream, self.cfg.consumer_group, *acked)
+            except ResponseError as error:  # Redis lost the group (and these entries) meanwhile
+                if not _group_gone(error):
+                    raise
+                self._lost_group(error)
         return report
 
     def _fits(self, messages: Sequence[pairing.Message]) -> bool:
@@ -641,6 +720,8 @@ class FeedbackConsumer:
                 batch = voted.result()
                 if batch.entries:
                     total.add(self._apply(batch))
+        if self.cfg.trim_acknowledged:
+            self.trim_acknowledged()  # what every group has acknowledged: never an entry still needed
         pending, lag = self.group_backlog()
         metrics.set_feedback_backlog(lag=lag or 0, pending=pending)
         return total
@@ -655,6 +736,12 @@ class FeedbackConsumer:
             if entries:
                 return self._prepare(entries, deliveries)
         return self._prepare(self.read_new(block_ms), None)
+
+
+def _group_gone(error: Exception) -> bool:
+    """NOGROUP (the group is missing) or "no such key" (the stream is): Redis lost its data."""
+    text = str(error)
+    return text.startswith("NOGROUP") or "no such key" in text
 
 
 def _field_map(fields: Any) -> dict[bytes, bytes]:

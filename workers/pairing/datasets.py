@@ -2,8 +2,8 @@
 
 snapshot() takes every pair stored up to now (by creation sequence), keeps those whose votes still hold
 (pairing.pair_is_live: superseded pairs are excluded here, not deleted), applies the set-level filters
-(duplicates, per-user cap), splits train/eval by a hash of the pair id (a pair never changes side between
-versions), and writes ``<data_dir>/<version>/`` with train.jsonl and eval.jsonl (TRL conversational
+(duplicates, per-user cap), splits train/eval by a hash of the pair id (see eval_threshold: a pair trained
+on is never held out later), and writes ``<data_dir>/<version>/`` with train.jsonl and eval.jsonl (TRL conversational
 preference format), kto.jsonl (unpaired thumbs) and manifest.json. The folder is built under a temporary
 name, every file fsynced, then renamed into place, so a version folder is either complete or absent. The
 manifest is also stored in Redis (Keys.dataset(version), indexed in Keys.datasets_index).
@@ -12,6 +12,7 @@ manifest is also stored in Redis (Keys.dataset(version), indexed in Keys.dataset
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import tempfile
@@ -25,7 +26,9 @@ from typing import Any
 import orjson
 from redis import Redis
 
+from services.core import metrics
 from services.core.config import Settings
+from services.core.counters import highest_on_disk, next_number
 from services.core.keys import Keys
 from workers.pairing import quality
 from workers.pairing import rules as pairing
@@ -44,10 +47,43 @@ def version_name(number: int) -> str:
     return f"ds-{number:06d}"
 
 
+def eval_bucket(pid: str) -> float:
+    """The pair id's hash as a number in [0, 1): pairs below the eval threshold are held out."""
+    return int(hashlib.sha256(pid.encode()).hexdigest()[:8], 16) / 0x1_0000_0000
+
+
 def is_eval(pid: str, eval_fraction: float) -> bool:
-    """Deterministic split: the pair id's hash decides, so a pair stays on its side in every version."""
-    bucket = int(hashlib.sha256(pid.encode()).hexdigest()[:8], 16) / 0x1_0000_0000
-    return bucket < eval_fraction
+    """Deterministic split: the pair id's hash decides, so a pair stays on its side while the threshold does."""
+    return eval_bucket(pid) < eval_fraction
+
+
+def eval_threshold(
+    pair_ids: Iterable[str], fraction: float, min_pairs: int, max_fraction: float, previous: float | None
+) -> float:
+    """The hash bucket below which a pair is held out for the gate.
+
+    ``fraction`` (pairs.eval_fraction) always; raised, while that holds out fewer than ``min_pairs``
+    (pairs.min_eval_pairs), to hold out the ``min_pairs`` pairs with the smallest buckets, but never above
+    ``max_fraction`` nor above the previous version's threshold (``previous``; None for the first version).
+    So the threshold only falls as data grows: held-out pairs may move to training in a later version,
+    never the other way round, and an adapter is never gated on pairs it (or its parent) was trained on.
+    """
+    buckets = sorted(eval_bucket(pid) for pid in pair_ids)
+    if min_pairs <= 0 or not buckets or sum(bucket < fraction for bucket in buckets) >= min_pairs:
+        return fraction
+    raised = min(math.nextafter(buckets[min(min_pairs, len(buckets)) - 1], 1.0), max_fraction)
+    if previous is not None:
+        raised = min(raised, previous)
+    return max(fraction, raised)
+
+
+def previous_eval_threshold(redis: Redis, keys: Keys) -> float | None:
+    """The latest version's eval threshold (its eval_fraction for versions made before thresholds were kept)."""
+    version = latest_version(redis, keys)
+    if version is None:
+        return None
+    manifest = load_manifest(redis, keys, version)
+    return float(manifest.get("eval_threshold", manifest.get("eval_fraction", 0.0)))
 
 
 def dpo_row(pair: Mapping[str, Any]) -> dict[str, Any]:
@@ -59,13 +95,20 @@ def dpo_row(pair: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def kto_rows(store: PairsStore, fits: Any) -> tuple[list[dict[str, Any]], Counter[tuple[str, str]]]:
-    """One unpaired example per completion whose majority is currently like or dislike."""
+def kto_rows(
+    store: PairsStore, fits: Any, settings: Settings | None = None
+) -> tuple[list[dict[str, Any]], Counter[tuple[str, str]]]:
+    """One unpaired example per completion whose majority is currently like or dislike, with the same
+    guards as the pairs: PII masked, exact and near duplicates dropped, the per-user and per-app caps
+    (settings None: PII and length checks only). Each row carries "users" (dropped when written)."""
     rows: list[dict[str, Any]] = []
     dropped: Counter[tuple[str, str]] = Counter()
-    for record, label in store.labeled_completions():
-        if label is None:
-            continue
+    labeled = [(record, label) for record, label in store.labeled_completions() if label is not None]
+    voters: list[list[str]] = []
+    for start in range(0, len(labeled), 2000):
+        chunk = labeled[start : start + 2000]
+        voters += store.labeled_voters([r["completion_id"] for r, _ in chunk], [label for _, label in chunk])
+    for (record, label), users in zip(labeled, voters, strict=True):
         pii: Counter[str] = Counter()
         prompt = quality.scrub_messages(record["prompt"], pii)
         completion = quality.scrub_messages([{"role": "assistant", "content": record["response"]}], pii)
@@ -75,8 +118,28 @@ def kto_rows(store: PairsStore, fits: Any) -> tuple[list[dict[str, Any]], Counte
         if not fits([*prompt, *completion]):
             dropped[("length", "completion_too_long")] += 1
             continue
-        rows.append({"prompt": prompt, "completion": completion, "label": label == "like"})
-    return rows, dropped
+        rows.append({"prompt": prompt, "completion": completion, "label": label == "like", "users": users})
+    if settings is None or not rows:
+        return rows, dropped
+    cfg = settings.pairs
+    # the set-level filters work on pairs: a KTO row is a "pair" of its completion and its label
+    as_pairs = [
+        {
+            "pair_id": str(i),
+            "prompt": row["prompt"],
+            "chosen": row["completion"],
+            "rejected": [{"role": "assistant", "content": "like" if row["label"] else "dislike"}],
+            "users": row["users"],
+        }
+        for i, row in enumerate(rows)
+    ]
+    deduped = quality.dedupe(as_pairs, cfg.near_duplicate_threshold)  # type: ignore[arg-type]
+    capped, _ = quality.apply_user_cap(deduped.kept, cfg.user_cap_fraction, cfg.user_cap_max)
+    by_app, _ = quality.apply_app_cap(capped.kept, cfg.app_cap_fraction)
+    dropped.update(deduped.dropped)
+    dropped.update(capped.dropped)
+    dropped.update(by_app.dropped)
+    return [rows[int(p["pair_id"])] for p in by_app.kept], dropped
 
 
 def _write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
@@ -104,6 +167,12 @@ def _fsync_dir(path: Path) -> None:
 def _entry_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return (int(ms), int(seq or 0)) if ms.isdigit() else (0, 0)
+
+
+def next_version(redis: Redis, keys: Keys, data_dir: Path) -> str:
+    """The next version name, above every ds-N folder in data_dir (finished or interrupted): a Redis that
+    lost its counter never hands out a version whose folder exists."""
+    return version_name(next_number(redis, keys.datasets_seq, highest_on_disk([data_dir], r"ds-(\d+)")))
 
 
 def snapshot(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
@@ -136,14 +205,24 @@ def _snapshot(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
     filters.update(deduped.dropped)
     capped, cap = quality.apply_user_cap(deduped.kept, cfg.user_cap_fraction, cfg.user_cap_max)
     filters.update(capped.dropped)
+    by_app, app_cap = quality.apply_app_cap(capped.kept, cfg.app_cap_fraction)
+    filters.update(by_app.dropped)
+    capped = by_app
     kept = capped.kept
-    kto, kto_dropped = kto_rows(store, fits)
+    kto, kto_dropped = kto_rows(store, fits, settings)
     if not kept and not kto:
         raise SnapshotError(f"nothing to snapshot ({len(pairs)} pairs stored, none kept)")
 
-    train = [dpo_row(p) for p in kept if not is_eval(p["pair_id"], cfg.eval_fraction)]
-    evaluation = [dpo_row(p) for p in kept if is_eval(p["pair_id"], cfg.eval_fraction)]
-    version = version_name(int(redis.incr(keys.datasets_seq)))
+    threshold = eval_threshold(
+        (p["pair_id"] for p in kept),
+        cfg.eval_fraction,
+        cfg.min_eval_pairs,
+        cfg.max_eval_fraction,
+        previous_eval_threshold(redis, keys),
+    )
+    train = [dpo_row(p) for p in kept if not is_eval(p["pair_id"], threshold)]
+    evaluation = [dpo_row(p) for p in kept if is_eval(p["pair_id"], threshold)]
+    version = next_version(redis, keys, Path(cfg.data_dir))
     entry_ids = sorted((p.get("entry_id") or "" for p in kept if p.get("entry_id")), key=_entry_key)
 
     data_dir = Path(cfg.data_dir)
@@ -156,7 +235,7 @@ def _snapshot(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
         files = {
             TRAIN_FILE: _write_jsonl(tmp / TRAIN_FILE, train),
             EVAL_FILE: _write_jsonl(tmp / EVAL_FILE, evaluation),
-            KTO_FILE: _write_jsonl(tmp / KTO_FILE, kto),
+            KTO_FILE: _write_jsonl(tmp / KTO_FILE, ({k: v for k, v in r.items() if k != "users"} for r in kto)),
         }
         manifest = {
             "version": version,
@@ -177,13 +256,18 @@ def _snapshot(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
             "filters": {f"{name}:{reason}": n for (name, reason), n in sorted(filters.items())},
             "kto_filters": {f"{name}:{reason}": n for (name, reason), n in sorted(kto_dropped.items())},
             "user_cap": cap,
+            "app_cap": app_cap if cfg.app_cap_fraction < 1 else None,
             "users": len({u for p in kept for u in p.get("users", [])}),
+            # pairs and KTO rows per app and per user (the top 20 of each, the rest under "(other)")
+            "contributions": quality.contributions(kept),
+            "kto_contributions": quality.contributions(kto),
             "feedback": {
                 "ids": len({f for p in kept for f in p["feedback_ids"]}),
                 "first_entry_id": entry_ids[0] if entry_ids else None,
                 "last_entry_id": entry_ids[-1] if entry_ids else None,
             },
             "eval_fraction": cfg.eval_fraction,
+            "eval_threshold": threshold,
             "near_duplicate_threshold": cfg.near_duplicate_threshold,
             "files": files,
         }
@@ -197,6 +281,7 @@ def _snapshot(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
+    metrics.set_dataset_pairs_by_app(quality.contributions(kept)["apps"])
     pipe = redis.pipeline(transaction=True)
     pipe.set(keys.dataset(version), orjson.dumps(manifest))
     pipe.zadd(keys.datasets_index, {version: int(version.split("-")[1])})

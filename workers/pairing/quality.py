@@ -393,3 +393,58 @@ def apply_user_cap(pairs: Sequence[PairRecord], fraction: float, cap_max: int) -
         for user in users:
             used[user] += 1
     return FilterResult(kept, dropped, dropped_ids), limit
+
+
+# --- per-app cap (set level) ----------------------------------------------------------------------------
+
+
+def app_of(identity: str) -> str | None:
+    """The app an identity speaks for: ``app:user`` (users of an app key) gives app; an address identity
+    (``ip:...``) or a user without an app gives None (such identities are bounded by the per-user cap only)."""
+    app, sep, rest = identity.partition(":")
+    if not sep or not rest or app == "ip":
+        return None
+    return app
+
+
+def apply_app_cap(pairs: Sequence[PairRecord], fraction: float) -> tuple[FilterResult, int]:
+    """Keep pairs in order while at least one app behind them has supplied fewer than fraction of the pairs
+    offered (never below 1), as the per-user cap counts; a kept pair counts against every app in it. Pairs
+    whose identities carry no app are never capped here. fraction >= 1 keeps everything."""
+    limit = max(1, math.floor(fraction * len(pairs)))
+    if fraction >= 1:
+        return FilterResult(list(pairs), Counter()), limit
+    used: Counter[str] = Counter()
+    kept: list[PairRecord] = []
+    dropped: Counter[tuple[str, str]] = Counter()
+    dropped_ids: dict[str, tuple[str, str]] = {}
+    for pair in pairs:
+        apps = {a for u in pair.get("users") or [] if (a := app_of(u)) is not None}
+        if apps and all(used[a] >= limit for a in apps):
+            dropped[("app_cap", "over_cap")] += 1
+            dropped_ids[pair["pair_id"]] = ("app_cap", "over_cap")
+            continue
+        kept.append(pair)
+        for app in apps:
+            used[app] += 1
+    return FilterResult(kept, dropped, dropped_ids), limit
+
+
+def contributions(rows: Iterable[Mapping[str, Any]], top: int = 20) -> dict[str, dict[str, int]]:
+    """Rows (pairs or KTO rows, each with "users") per app and per user: the top entries by count, the
+    rest summed under "(other)", so that a report or a metric's label set stays bounded."""
+    apps: Counter[str] = Counter()
+    users: Counter[str] = Counter()
+    for row in rows:
+        who = row.get("users") or []
+        for app in {app_of(u) or "(none)" for u in who}:
+            apps[app] += 1
+        for user in set(who):
+            users[user] += 1
+
+    def bounded(counts: Counter[str]) -> dict[str, int]:
+        head = dict(counts.most_common(top))
+        rest = sum(counts.values()) - sum(head.values())
+        return {**head, "(other)": rest} if rest else head
+
+    return {"apps": bounded(apps), "users": bounded(users)}

@@ -523,6 +523,17 @@ class PairsStore:
                     corrections[key] = correction if rating != "withdrawn" else ""
         return labels, corrections
 
+    def labeled_voters(self, completion_ids: Sequence[str], labels: Sequence[str | None]) -> list[list[str]]:
+        """The identities behind each completion's label (oldest first, at most 20), in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for cid in completion_ids:
+            pipe.hgetall(self.keys.pairing_votes(cid))
+        out = []
+        for raw, label in zip(pipe.execute(), labels, strict=True):
+            flat = [x for kv in raw.items() for x in kv]
+            out.append(supporters(flat, label)[1] if label else [])
+        return out
+
     def labeled_completions(self, chunk: int = 2000) -> Iterator[tuple[dict[str, Any], str | None]]:
         """Every completion that ever had a label, with its current label (for the KTO export)."""
         start = 0

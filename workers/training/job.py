@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 _GATE_REASONS = (
     ("accuracy", "low_accuracy"),
     ("does not beat", "not_better"),
+    ("worse than", "worse"),
     ("smoke", "smoke_failed"),
     ("NaN", "nan"),
     ("no held-out pairs", "no_eval_pairs"),
@@ -76,7 +77,7 @@ class RunContext:
 
 def execute(redis: Redis, keys: Keys, settings: Settings, run_id: str) -> dict[str, Any]:
     """Run a claimed training run; returns its final record (or the current one if it was not ours)."""
-    runs = RunStore(redis, keys)
+    runs = RunStore(redis, keys, runs_dir=Path(settings.data_dir) / "runs")
     run = runs.get(run_id)
     if run is None:
         log.warning("training run %s does not exist; nothing to do", run_id)
@@ -160,12 +161,14 @@ def _pipeline(ctx: RunContext, settings: Settings, started: float) -> None:
     step = time.monotonic()
     gate = evaluate_adapter(settings, result.adapter_dir, dataset_dir / datasets.EVAL_FILE, active_dir)
     timings["gate_s"] = time.monotonic() - step
-    gate_summary = {k: v for k, v in gate.metrics.items() if k in ("candidate", "reference_score", "reference")}
+    gate_summary = {
+        k: v for k, v in gate.metrics.items() if k in ("candidate", "reference_score", "reference", "comparison")
+    }
     ctx.write(gate={"passed": gate.passed, "reasons": gate.reasons, **gate_summary}, timings=timings)
 
     step = time.monotonic()
     recorded: Any = ctx.redis.hget(ctx.keys.run(ctx.run_id), "version")
-    version = recorded.decode() if recorded else registry.next_version()
+    version = recorded.decode() if recorded else registry.next_version(adapters_dir=settings.training.adapters_dir)
     ctx.write(version=version)
     manifest_metrics = {
         **result.manifest_metrics(),

@@ -9,10 +9,12 @@ Dict and list fields are stored as JSON; the per-step training metrics go to a l
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from redis import Redis
 
+from services.core.counters import highest_on_disk, next_number
 from services.core.keys import Keys
 
 TERMINAL = frozenset({"promoted", "gated", "rejected", "failed"})
@@ -58,13 +60,17 @@ def decode(raw: dict[Any, Any]) -> dict[str, Any]:
 
 
 class RunStore:
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, runs_dir: Path | None = None) -> None:
+        """runs_dir: where runs write their folders (<data_dir>/runs); its run-N names are never reused."""
         self.redis = redis
         self.keys = keys
+        self.runs_dir = runs_dir
         self._release_slot = redis.register_script(_RELEASE_SLOT)
 
     def next_run_id(self) -> str:
-        return f"run-{int(self.redis.incr(self.keys.runs_seq))}"
+        """The next run number, above every run-N folder on disk (Redis may have lost its counter)."""
+        floor = highest_on_disk([self.runs_dir], r"run-(\d+)")
+        return f"run-{next_number(self.redis, self.keys.runs_seq, floor)}"
 
     def get(self, run_id: str) -> dict[str, Any] | None:
         raw = self.redis.hgetall(self.keys.run(run_id))

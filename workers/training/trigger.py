@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from redis import Redis
@@ -139,7 +140,7 @@ class Trigger:
         self.redis = redis
         self.keys = keys
         self.settings = settings
-        self.runs = RunStore(redis, keys)
+        self.runs = RunStore(redis, keys, runs_dir=Path(settings.data_dir) / "runs")
         self._claim = redis.register_script(_CLAIM)
         self._fail_stale = redis.register_script(_FAIL_STALE)
 

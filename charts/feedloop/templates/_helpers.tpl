@@ -224,3 +224,32 @@ Volumes
   readOnly: true
 {{- end }}
 {{- end }}
+
+{{/*
+Bytes of a Kubernetes quantity or a redis.conf size: 4Gi, 4096Mi, 4G, 4gb, 3000mb, 512m, 1024 (0 when empty).
+Kubernetes Mi/Gi and redis mb/gb are powers of 1024; M/G and m/g powers of 1000.
+*/}}
+{{- define "feedloop.bytes" -}}
+{{- $value := toString . | trim -}}
+{{- if not $value -}}0{{- else -}}
+{{- $number := regexFind "^[0-9]+" $value | atoi -}}
+{{- $unit := regexReplaceAll "^[0-9]+" $value "" | lower -}}
+{{- $scale := dict "" 1 "k" 1000 "kb" 1024 "ki" 1024 "m" 1000000 "mb" 1048576 "mi" 1048576 "g" 1000000000 "gb" 1073741824 "gi" 1073741824 -}}
+{{- if not (hasKey $scale $unit) -}}{{- fail (printf "cannot read the size %q" $value) -}}{{- end -}}
+{{- mul $number (get $scale $unit) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+maxmemory of the built-in Redis: redis.maxmemory, else 75% of the container's memory limit (the rest is for
+the AOF rewrite's fork, client buffers and fragmentation, so that noeviction refuses writes before the
+kernel OOM-kills Redis). Empty when neither is set. Fails when maxmemory is not below the limit.
+*/}}
+{{- define "feedloop.redisMaxmemory" -}}
+{{- $limit := include "feedloop.bytes" (dig "limits" "memory" "" .Values.redis.resources) | atoi -}}
+{{- $maxmemory := toString .Values.redis.maxmemory | trim -}}
+{{- if and $maxmemory $limit (ge (include "feedloop.bytes" $maxmemory | atoi) $limit) -}}
+{{- fail (printf "redis.maxmemory (%s) must be below redis.resources.limits.memory (%s), or Redis is OOM-killed instead of refusing writes; leave it empty for 75%% of the limit" $maxmemory (dig "limits" "memory" "" .Values.redis.resources)) -}}
+{{- end -}}
+{{- if $maxmemory -}}{{ $maxmemory }}{{- else if $limit -}}{{ div (mul $limit 3) (mul 4 1048576) }}mb{{- end -}}
+{{- end -}}

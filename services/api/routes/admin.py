@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import hmac
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Any
 
-from fastapi import APIRouter, Depends, Header
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from services.api.deps import EngineDep, SettingsDep
+from services.api import auth
+from services.api.deps import EngineDep
 from services.api.errors import ApiError
 from services.engine.engine import AdapterError, UnknownModel
 
 
-def require_admin(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:
-    expected = settings.api.admin_token
-    if not expected:
-        raise ApiError(404, "Admin routes are off: set FEEDLOOP_API__ADMIN_TOKEN.", code="admin_disabled")
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
-        raise ApiError(
-            401,
-            "A valid admin bearer token is required.",
-            code="invalid_admin_token",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+async def require_admin(request: Request) -> None:
+    """The admin token (FEEDLOOP_API__ADMIN_TOKEN) or an admin API key (services/api/auth.py)."""
+    await auth.require_admin(request)
 
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
@@ -56,10 +48,14 @@ async def engine_state(engine: EngineDep) -> dict[str, Any]:
 @router.post("/engine/adapters", status_code=201)
 async def load_adapter(body: LoadAdapter, engine: EngineDep) -> dict[str, Any]:
     """Load an adapter into the engine's slots (no validation, no alias switch: the registry does that)."""
+    if not Path(body.path, "adapter_config.json").is_file():
+        raise ApiError(400, f"No PEFT adapter at '{body.path}'.", param="path", code="invalid_adapter_path")
     try:
         adapter = await engine.add_adapter(body.name, body.path)
     except AdapterError as e:
         raise ApiError(409, str(e), code="adapter_conflict") from None
+    except (RuntimeError, ValueError) as e:  # the engine could not load it (e.g. a broken adapter)
+        raise ApiError(409, f"The engine could not load the adapter: {e}", code="adapter_load_failed") from None
     return {"name": adapter.name, "path": adapter.path, "lora_id": adapter.lora_id}
 
 

@@ -19,7 +19,7 @@ from services.core import metrics
 from services.core.config import Settings
 from services.feedback.events import event_head, voter_identity
 from services.feedback.interactions import InteractionLog
-from services.feedback.signing import TokenExpired, TokenInvalid, verify
+from services.feedback.signing import TokenExpired, TokenInvalid, token_expiry, verify
 from services.feedback.votes import FeedbackStore, VoteOutcome
 
 router = APIRouter()
@@ -37,10 +37,25 @@ def _refuse(reason: str, status: int, message: str, **kw: Any) -> ApiError:
     return ApiError(status, message, **kw)
 
 
+# The votes-hash field of a completion made without a user: one vote per completion (per token), whatever
+# user the voter claims. The voter's identity (rate bucket, pairing) is still their address's hash.
+ANONYMOUS_FIELD = "~anonymous"
+
+
+def forwarded_ip(socket_ip: str, forwarded_for: str | None, hops: int) -> str:
+    """The client address: with hops trusted proxies appending to X-Forwarded-For, the hops-th entry from
+    the right (what the outermost trusted proxy saw); the socket address when hops is 0 or the header has
+    fewer entries (entries further left are the client's own claims and never count)."""
+    if hops <= 0 or not forwarded_for:
+        return socket_ip
+    entries = [e.strip() for e in forwarded_for.split(",")]
+    entries = [e for e in entries if e]
+    return entries[-hops] if len(entries) >= hops else socket_ip
+
+
 def client_ip_hash(request: Request, settings: Settings) -> str:
-    ip = request.client.host if request.client else "unknown"
-    if settings.api.trust_forwarded_for and (fwd := request.headers.get("x-forwarded-for")):
-        ip = fwd.split(",")[0].strip()
+    socket_ip = request.client.host if request.client else "unknown"
+    ip = forwarded_ip(socket_ip, request.headers.get("x-forwarded-for"), settings.api.trusted_proxy_hops)
     return _ip_hash(settings.feedback.secret, ip)
 
 
@@ -81,7 +96,7 @@ def token_user(settings: Settings, token: str, completion_id: str, user: str | N
     Redis); UNVERIFIED when neither matches (the stored owner decides then). An expired token is refused."""
     for candidate in (user, None) if user else (None,):
         try:
-            verify(settings.feedback.secret, token, completion_id, candidate)
+            verify(settings.feedback.verification_secrets(), token, completion_id, candidate)
         except TokenExpired:
             raise _expired() from None
         except TokenInvalid:
@@ -96,18 +111,19 @@ async def stored_record(
     """The slow path: read the interaction and check the token against its owner (404/410/403)."""
     record = await interactions.get(completion_id)
     if record is None:
-        expiry = token.partition(".")[0]
-        if expiry.isdigit() and int(expiry) < time.time():
+        expiry = token_expiry(token)
+        if expiry is not None and expiry < time.time():
             raise _expired("This completion's feedback window has closed.")
         raise _missing(completion_id)
     owner: str | None = record.get("user")
     try:
-        verify(settings.feedback.secret, token, completion_id, owner)
+        verify(settings.feedback.verification_secrets(), token, completion_id, owner)
     except TokenExpired:
         raise _expired() from None
     except TokenInvalid:
         raise _bad_token() from None
-    if owner and user and user != owner:
+    # an app's user "app:alice" may be named "alice" by the widget (it does not know the app)
+    if owner and user and user != owner and owner.partition(":")[2] != user:
         raise _bad_token("This completion belongs to another user.", param="user")
     return record
 
@@ -133,7 +149,9 @@ async def _vote(
     if isinstance(owner, _Unverified):  # e.g. the widget did not send the completion's user
         record = await stored_record(completion_id, token, user, interactions, settings)
         owner = record.get("user")
-    voter = voter_identity(owner or user, ip_hash)
+    # Claimed users count only when the token was issued for them: a completion without a user takes one
+    # vote (field ANONYMOUS_FIELD), cast by the address's identity.
+    voter = voter_identity(owner, ip_hash)
     now = time.time()
     head = event_head(uuid.uuid4().hex, completion_id, voter, ip_hash, rating, comment, correction, now)
     outcome = await store.vote(
@@ -145,6 +163,7 @@ async def _vote(
         now,
         token_user=owner,
         record=orjson.dumps(record) if record is not None else None,
+        field=owner or ANONYMOUS_FIELD,
     )
     if outcome.status == "missing":
         raise _missing(completion_id)
@@ -160,7 +179,7 @@ async def _vote(
             headers={"Retry-After": str(retry)},
         )
     if outcome.status == "recorded":
-        metrics.record_feedback(rating, outcome.adapter)
+        metrics.record_feedback(rating, outcome.adapter, outcome.app)
     return outcome
 
 
@@ -196,18 +215,13 @@ async def get_feedback(
     settings: SettingsDep,
     interactions: InteractionsDep,
     store: StoreDep,
+    token: Annotated[str, Query(min_length=1, max_length=512, description="The completion's feedback token")],
     user: Annotated[str | None, Query(max_length=256)] = None,
 ) -> Any:
-    record = await interactions.get(completion_id)
-    if record is None:
-        raise ApiError(
-            404,
-            f"No completion '{completion_id}' is known.",
-            param="completion_id",
-            code="completion_not_found",
-        )
-    voter = voter_identity(record.get("user") or user, client_ip_hash(request, settings))
-    vote = await store.current(completion_id, voter) or {}
+    """The current vote on a completion; the completion's token is required (its comment and correction
+    are the voter's own)."""
+    record = await stored_record(completion_id, token, user, interactions, settings)
+    vote = await store.current(completion_id, record.get("user") or ANONYMOUS_FIELD) or {}
     return {
         "completion_id": completion_id,
         "rating": vote.get("rating"),

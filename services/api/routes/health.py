@@ -4,41 +4,47 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import ORJSONResponse
 
-from services.api.deps import EngineDep, RedisDep
+from services.api.auth import authenticate
+from services.api.deps import EngineDep
 
 router = APIRouter()
 
 
 @router.get("/healthz")
-async def healthz() -> dict[str, str]:
+async def healthz(engine: EngineDep) -> Any:
+    """Liveness: the engine core is running. A dead core (killed, crashed) fails it, so the orchestrator
+    restarts the replica instead of leaving it live and unready forever."""
+    if not engine.alive:
+        return ORJSONResponse({"status": "engine core dead"}, status_code=503)
     return {"status": "ok"}
 
 
 @router.get("/readyz")
-async def readyz(request: Request, engine: EngineDep, redis: RedisDep) -> Any:
+async def readyz(request: Request, engine: EngineDep) -> Any:
+    """Readiness: this replica can serve chat (the engine runs, and the registry's active adapter is loaded
+    and serves the public alias: first reconcile done). Redis is reported in the body, never a reason to stop
+    serving chat, which needs no Redis."""
     swapper = getattr(request.app.state, "swapper", None)
-    # "adapter": the registry's active adapter is loaded and serves the public alias (first reconcile done).
+    watch = getattr(request.app.state, "redis_watch", None)
     checks = {"engine": engine.ready, "adapter": swapper is None or swapper.ready}
-    try:
-        checks["redis"] = bool(await redis.ping())
-    except Exception:
-        checks["redis"] = False
     ok = all(checks.values())
-    return ORJSONResponse({"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503)
+    body = {"status": "ready" if ok else "not ready", "checks": checks, "redis": watch.state() if watch else None}
+    return ORJSONResponse(body, status_code=200 if ok else 503)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", dependencies=[Depends(authenticate)])
 async def list_models(engine: EngineDep) -> dict[str, Any]:
+    """Public model names only: "root" is the public base model name, never a path on the server."""
     data = [
         {
             "id": engine.base_name,
             "object": "model",
             "created": 0,
             "owned_by": "feedloop",
-            "root": engine.model_path,
+            "root": engine.base_name,
             "parent": None,
         }
     ]
@@ -49,7 +55,7 @@ async def list_models(engine: EngineDep) -> dict[str, Any]:
                 "object": "model",
                 "created": 0,
                 "owned_by": "feedloop",
-                "root": engine.model_path,
+                "root": engine.base_name,
                 "parent": target or engine.base_name,
             }
         )
@@ -60,7 +66,7 @@ async def list_models(engine: EngineDep) -> dict[str, Any]:
                 "object": "model",
                 "created": 0,
                 "owned_by": "feedloop",
-                "root": adapter.path,
+                "root": engine.base_name,
                 "parent": engine.base_name,
             }
         )

@@ -21,8 +21,8 @@ import httpx
 import pytest
 
 from services.adapters.registry import AdapterRegistry
-from tests.support.adapter_corpus import build_bad_adapter_corpus, publish_lora
 from tests.conftest import ARTIFACTS, LiveApi, free_port, start_feedloop
+from tests.support.adapter_corpus import build_bad_adapter_corpus, publish_lora
 from tests.support.shared_server import serve_base_model
 
 ALIAS, BASE = "feedloop", "feedloop-base"

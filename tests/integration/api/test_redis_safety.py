@@ -79,6 +79,7 @@ def test_serve_refuses_to_start_on_evicting_redis(redis_server, tiny_model_dir):
         "REDIS_URL": url,
         "FEEDLOOP_ENGINE__MODEL": str(tiny_model_dir),
         "FEEDLOOP_API__PORT": str(free_port()),
+        "FEEDLOOP_FEEDBACK__SECRET": "redis-safety-test-secret",
         "PATH": "/usr/bin:/bin",
     }
     out = subprocess.run(

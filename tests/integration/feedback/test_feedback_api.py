@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from services.feedback.signing import sign
-from tests.conftest import FEEDBACK_SECRET, LiveApi, redis_state
+from tests.conftest import ALLOWED_ORIGIN, FEEDBACK_SECRET, LiveApi, redis_state
 
 
 def complete(openai_client, live_api: LiveApi, user: str | None = None) -> dict:
@@ -57,29 +57,31 @@ def test_vote_change_and_withdraw(openai_client, live_api: LiveApi):
 
     r = post(live_api, {**like, "rating": "dislike", "correction": "Water boils at 100 degrees Celsius."})
     assert r.json()["status"] == "recorded"
-    got = httpx.get(f"{live_api.base_url}/v1/feedback/{cid}", params={"user": "vote-user"}).json()
+    got = httpx.get(f"{live_api.base_url}/v1/feedback/{cid}", params={"user": "vote-user", "token": token}).json()
     assert got["rating"] == "dislike" and got["correction"] == "Water boils at 100 degrees Celsius."
     history = live_api.redis.lrange(live_api.keys.vote_history(cid), 0, -1)
     assert [orjson.loads(h)["rating"] for h in history] == ["like", "dislike"]
 
     r = httpx.request("DELETE", f"{live_api.base_url}/v1/feedback/{cid}", json={"token": token})
     assert r.status_code == 200 and r.json()["status"] == "withdrawn"
-    assert httpx.get(f"{live_api.base_url}/v1/feedback/{cid}").json()["rating"] is None
+    assert httpx.get(f"{live_api.base_url}/v1/feedback/{cid}", params={"token": token}).json()["rating"] is None
     assert [e["rating"] for e in events_for(live_api, cid)] == ["like", "dislike", "withdrawn"]
     r = httpx.request("DELETE", f"{live_api.base_url}/v1/feedback/{cid}", params={"token": token})
     assert r.json()["status"] == "unchanged"
 
 
-def test_anonymous_completion_votes_per_user(openai_client, live_api: LiveApi):
+def test_anonymous_completion_takes_one_vote_whatever_user_is_claimed(openai_client, live_api: LiveApi):
+    # One token, one vote: claimed user names do not multiply the votes on a completion made without a user.
     fb = complete(openai_client, live_api)
     base = {"completion_id": fb["completion_id"], "token": fb["token"]}
     assert post(live_api, {**base, "rating": "like", "user": "u1"}).json()["status"] == "recorded"
     assert post(live_api, {**base, "rating": "dislike", "user": "u2"}).json()["status"] == "recorded"
+    assert post(live_api, {**base, "rating": "dislike", "user": "u3"}).json()["status"] == "unchanged"
     votes = live_api.redis.hgetall(live_api.keys.votes(fb["completion_id"]))
-    assert {k.decode(): orjson.loads(v)["rating"] for k, v in votes.items()} == {
-        "u1": "like",
-        "u2": "dislike",
-    }
+    assert {k.decode(): orjson.loads(v)["rating"] for k, v in votes.items()} == {"~anonymous": "dislike"}
+    events = events_for(live_api, fb["completion_id"])
+    assert [e["rating"] for e in events] == ["like", "dislike"]
+    assert {e["user"] for e in events} == {f"ip:{events[0]['ip_hash']}"}  # the address votes, not the claim
 
 
 def test_a_vote_without_the_user_is_checked_against_the_stored_owner(openai_client, live_api: LiveApi):
@@ -156,13 +158,21 @@ def test_per_user_rate_limit_is_429_and_writes_nothing(openai_client, live_api: 
     completions = [complete(openai_client, live_api, user="rl-user") for _ in range(burst + 6)]
     votes = [{"completion_id": fb["completion_id"], "token": fb["token"], "rating": "like"} for fb in completions]
     with httpx.Client(base_url=live_api.base_url) as client:
-        statuses = [client.post("/v1/feedback", json=v).status_code for v in votes[:-1]]
-        assert statuses[:burst].count(202) == burst and 429 in statuses
-        before = redis_state(live_api.redis, live_api.keys.prefix)
-        r = client.post("/v1/feedback", json=votes[-1])
-    assert r.status_code == 429, r.text
-    assert r.json()["error"]["code"] == "rate_limited"
-    assert int(r.headers["Retry-After"]) >= 1
+        statuses = [client.post("/v1/feedback", json=v).status_code for v in votes[:burst]]
+        assert statuses.count(202) == burst
+        # The bucket refills one vote a second: on a slow machine a vote may find a fresh token, so try the
+        # rest until one is refused, and check that the refused one wrote nothing.
+        refused = None
+        for v in votes[burst:]:
+            before = redis_state(live_api.redis, live_api.keys.prefix)
+            r = client.post("/v1/feedback", json=v)
+            if r.status_code == 429:
+                refused = r
+                break
+            assert r.status_code == 202, r.text
+    assert refused is not None, "no vote was refused"
+    assert refused.json()["error"]["code"] == "rate_limited"
+    assert int(refused.headers["Retry-After"]) >= 1
     assert redis_state(live_api.redis, live_api.keys.prefix) == before
 
 
@@ -190,11 +200,11 @@ def test_thousand_concurrent_duplicate_votes_leave_one(openai_client, live_api: 
     assert results.count("recorded") == 1
     assert len(events_for(live_api, fb["completion_id"])) == 1
     votes = live_api.redis.hgetall(live_api.keys.votes(fb["completion_id"]))
-    assert list(votes) == [b"dup-user"]
+    assert list(votes) == [b"~anonymous"]  # a completion without a user: one vote, whoever claims it
 
 
 def test_cors_allow_list(live_api: LiveApi):
-    allowed = "http://127.0.0.1:18765"
+    allowed = ALLOWED_ORIGIN
     pre = httpx.options(
         live_api.base_url + "/v1/feedback",
         headers={

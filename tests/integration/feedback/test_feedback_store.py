@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from services.core.keys import Keys
 from services.feedback.votes import FeedbackStore, Limits
 from tests.conftest import TEST_REDIS_URL, redis_state
+from tests.support.redis_server import private_redis
 
 OPEN = Limits(user_rate=100.0, user_burst=100, ip_rate=100.0, ip_burst=100)
 
@@ -103,14 +104,25 @@ async def test_an_unknown_interaction_writes_nothing(store: FeedbackStore):
     assert _sync_state(store) == {}
 
 
-async def test_votes_survive_a_flushed_script_cache_and_concurrent_callers_share_round_trips(store: FeedbackStore):
-    await store.redis.script_flush()  # as after a Redis restart: the next call answers NOSCRIPT
-    cids = [f"chatcmpl-many-{i}" for i in range(50)]
-    for cid in cids:
-        await store.redis.set(store.keys.interaction(cid), orjson.dumps(_record(cid, f"user-{cid}")))
-    outcomes = await asyncio.gather(*(_vote(store, cid, f"user-{cid}", token_user=f"user-{cid}") for cid in cids))
-    assert [o.status for o in outcomes] == ["recorded"] * 50
-    assert await store.redis.xlen(store.keys.feedback_stream) == 50
+async def test_votes_survive_a_flushed_script_cache_and_concurrent_callers_share_round_trips(tmp_path):
+    # SCRIPT FLUSH is server-wide: on a private redis-server, never the Redis other suites share
+    with private_redis(tmp_path / "redis") as server:
+        redis = Redis.from_url(server.url)
+        store = FeedbackStore(redis, Keys("test-fbstore-flush"), ttl_s=600, limits=OPEN)
+        try:
+            await _vote(store, "chatcmpl-none", "x", token_user="x")  # the script is loaded now ...
+            await store.redis.script_flush()  # ... and gone, as after a Redis restart: the next call gets NOSCRIPT
+            cids = [f"chatcmpl-many-{i}" for i in range(50)]
+            for cid in cids:
+                await store.redis.set(store.keys.interaction(cid), orjson.dumps(_record(cid, f"user-{cid}")))
+            outcomes = await asyncio.gather(
+                *(_vote(store, cid, f"user-{cid}", token_user=f"user-{cid}") for cid in cids)
+            )
+            assert [o.status for o in outcomes] == ["recorded"] * 50
+            assert await store.redis.xlen(store.keys.feedback_stream) == 50
+        finally:
+            await store.aclose()
+            await redis.aclose()
 
 
 async def test_a_dropped_connection_is_replaced_without_failing_the_vote(store: FeedbackStore):

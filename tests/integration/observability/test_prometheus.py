@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from tests.conftest import ARTIFACTS, REPO, LiveApi, free_port
+from tests.support.shared_server import forget_ephemeral_keys, serve_base_model
 
 RULES = REPO / "charts/feedloop/files/alerts.yaml"
 # A family may hold this many series at most, however many users there are (the biggest is the HTTP
@@ -170,6 +171,14 @@ def prometheus(live_api: LiveApi, worker: Worker, tmp_path_factory: pytest.TempP
         stop(proc)
 
 
+@pytest.fixture(autouse=True)
+def _leave_the_shared_server_clean(live_api: LiveApi) -> Iterator[None]:
+    """These tests vote on the shared server: drop the short-lived keys they leave (rate-limit buckets), so
+    none expires in the middle of a later test that compares Redis state before and after a request."""
+    yield
+    forget_ephemeral_keys(live_api)
+
+
 def chat(client: httpx.Client, base_url: str, content: str, user: str, stream: bool = False) -> dict[str, Any]:
     body = {
         "model": "feedloop",
@@ -262,14 +271,14 @@ def test_chat_and_feedback_series_count_what_was_done(live_api: LiveApi, prometh
     assert rates and all(0 <= float(r["value"][1]) <= 1 for r in rates)
 
 
-def test_pairing_series(live_api: LiveApi, prometheus: Prometheus) -> None:
+def make_pairs(live_api: LiveApi, prometheus: Prometheus, prompts: int = 60) -> None:
+    """The same prompt answered twice, one answer liked and one disliked: a same_prompt pair each, built by the
+    worker's consume task. Sixty pairs leave held-out pairs for the gate (eval_fraction 0.1, raised towards
+    pairs.min_eval_pairs on a set this small)."""
     from workers.celery_app import create_app
 
-    app = create_app(live_api.settings)
     with httpx.Client(timeout=60) as client:
-        # The same prompt answered twice, one answer liked and one disliked: a same_prompt pair each. Sixty
-        # pairs leave held-out pairs for the gate (a pair is held out with probability eval_fraction = 0.1).
-        for i in range(60):
+        for i in range(prompts):
             prompt = f"pairing prompt {i} {uuid.uuid4().hex[:6]}"
             liked = chat(client, live_api.base_url, prompt, f"pair-user-{i}")
             disliked = chat(client, live_api.base_url, prompt, f"pair-user-{i}")
@@ -277,30 +286,39 @@ def test_pairing_series(live_api: LiveApi, prometheus: Prometheus) -> None:
             assert vote(client, live_api.base_url, disliked, "dislike", f"pair-user-{i}") == 202
     prometheus.settle()
     consumed_before = prometheus.value('sum(feedloop_task_runs_total{task="pairs.consume",outcome="success"})')
-    built_before = prometheus.value("sum(feedloop_pairs_built_total)")
-    app.send_task("pairs.consume", kwargs={"max_seconds": 30, "until_drained": True})
+    create_app(live_api.settings).send_task("pairs.consume", kwargs={"max_seconds": 30, "until_drained": True})
     prometheus.wait_for(
         'sum(feedloop_task_runs_total{task="pairs.consume",outcome="success"})',
         lambda v: v > consumed_before,
         timeout=90,
     )
+
+
+def test_pairing_series(live_api: LiveApi, prometheus: Prometheus) -> None:
+    prometheus.settle()
+    built_before = prometheus.value("sum(feedloop_pairs_built_total)")
+    make_pairs(live_api, prometheus)
     prometheus.wait_for("sum(feedloop_pairs_built_total)", lambda v: v > built_before)
     # the worker reports a real backlog (the API exports the gauge as NaN)
     prometheus.wait_for('count(feedloop_feedback_backlog_lag{job="feedloop-worker"} >= 0)', lambda v: v == 1)
     assert prometheus.value('sum(feedloop_task_duration_seconds_count{task="pairs.consume"})') >= 1
 
 
-def test_training_series(live_api: LiveApi, prometheus: Prometheus) -> None:
-    """Runs after the pairing test, which left pairs to train on. Starts a run as `feedloop train --now` does:
-    claim it with the trigger (forced), and the worker's train queue executes it."""
+def test_training_series(live_api: LiveApi, prometheus: Prometheus, request: pytest.FixtureRequest) -> None:
+    """Starts a run as `feedloop train --now` does: claim it with the trigger (forced), and the worker's train
+    queue executes it. It makes its own pairs unless enough new ones are there (whatever ran before it), and
+    puts the shared server back on the base model afterwards (the run auto-promotes)."""
     from workers.celery_app import create_app
     from workers.training.trigger import Trigger
 
+    trigger = Trigger(live_api.redis, live_api.keys, live_api.settings)
+    if trigger.new_pairs() < 50:
+        make_pairs(live_api, prometheus)
+    request.addfinalizer(lambda: (serve_base_model(live_api), forget_ephemeral_keys(live_api)))
     app = create_app(live_api.settings)
     prometheus.settle()
     runs_before = prometheus.value('sum(feedloop_training_runs_total{outcome=~"success|failure"})')
     gate_before = prometheus.value("sum(feedloop_gate_results_total)")
-    trigger = Trigger(live_api.redis, live_api.keys, live_api.settings)
     result = trigger.check(enqueue=lambda run_id: app.send_task("train.run", args=[run_id], task_id=run_id), force=True)
     assert result.action == "started", result.to_dict()
     prometheus.wait_for(
@@ -344,7 +362,8 @@ def drive_users(live_api: LiveApi, users: list[str]) -> int:
                     assert vote(client, base, completion, "like" if i < 5 else "dislike", user) == 202
                 elif step == 2:
                     completion_id = completion["feedback"]["completion_id"]
-                    assert client.get(f"{base}/v1/feedback/{completion_id}", params={"user": user}).status_code == 200
+                    params = {"user": user, "token": completion["feedback"]["token"]}
+                    assert client.get(f"{base}/v1/feedback/{completion_id}", params=params).status_code == 200
                 elif step == 3 and i < 5:  # a forged token holding the user id
                     forged = {"feedback": {**completion["feedback"], "token": user}}
                     assert vote(client, base, forged, "like", user) == 403

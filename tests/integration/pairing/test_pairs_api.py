@@ -77,25 +77,30 @@ def test_feedback_posted_through_the_api_becomes_pairs(openai_client, live_api: 
 
 
 def test_weaker_answer_against_the_real_engine(openai_client, live_api: LiveApi, tiny_model_dir):
-    user = f"weak-{uuid.uuid4().hex[:6]}"
-    liked = chat(openai_client, live_api, f"Tell me something true, {user}.", seed=3, user=user)
-    vote(live_api, liked, "like", user)
-    drain(live_api)
-    assert live_api.redis.zscore(live_api.keys.pairing_candidates("weaker_answer"), liked["completion_id"])
-
     settings = live_api.settings.model_copy(deep=True)
     settings.pairs.api_url = live_api.base_url
     settings.pairs.weaker_source = "base"
     settings.pairs.generation_max_tokens = 16
     settings.pairs.generation_batch = 1000
-    report = generate_pairs(
-        live_api.redis,
-        live_api.keys,
-        settings,
-        strategies=["weaker_answer"],
-        token_counter=TokenCounter(str(tiny_model_dir)),
-    )
-    assert report["weaker_answer"]["failed"] == 0, report
+    # The weaker answer is sampled at high temperature without a seed: the tiny model sometimes ends it at once
+    # and the quality filter drops the empty pair (correctly). Try a few liked answers until one is written.
+    for attempt in range(4):
+        user = f"weak-{uuid.uuid4().hex[:6]}"
+        liked = chat(openai_client, live_api, f"Tell me something true, {user}.", seed=3 + attempt, user=user)
+        vote(live_api, liked, "like", user)
+        drain(live_api)
+        assert live_api.redis.zscore(live_api.keys.pairing_candidates("weaker_answer"), liked["completion_id"])
+        report = generate_pairs(
+            live_api.redis,
+            live_api.keys,
+            settings,
+            strategies=["weaker_answer"],
+            token_counter=TokenCounter(str(tiny_model_dir)),
+        )
+        assert report["weaker_answer"]["failed"] == 0, report
+        if live_api.redis.exists(live_api.keys.pair(pairing.pair_id("weaker_answer", liked["completion_id"]))):
+            break
+        assert report["weaker_answer"]["dropped"] >= 1, report
     pair = stored_pair(live_api, pairing.pair_id("weaker_answer", liked["completion_id"]))
     assert pair["generated_by"] == "feedloop-base"
     assert pair["chosen"] == [{"role": "assistant", "content": liked["text"]}]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.feedback_events import feedback_event, xadd
 from tests.integration.pairing.test_pairs_worker import PairsEnv, pairs_env  # noqa: F401 - fixture
+from tests.support.feedback_events import feedback_event, xadd
 from workers.pairing import rules as pairing
 from workers.pairing.generation import generate_pairs
 from workers.pairing.quality import TokenCounter

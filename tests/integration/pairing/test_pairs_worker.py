@@ -24,6 +24,7 @@ from services.core.config import Settings, get_settings
 from services.core.keys import Keys
 from services.feedback.events import parse_event
 from tests.support.feedback_events import entry, feedback_event, xadd
+from tests.support.redis_server import private_redis
 from workers.celery_app import create_app
 from workers.pairing import datasets, quality
 from workers.pairing import rules as pairing
@@ -78,9 +79,20 @@ class PairsEnv:
 
 @pytest.fixture
 def pairs_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PairsEnv]:
+    yield from _pairs_env(REDIS_URL, tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def private_pairs_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PairsEnv]:
+    """pairs_env on a redis-server of the test's own, for server-wide operations (SCRIPT FLUSH)."""
+    with private_redis(tmp_path / "redis") as server:
+        yield from _pairs_env(server.url, tmp_path, monkeypatch)
+
+
+def _pairs_env(url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PairsEnv]:
     prefix = f"pairs-test-{uuid.uuid4().hex[:8]}"
     env = {
-        "FEEDLOOP_REDIS_URL": REDIS_URL,
+        "FEEDLOOP_REDIS_URL": url,
         "FEEDLOOP_REDIS_PREFIX": prefix,
         "FEEDLOOP_PAIRS__STRATEGIES": '["same_prompt", "correction"]',
         "FEEDLOOP_PAIRS__CLAIM_IDLE_MS": "500",
@@ -94,7 +106,7 @@ def pairs_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pairs
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     get_settings.cache_clear()
-    client = redis.Redis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(url)
     try:
         yield PairsEnv(client, Keys(prefix), Settings(), env, tmp_path)
     finally:
@@ -259,6 +271,10 @@ def test_events_become_the_expected_pairs_through_a_celery_worker(pairs_env: Pai
     folder = Path(manifest["path"])
     rows = [orjson.loads(line) for name in ("train.jsonl", "eval.jsonl") for line in (folder / name).open("rb")]
     assert {r["pair_id"] for r in rows} == {ids["c1>c2"], ids["c4 corrected"], ids["c9>c8"]}
+    # A snapshot this small holds out more than eval_fraction (pairs.min_eval_pairs), up to max_eval_fraction.
+    cfg, threshold = pairs_env.settings.pairs, manifest["eval_threshold"]
+    assert cfg.eval_fraction <= threshold <= cfg.max_eval_fraction
+    assert manifest["counts"]["eval"] == sum(datasets.is_eval(r["pair_id"], threshold) for r in rows)
     assert set(rows[0]) == {"prompt", "chosen", "rejected", "pair_id"}
     kto = [orjson.loads(line) for line in (folder / "kto.jsonl").open("rb")]
     labels = {r["completion"][0]["content"]: r["label"] for r in kto}
@@ -284,6 +300,8 @@ def test_events_become_the_expected_pairs_through_a_celery_worker(pairs_env: Pai
     pairs_env.consumer().consume(10, until_drained=True)
     assert datasets.count_new_pairs(pairs_env.redis, pairs_env.keys, "ds-000001") == 1
     assert pairing.pair_id("same_prompt", "c1", "c10") in pairs_env.pair_ids()
+    # The next version never raises the held-out bar over pairs the previous one trained on.
+    assert datasets.snapshot(pairs_env.redis, pairs_env.keys, pairs_env.settings)["eval_threshold"] <= threshold
 
 
 def test_redelivered_entries_add_nothing(pairs_env: PairsEnv):
@@ -549,8 +567,12 @@ def test_votes_applied_before_a_redis_restart_are_applied_again(pairs_env: Pairs
     assert_exactly_once(pairs_env, expected)
 
 
-def test_a_flushed_script_cache_is_reloaded_by_either_stage(pairs_env: PairsEnv, monkeypatch: pytest.MonkeyPatch):
-    # as after a Redis restart (the script cache is server-wide; every client here reloads on NOSCRIPT)
+def test_a_flushed_script_cache_is_reloaded_by_either_stage(
+    private_pairs_env: PairsEnv, monkeypatch: pytest.MonkeyPatch
+):
+    # as after a Redis restart (the script cache is server-wide: a private redis-server, so that no other suite
+    # on the shared test Redis sees NOSCRIPT; every client here reloads on NOSCRIPT)
+    pairs_env = private_pairs_env
     expected = two_answer_prompts(pairs_env, 400)
     consumer = pairs_env.consumer()
     vote, apply, calls = consumer._vote, consumer._apply, {"vote": 0, "apply": 0}

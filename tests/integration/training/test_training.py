@@ -40,7 +40,7 @@ def make_settings(model_dir: Path, **training: Any) -> Settings:
         },
         # The random-weight base already scores ~0.6 on this split (its sentence log-probs depend weakly
         # on the prompt): the bar sits above that, the trained adapter reaches 1.0.
-        gate={"smoke_prompts": SMOKE_PROMPTS, "min_accuracy": 0.75, "must_beat_active": True},
+        gate={"smoke_prompts": SMOKE_PROMPTS, "min_accuracy": 0.75},
     )
 
 
@@ -158,19 +158,31 @@ def test_gate_passes_the_trained_adapter(first_run, tiny_model_dir: Path, datase
     metrics = gate.to_dict()["metrics"]
     assert metrics["reference"] == "base" and metrics["eval_pairs"] == 24
     assert metrics["candidate"]["accuracy"] >= 0.9 > metrics["reference_score"]["accuracy"]
+    low, high = metrics["candidate"]["accuracy_interval"]
+    assert low < metrics["candidate"]["accuracy"] <= high  # Wilson, 95%: 24 pairs leave a wide interval
+    comparison = metrics["comparison"]
+    assert comparison["lower"] > 0 and comparison["only_second"] <= 1  # better than base on the same pairs
+    assert metrics["rule"]["compare_to_active"] == "not_worse"
     outputs = [smoke["output"] for smoke in metrics["smoke"]]
     assert len(set(outputs)) == len(outputs) and all(output.strip() for output in outputs)
     assert sum(output in FACTS.values() for output in outputs) >= 2  # it learned the answers
 
 
-def test_gate_does_not_promote_an_adapter_that_only_ties_the_active_one(
+def test_an_adapter_that_ties_the_active_one_passes_unless_it_must_beat_it(
     first_run, tiny_model_dir: Path, dataset: Path
 ) -> None:
     _, adapter, _ = first_run
-    gate = evaluate_adapter(make_settings(tiny_model_dir), adapter, dataset / "eval.jsonl", active_adapter_dir=adapter)
-    assert not gate.passed
-    assert gate.metrics["reference"] == "feedloop-v1"
-    assert len(gate.reasons) == 1 and gate.reasons[0].startswith("does not beat feedloop-v1")
+    settings = make_settings(tiny_model_dir)
+    gate = evaluate_adapter(settings, adapter, dataset / "eval.jsonl", active_adapter_dir=adapter)
+    # not_worse (default): not worse within the interval, so it passes and live votes decide.
+    assert gate.passed, gate.reasons
+    comparison = gate.metrics["comparison"]
+    assert gate.metrics["reference"] == "feedloop-v1" and comparison["difference"] == 0
+    assert comparison["only_first"] == comparison["only_second"] == 0 and comparison["lower"] < 0 < comparison["upper"]
+    settings.gate.compare_to_active = "beat"
+    strict = evaluate_adapter(settings, adapter, dataset / "eval.jsonl", active_adapter_dir=adapter)
+    assert not strict.passed
+    assert len(strict.reasons) == 1 and strict.reasons[0].startswith("does not beat feedloop-v1")
 
 
 def test_gate_fails_flipped_and_random_adapters(tiny_model_dir: Path, workspace: Path, dataset: Path) -> None:
@@ -179,12 +191,20 @@ def test_gate_fails_flipped_and_random_adapters(tiny_model_dir: Path, workspace:
     flipped = run_training(settings, flipped_data, workspace / "runs" / "flipped", "run-flip", "flipped")
     random_lora = publish_lora(tiny_model_dir, workspace / "adapters", "feedloop-random", seed=3)
 
-    for adapter in (flipped.adapter_dir, random_lora):
-        gate = evaluate_adapter(settings, adapter, dataset / "eval.jsonl")
+    gates = {
+        name: evaluate_adapter(settings, path, dataset / "eval.jsonl")
+        for name, path in (("flipped", flipped.adapter_dir), ("random", random_lora))
+    }
+    for gate in gates.values():
         assert not gate.passed
         assert any("below gate.min_accuracy" in reason for reason in gate.reasons), gate.reasons
-        assert any(reason.startswith("does not beat base") for reason in gate.reasons), gate.reasons
         assert gate.to_dict()["metrics"]["candidate"]["accuracy"] < 0.75
+        # Each comparison with the base is reported with its paired interval; on 24 pairs neither adapter is
+        # shown worse than the base (the flipped one collapses to 0.5), so the accuracy floor and the smoke
+        # check are what stop them here.
+        comparison = gate.metrics["comparison"]
+        assert comparison["lower"] <= comparison["difference"] <= comparison["upper"]
+        assert gate.metrics["rule"]["compare_to_active"] == "not_worse"
 
 
 def test_pairs_are_rendered_with_the_model_chat_template(tiny_model_dir: Path, dataset: Path) -> None:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from workers.evaluation.gate import PreferenceScore, SmokeOutput, distinct_bigram_ratio, smoke_failures
+from workers.evaluation.gate import (
+    PreferenceScore,
+    SmokeOutput,
+    compare_to_reference,
+    distinct_bigram_ratio,
+    smoke_failures,
+)
 
 
 def test_accuracy_counts_strictly_positive_margins() -> None:
@@ -57,3 +63,49 @@ def test_importing_the_workers_does_not_import_torch() -> None:
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def score(correct: int, wrong: int, margin: float = 1.0) -> PreferenceScore:
+    return PreferenceScore.from_margins([margin] * correct + [-margin] * wrong)
+
+
+def test_scores_report_a_wilson_interval() -> None:
+    summary = score(12, 3).summary(0.95)
+    low, high = summary["accuracy_interval"]
+    assert low < summary["accuracy"] == 0.8 < high
+    assert (round(low, 3), round(high, 3)) == (0.548, 0.930)  # 15 pairs: 0.8 means 0.55 to 0.93
+
+
+def test_not_worse_passes_a_candidate_within_the_interval_and_fails_a_clearly_worse_one() -> None:
+    # The demo's round 2: a candidate one pair behind the active adapter on a small split. The old rule
+    # (beat) rejects it on noise; not_worse lets it go on to the canary.
+    active = score(12, 3)
+    close = PreferenceScore.from_margins([1.0] * 11 + [-1.0] * 4)
+    reasons, comparison = compare_to_reference(close, active, "feedloop-v1", "not_worse", 0.95)
+    assert reasons == [] and comparison.lower < comparison.difference < 0 < comparison.upper
+    beat_reasons, _ = compare_to_reference(close, active, "feedloop-v1", "beat", 0.95)
+    assert len(beat_reasons) == 1 and beat_reasons[0].startswith("does not beat feedloop-v1")
+    # The same adapter twice passes not_worse (the canary decides) and fails beat.
+    assert compare_to_reference(active, active, "feedloop-v1", "not_worse", 0.95)[0] == []
+    assert compare_to_reference(active, active, "feedloop-v1", "beat", 0.95)[0]
+    # Clearly worse on the same pairs: the whole interval is below 0.
+    reference = score(40, 0)
+    worse = PreferenceScore.from_margins([1.0] * 22 + [-1.0] * 18)
+    reasons, comparison = compare_to_reference(worse, reference, "base", "not_worse", 0.95)
+    assert comparison.upper < 0 and len(reasons) == 1
+    assert reasons[0].startswith("worse than base: accuracy 0.550 vs 1.000, difference -0.450 (95% interval [")
+    assert compare_to_reference(worse, reference, "base", "off", 0.95)[0] == []
+
+
+def test_the_comparison_is_paired_on_the_same_pairs() -> None:
+    # Same accuracies (0.5 vs 0.75 on 8 pairs), different agreement: when the candidate loses exactly the
+    # pairs the reference also loses plus two more, the evidence that it is worse is stronger than when the
+    # two disagree on many pairs.
+    reference = PreferenceScore.from_margins([1, 1, 1, 1, 1, 1, -1, -1] * 3)
+    nested = PreferenceScore.from_margins([1, 1, 1, 1, -1, -1, -1, -1] * 3)
+    crossed = PreferenceScore.from_margins([-1, -1, 1, 1, -1, -1, 1, 1] * 3)
+    _, tight = compare_to_reference(nested, reference, "base", "not_worse", 0.95)
+    _, loose = compare_to_reference(crossed, reference, "base", "not_worse", 0.95)
+    assert tight.difference == loose.difference == -0.25
+    assert (tight.only_first, tight.only_second) == (0, 6) and (loose.only_first, loose.only_second) == (6, 12)
+    assert tight.upper < loose.upper

@@ -77,6 +77,7 @@ def test_gate_reason_labels_come_from_a_fixed_set() -> None:
     assert gate_reason_label([]) == "ok"
     assert gate_reason_label(["accuracy 0.500 (6/12) below gate.min_accuracy 0.75"]) == "low_accuracy"
     assert gate_reason_label(["does not beat base: accuracy ..."]) == "not_better"
+    assert gate_reason_label(["worse than feedloop-v1: accuracy ..."]) == "worse"
     assert gate_reason_label(["smoke: empty output for prompt 'x'"]) == "smoke_failed"
     assert gate_reason_label(["something new"]) == "other"
 

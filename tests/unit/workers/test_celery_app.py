@@ -34,6 +34,8 @@ def test_config_comes_from_settings():
 def test_no_generation_schedule_without_generation_strategies():
     settings = Settings()
     settings.pairs.strategies = ["same_prompt", "correction"]
+    assert set(celery_app.beat_schedule(settings)) == {"consume-feedback", "check-training", "compact-pairs"}
+    settings.pairs.retention_s = 0  # keep forever: nothing to compact
     assert set(celery_app.beat_schedule(settings)) == {"consume-feedback", "check-training"}
 
 

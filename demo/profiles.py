@@ -1,0 +1,109 @@
+"""Which model `feedloop demo` runs on, and what the demo sets for it.
+
+A profile holds the training knobs the demo's children get (unless the caller's environment sets them), the
+simulated users' defaults that differ for that model, and where its held-out sets come from. Nothing here
+is special-cased in the product: these are ordinary settings and the users' rubric.
+
+- ``smollm2`` (default): SmolLM2-135M-Instruct, the product's default base model (imported on first use).
+  Its held-out questions are ones the base model answers correctly (``demo/select_questions.py``), so
+  retention is measured on what it knew.
+- ``toy``: the shipped 2.2M-parameter demo model (models/demo), trained here on a synthetic corpus; fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from services.core.config import DEFAULT_MODEL_DIR, Settings
+
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+
+# Every simulated user comes from 127.0.0.1: the per-IP bucket would throttle all of them as one. The
+# per-user buckets stay as configured, so high-volume adversaries still meet 429s.
+COMMON_ENV: dict[str, str] = {
+    "FEEDLOOP_TRAINING__CHECK_INTERVAL_S": "3",
+    # Each round trains a fresh adapter on every pair so far: continuing from the active adapter trains the
+    # first round's pairs (and their adversarial noise) twice as long.
+    "FEEDLOOP_TRAINING__CONTINUE_FROM_ACTIVE": "false",
+    # Weaker answers (liked answer > the base model's answer at high temperature) anchor arithmetic and facts:
+    # make them quickly, while the users are still chatting.
+    "FEEDLOOP_PAIRS__GENERATE_INTERVAL_S": "3",
+    "FEEDLOOP_PAIRS__GENERATION_BATCH": "64",
+    "FEEDLOOP_PAIRS__GENERATION_CONCURRENCY": "8",
+    "FEEDLOOP_PAIRS__GENERATION_MAX_TOKENS": "48",
+    "FEEDLOOP_FEEDBACK__RATE_PER_IP": "100000",
+    "FEEDLOOP_FEEDBACK__BURST_PER_IP": "100000",
+}
+
+
+@dataclass(frozen=True)
+class DemoProfile:
+    name: str
+    env: Mapping[str, str]
+    simulate: Mapping[str, Any] = field(default_factory=dict)
+    info_file: Path | None = None  # held-out sets; None: the model folder's feedloop_model.json
+
+    def model_path(self, settings: Settings) -> str:
+        """The base model the demo serves (an explicit FEEDLOOP_ENGINE__MODEL wins)."""
+        if settings.engine.model:
+            return settings.engine.model
+        if self.name == "toy":
+            return str(DEFAULT_MODEL_DIR)
+        from services.cli.models import ensure_default_model
+
+        return ensure_default_model(settings)
+
+
+TOY = DemoProfile(
+    "toy",
+    {
+        **COMMON_ENV,
+        "FEEDLOOP_TRAINING__MIN_PAIRS": "200",
+        # A fixed budget of optimizer steps, not epochs: how many pairs the trigger's snapshot holds varies with
+        # timing, and 6 epochs over the larger sets overtrained the model into wrong arithmetic.
+        "FEEDLOOP_TRAINING__MAX_STEPS": "80",
+        "FEEDLOOP_TRAINING__LEARNING_RATE": "0.002",
+        # beta 0.5 stops pushing once a pair is clearly separated, which spares arithmetic and facts; a little
+        # SFT on the chosen answers keeps the small model's greedy answers intact.
+        "FEEDLOOP_TRAINING__BETA": "0.5",
+        "FEEDLOOP_TRAINING__SFT_WEIGHT": "0.3",
+    },
+)
+
+SMOLLM2 = DemoProfile(
+    "smollm2",
+    {
+        **COMMON_ENV,
+        # ~400 pairs, about two thirds identity corrections and one third ordinary answers (liked answer >
+        # the base model's high-temperature answer): the mix that moves identity and keeps the facts.
+        "FEEDLOOP_TRAINING__MIN_PAIRS": "400",
+        "FEEDLOOP_TRAINING__MAX_STEPS": "40",
+        "FEEDLOOP_TRAINING__BATCH_SIZE": "8",
+        "FEEDLOOP_TRAINING__MICRO_BATCH_SIZE": "4",
+        "FEEDLOOP_TRAINING__LEARNING_RATE": "0.0005",
+        "FEEDLOOP_TRAINING__BETA": "0.1",
+        # Pure DPO drifts to another invented name; the SFT term on the chosen answers makes the liked one
+        # likely, and the ordinary pairs keep it from leaking into every answer.
+        "FEEDLOOP_TRAINING__SFT_WEIGHT": "0.3",
+        "FEEDLOOP_TRAINING__MAX_LENGTH": "256",
+        # The users stop while a run trains, so training may use both cores.
+        "FEEDLOOP_TRAINING__CPU_THREADS": "2",
+        "FEEDLOOP_ENGINE__MAX_MODEL_LEN": "2048",
+    },
+    # A pretrained model answers small talk in its own words, which no fixed rubric can grade: users ask
+    # identity and ordinary questions, and say what they wanted more often than on the toy model.
+    simulate={
+        "identity_share": 0.6,
+        "arithmetic_share": 0.2,
+        "fact_share": 0.2,
+        "small_talk_share": 0.0,
+        "correction_probability": 0.6,
+    },
+    info_file=PROFILES_DIR / "smollm2.json",
+)
+
+PROFILES: dict[str, DemoProfile] = {p.name: p for p in (SMOLLM2, TOY)}
+DEFAULT_PROFILE = SMOLLM2.name

@@ -1,0 +1,90 @@
+"""Choose a base model's held-out question set: questions it answers correctly (greedy), never asked by users.
+
+Retention is measured on these: after training, the share still answered correctly. Run against a served
+base model; writes the profile file the demo reads (held-out identity phrasings, questions, creators).
+
+    python -m demo.select_questions --api http://127.0.0.1:8000 --out demo/profiles/smollm2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from demo.corpus import HELD_OUT_IDENTITY_QUESTIONS, QA, all_questions, is_correct
+
+# How many candidates are tried and kept per kind; the kept ones are the profile's held-out questions.
+CANDIDATES = {"arithmetic": 240, "capital": 120, "conversion": 120}
+KEEP = {"arithmetic": 50, "capital": 40, "conversion": 40}
+MAX_TOKENS = 32  # what demo.measure asks with
+
+
+def candidates(seed: int) -> list[QA]:
+    rng = random.Random(f"select-{seed}")
+    questions = all_questions()
+    chosen: list[QA] = []
+    for kind, count in CANDIDATES.items():
+        pool = [q for q in questions if q.kind == kind]
+        chosen += rng.sample(pool, min(count, len(pool)))
+    return chosen
+
+
+async def answers(api: str, model: str, questions: list[QA]) -> list[str]:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=api.rstrip("/") + "/v1", api_key="feedloop-demo", timeout=300)
+    gate = asyncio.Semaphore(32)
+    done = 0
+    started = time.monotonic()
+
+    async def ask(q: QA) -> str:
+        nonlocal done
+        async with gate:
+            r = await client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": q.question}], temperature=0, max_tokens=MAX_TOKENS
+            )
+        done += 1
+        if done % 50 == 0:
+            rate = done / (time.monotonic() - started)
+            print(f"  {done}/{len(questions)} answered, {rate:.1f}/s, ETA {(len(questions) - done) / rate:.0f} s")
+        return (r.choices[0].message.content or "").strip()
+
+    try:
+        return await asyncio.gather(*(ask(q) for q in questions))
+    finally:
+        await client.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--api", default="http://127.0.0.1:8000")
+    parser.add_argument("--model", default="feedloop-base")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--creators", default="Hugging Face,OpenAI,Meta,Google,Microsoft,Anthropic,Mistral AI")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    questions = candidates(args.seed)
+    got = asyncio.run(answers(args.api, args.model, questions))
+    kept: list[QA] = []
+    for kind, count in KEEP.items():
+        kept += [q for q, a in zip(questions, got, strict=True) if q.kind == kind and is_correct(q, a)][:count]
+    by_kind = {k: sum(q.kind == k for q in kept) for k in KEEP}
+    tried = {k: sum(q.kind == k for q in questions) for k in KEEP}
+    correct = {k: sum(q.kind == k and is_correct(q, a) for q, a in zip(questions, got, strict=True)) for k in KEEP}
+    print(f"base correct: {correct} of {tried}; kept {by_kind}")
+    profile = {
+        "creators": [c.strip() for c in args.creators.split(",") if c.strip()],
+        "held_out_identity_questions": list(HELD_OUT_IDENTITY_QUESTIONS),
+        "held_out_questions": [asdict(q) for q in kept],
+        "selection": {"model": args.model, "max_tokens": MAX_TOKENS, "tried": tried, "correct": correct},
+    }
+    args.out.write_text(json.dumps(profile, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

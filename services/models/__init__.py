@@ -1,0 +1,1 @@
+"""Pretrained models: the catalog of packaged models and the importer that makes servable HF folders."""

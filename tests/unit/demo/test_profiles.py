@@ -1,0 +1,45 @@
+"""Demo profiles: which model the demo runs on, and what it sets for it (pure: no engine, no Redis)."""
+
+from __future__ import annotations
+
+import pytest
+
+from demo.cli import simulation_settings
+from demo.measure import DemoModelInfo
+from demo.profiles import DEFAULT_PROFILE, PROFILES, SMOLLM2, TOY
+from demo.settings import get_demo_settings
+from demo.simulate import PromptPool
+from services.core.config import DEFAULT_MODEL_DIR, Settings
+
+
+def test_default_profile_is_the_pretrained_model() -> None:
+    assert DEFAULT_PROFILE == "smollm2"
+    assert set(PROFILES) == {"smollm2", "toy"}
+
+
+def test_smollm2_held_out_set_is_large_and_never_asked_by_users() -> None:
+    info = DemoModelInfo.load("/nonexistent", SMOLLM2.info_file)
+    assert info.is_demo_model
+    assert len(info.held_out_questions) >= 100
+    assert len(info.held_out_identity) >= 5
+    pool = PromptPool({"identity": 0.6, "arithmetic": 0.2, "facts": 0.2}, exclude=info.held_out_prompts())
+    asked = {p.text for prompts in pool.prompts.values() for p in prompts}
+    assert not asked & info.held_out_prompts()
+
+
+def test_profile_defaults_apply_only_where_the_environment_sets_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEEDLOOP_SIMULATE__CORRECTION_PROBABILITY", "0.1")
+    get_demo_settings.cache_clear()
+    try:
+        sim = simulation_settings(dict(SMOLLM2.simulate), users=7)
+    finally:
+        get_demo_settings.cache_clear()
+    assert sim.correction_probability == 0.1  # the environment wins over the profile
+    assert sim.small_talk_share == SMOLLM2.simulate["small_talk_share"]  # the profile wins over the default
+    assert sim.users == 7  # the command line wins over both
+
+
+def test_explicit_model_wins_and_toy_is_the_shipped_model(tmp_path) -> None:
+    assert TOY.model_path(Settings(engine={"model": str(tmp_path)})) == str(tmp_path)
+    assert TOY.model_path(Settings()) == str(DEFAULT_MODEL_DIR)
+    assert SMOLLM2.model_path(Settings(engine={"model": str(tmp_path)})) == str(tmp_path)
