@@ -89,7 +89,13 @@ def test_weaker_answer_against_the_real_engine(openai_client, live_api: LiveApi,
         liked = chat(openai_client, live_api, f"Tell me something true, {user}.", seed=3 + attempt, user=user)
         vote(live_api, liked, "like", user)
         drain(live_api)
-        assert live_api.redis.zscore(live_api.keys.pairing_candidates("weaker_answer"), liked["completion_id"])
+        candidates = live_api.keys.pairing_candidates("weaker_answer")
+        assert live_api.redis.zscore(candidates, liked["completion_id"])
+        # Earlier tests on the shared server leave candidates of their own (over a thousand after the Prometheus
+        # test): generate only this one, so it is not cut off by generation_batch.
+        others = [c for c in live_api.redis.zrange(candidates, 0, -1) if c.decode() != liked["completion_id"]]
+        if others:
+            live_api.redis.zrem(candidates, *others)
         report = generate_pairs(
             live_api.redis,
             live_api.keys,
