@@ -68,3 +68,15 @@ def add_caller(record: dict[str, Any], caller: Caller) -> None:
     if caller.app is not None:
         record["app"] = caller.app
         record["vote_rate"] = caller.vote_rate
+
+
+def usage_counts(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def finish_reason(reason: str | None) -> str | None:
+    return None if reason is None else ("length" if reason == "length" else "stop")

@@ -16,7 +16,15 @@ from services.api import vllm_compat
 from services.api.auth import ANONYMOUS, Caller, CallerDep, namespaced_user, take_chat_quota
 from services.api.deps import EngineDep, InteractionsDep, SettingsDep
 from services.api.errors import ApiError
-from services.api.generation import add_caller, feedback_token, reject_unsupported, resolve_model, sampling_params
+from services.api.generation import (
+    add_caller,
+    feedback_token,
+    finish_reason,
+    reject_unsupported,
+    resolve_model,
+    sampling_params,
+    usage_counts,
+)
 from services.api.schemas import ChatCompletionRequest
 from services.core import metrics
 from services.core.config import Settings
@@ -84,7 +92,7 @@ class Prepared:
     def choice(self, i: int, text: str, output: Any, reason: str | None, tokenizer: Any) -> dict[str, Any]:
         """A whole answer's choice: its message (tool calls parsed by vLLM's parser), logprobs, finish reason."""
         message: dict[str, Any] = {"role": "assistant", "content": text}
-        finish = _finish(reason)
+        finish = finish_reason(reason)
         if self.tools is not None and output is not None:
             message, finish = self.tools.message(text, output.token_ids, finish)
         logprobs = None
@@ -190,7 +198,7 @@ async def chat_completions(
             reasons[o.index] = o.finish_reason
             outputs[o.index] = o
             completion_tokens += len(o.token_ids)
-    usage = _usage(len(p.prompt_ids), completion_tokens)
+    usage = usage_counts(len(p.prompt_ids), completion_tokens)
     metrics.observe_tokens(req.model, usage["prompt_tokens"], completion_tokens)
     feedback = p.feedback(settings)
     interactions.record(p.record(texts, reasons, usage, feedback))
@@ -238,7 +246,7 @@ async def _stream(
                 yield chunk[0]
     finally:
         metrics.ACTIVE_STREAMS.dec()
-    usage = _usage(len(p.prompt_ids), completion_tokens)
+    usage = usage_counts(len(p.prompt_ids), completion_tokens)
     metrics.observe_tokens(p.req.model, usage["prompt_tokens"], completion_tokens)
     feedback = p.feedback(settings)
     interactions.record(p.record(texts, reasons, usage, feedback))
@@ -264,7 +272,7 @@ class StreamExtras:
         """(delta or None: nothing to send, logprobs, finish reason) of one choice's output."""
         i = o.index
         logprobs = vllm_compat.chat_logprobs(o, self.tokenizer, self.top_logprobs) if self.logprobs else None
-        finish = _finish(o.finish_reason)
+        finish = finish_reason(o.finish_reason)
         if self.tools is None:
             return {"content": o.text}, logprobs, finish
         delta = self.tools.delta(self.parsers[i], o, self.prompt_ids)
@@ -297,7 +305,7 @@ def _chunk(
         tokens += len(o.token_ids)
         reasons[i] = o.finish_reason
         logprobs = None
-        finish = _finish(o.finish_reason)
+        finish = finish_reason(o.finish_reason)
         delta: dict[str, Any] = {"content": o.text}
         if extras is not None:
             parsed, logprobs, finish = extras.delta(o)
@@ -310,15 +318,3 @@ def _chunk(
         choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         events.append(b"data: " + orjson.dumps({**head, "choices": [choice]}) + b"\n\n")
     return b"".join(events), tokens
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def _finish(reason: str | None) -> str | None:
-    return None if reason is None else ("length" if reason == "length" else "stop")

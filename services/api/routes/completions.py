@@ -21,7 +21,15 @@ from services.api import vllm_compat
 from services.api.auth import ANONYMOUS, Caller, CallerDep, namespaced_user, take_chat_quota
 from services.api.deps import EngineDep, InteractionsDep, SettingsDep
 from services.api.errors import ApiError
-from services.api.generation import add_caller, feedback_token, reject_unsupported, resolve_model, sampling_params
+from services.api.generation import (
+    add_caller,
+    feedback_token,
+    finish_reason,
+    reject_unsupported,
+    resolve_model,
+    sampling_params,
+    usage_counts,
+)
 from services.api.schemas import CompletionRequest
 from services.core import metrics
 from services.core.config import Settings
@@ -148,9 +156,9 @@ async def completions(
             "index": i,
             "text": (p.prompt + o.text) if req.echo else o.text,
             "logprobs": p.logprobs(engine, o, echo if req.echo else None, 0),
-            "finish_reason": _finish(o.finish_reason),
+            "finish_reason": finish_reason(o.finish_reason),
         }
-    usage = _usage(len(p.prompt_ids), completion_tokens)
+    usage = usage_counts(len(p.prompt_ids), completion_tokens)
     metrics.observe_tokens(req.model, usage["prompt_tokens"], completion_tokens)
     feedback = p.feedback(settings)
     interactions.record(p.record(texts, reasons, usage, feedback))
@@ -199,13 +207,18 @@ async def _stream(
                 logprobs = p.logprobs(engine, o, echo, offsets[i])
                 if logprobs is not None and logprobs["tokens"]:
                     offsets[i] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
-                choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": _finish(o.finish_reason)}
+                choice = {
+                    "index": i,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": finish_reason(o.finish_reason),
+                }
                 events.append(b"data: " + orjson.dumps({**head, "choices": [choice]}) + b"\n\n")
             if events:
                 yield b"".join(events)
     finally:
         metrics.ACTIVE_STREAMS.dec()
-    usage = _usage(len(p.prompt_ids), completion_tokens)
+    usage = usage_counts(len(p.prompt_ids), completion_tokens)
     metrics.observe_tokens(p.req.model, usage["prompt_tokens"], completion_tokens)
     feedback = p.feedback(settings)
     interactions.record(p.record(texts, reasons, usage, feedback))
@@ -213,15 +226,3 @@ async def _stream(
     if p.req.stream_options and p.req.stream_options.include_usage:
         last["usage"] = usage
     yield b"data: " + orjson.dumps(last) + b"\n\ndata: [DONE]\n\n"
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def _finish(reason: str | None) -> str | None:
-    return None if reason is None else ("length" if reason == "length" else "stop")
