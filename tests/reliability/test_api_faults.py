@@ -234,7 +234,11 @@ def test_a_dead_engine_core_fails_liveness(start_api) -> None:
 def test_api_sigkill_mid_vote_keeps_every_acknowledged_vote(start_api, tmp_path: Path) -> None:
     from workers.pairing.consumer import FeedbackConsumer
 
-    api = start_api("--appendonly", "yes", "--appendfsync", "always")
+    # Redis itself stays up here, so the default fsync policy; a 1 s socket timeout would turn one slow
+    # fsync on a busy CI disk into a minute of failed handshakes
+    api = start_api(
+        "--appendonly", "yes", env={"FEEDLOOP_REDIS_SOCKET_TIMEOUT_S": "5", "FEEDLOOP_REDIS_CONNECT_TIMEOUT_S": "5"}
+    )  # fmt: skip
     client = api.redis.client()
     users = 120
     completions = []
@@ -245,6 +249,7 @@ def test_api_sigkill_mid_vote_keeps_every_acknowledged_vote(start_api, tmp_path:
     api.wait(
         "interactions written",
         lambda: all(client.exists(api.keys.interaction(c["feedback"]["completion_id"])) for c in completions),
+        timeout=180,
     )
 
     core = engine_core(api.server.proc.pid)
