@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install install-test up demo test test-fast test-reliability lint typecheck bench clean readme demo-model test-charts image-cpu image-gpu
+.PHONY: install install-test up demo test test-fast test-reliability soak lint typecheck bench clean readme demo-model test-charts image-cpu image-gpu
 
 install:
 	@scripts/install.sh
@@ -45,6 +45,13 @@ demo-model: install
 
 test-reliability: install-test
 	$(BIN)/python -m pytest tests/reliability $(PYTEST_ARGS)
+
+# The soak (issue 15): the whole loop on the toy model for MINUTES, sampling RSS, LoRA adapters loaded, Redis
+# memory and clients each minute; not part of `make test`. `make soak MINUTES=6`, or SOAK_ARGS="--help".
+MINUTES ?= 30
+SOAK_ARGS ?=
+soak: install
+	$(BIN)/python bench/soak.py --minutes $(MINUTES) $(SOAK_ARGS)
 
 test-charts: install-test
 	$(BIN)/python -m pytest tests/charts -m "not slow"

@@ -17,7 +17,8 @@ which is less noisy than wall time on a shared machine: the API process is where
 
 `--kind` picks the request: `plain` (the default), `json_schema` (a `response_format` JSON schema, through vLLM's
 structured outputs; no ignore_eos, the grammar ends the answer) or `logprobs` (`logprobs` with `top_logprobs` 5
-on every token).
+on every token). The warm-up checks that both servers did what the kind asks (every answer a JSON object, or
+logprobs on its chunks), so a server that ignored the parameter is never measured against one that honoured it.
 
 Writes bench/results/chat_vs_vllm.json (chat_vs_vllm-<kind>.json for the other kinds) and prints a markdown
 table.
@@ -50,6 +51,8 @@ class Sample:
     latency_s: float
     completion_tokens: int
     error: str | None = None
+    text: str = ""  # the streamed content (kept for the warm-up's check of the kind)
+    logprobs_chunks: int = 0  # chunks that carried logprobs
 
 
 @dataclass
@@ -183,6 +186,8 @@ async def stream_one(session: Any, url: str, body: bytes) -> Sample:
     start = time.perf_counter()
     ttft: float | None = None
     tokens = 0
+    parts: list[str] = []
+    logprobs_chunks = 0
     try:
         async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
             if resp.status != 200:
@@ -195,16 +200,34 @@ async def stream_one(session: Any, url: str, body: bytes) -> Sample:
                 if payload == b"[DONE]":
                     break
                 event = orjson.loads(payload)
-                if ttft is None:
-                    choices = event.get("choices")
-                    if choices and choices[0].get("delta", {}).get("content"):
-                        ttft = time.perf_counter() - start
+                choices = event.get("choices")
+                if choices:
+                    content = choices[0].get("delta", {}).get("content")
+                    if content:
+                        parts.append(content)
+                        if ttft is None:
+                            ttft = time.perf_counter() - start
+                    if choices[0].get("logprobs"):
+                        logprobs_chunks += 1
                 usage = event.get("usage")
                 if usage:
                     tokens = usage["completion_tokens"]
     except Exception as e:  # a failed request is counted, not fatal
         return Sample(None, time.perf_counter() - start, 0, f"{type(e).__name__}: {e}")
-    return Sample(ttft, time.perf_counter() - start, tokens)
+    return Sample(ttft, time.perf_counter() - start, tokens, None, "".join(parts), logprobs_chunks)
+
+
+def kind_problem(kind: str, samples: list[Sample]) -> str | None:
+    """Why the answers show that the server did not do what the kind asks (None: they show it did), so that
+    a server that ignored the parameter is never measured against one that honoured it."""
+    ok = [s for s in samples if s.error is None]
+    if kind == "logprobs" and any(s.logprobs_chunks == 0 for s in ok):
+        return "an answer came without logprobs"
+    if kind == "json_schema":
+        free = [s.text for s in ok if not s.text.lstrip().startswith("{")]
+        if free:
+            return f"an answer is not the schema's JSON object: {free[0][:80]!r}"
+    return None
 
 
 async def run_round(session: Any, target: Target, n: int, concurrency: int, max_tokens: int, seq: list[int]):
@@ -282,6 +305,9 @@ async def measure(targets: dict[str, Target], args: argparse.Namespace) -> None:
             print(f"warm-up {name}: {len(samples)} requests in {wall:.1f}s, {len(errors)} errors", flush=True)
             if errors:
                 raise RuntimeError(f"{name} failed during warm-up: {errors[0]}")
+            problem = kind_problem(args.kind, samples)
+            if problem:
+                raise RuntimeError(f"{name} in the {args.kind} warm-up: {problem}")
         plan = order(args.rounds)
         deadline = time.monotonic() + args.time_budget
         for i, name in enumerate(plan, 1):

@@ -113,6 +113,9 @@ def demo(
     port: Annotated[int | None, typer.Option(help="API port (default: a free one).")] = None,
     out: Annotated[Path, typer.Option(help="Folder for demo-report.json and demo-report.png.")] = Path("."),
     keep: Annotated[bool, typer.Option(help="Keep the demo's Redis keys, adapters and logs.")] = False,
+    run_timeout: Annotated[
+        float, typer.Option(help="Longest wait for one training run (snapshot, training, gate) in seconds.")
+    ] = 1800.0,
     model: Annotated[
         str, typer.Option(help="smollm2 (SmolLM2-135M-Instruct, the default base model) or toy (the 2.2M demo model).")
     ] = "smollm2",
@@ -136,7 +139,7 @@ def demo(
     )  # fmt: skip
     options = DemoOptions(
         rounds=rounds, identity_samples=samples, questions=questions, final_chats=final_chats, port=port,
-        out_dir=out, keep=keep, profile=profile,
+        out_dir=out, keep=keep, profile=profile, run_timeout_s=run_timeout,
     )  # fmt: skip
     try:
         report = run_demo(settings, options, sim, echo=typer.echo)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from demo.corpus import (
     DEFAULT_ORG,
     HELD_OUT_IDENTITY_QUESTIONS,
     QA,
+    all_questions,
     creators_for,
     held_out_questions,
     is_correct,
@@ -141,12 +144,13 @@ async def measure(
     concurrency: int = 16,
     seed: int = 0,
     timeout_s: float = 120.0,
+    api_key: str = "",
 ) -> Measurement:
     """Sample identity answers and answer the held-out questions (all, or the first `questions`)."""
     from openai import AsyncOpenAI
 
     started = time.monotonic()
-    client = AsyncOpenAI(base_url=base_url.rstrip("/") + "/v1", api_key="feedloop-demo", timeout=timeout_s)
+    client = AsyncOpenAI(base_url=base_url.rstrip("/") + "/v1", api_key=api_key or "feedloop-demo", timeout=timeout_s)
     gate = asyncio.Semaphore(concurrency)
     fingerprints: set[str] = set()
 
@@ -190,3 +194,13 @@ async def measure(
         ][:6],
         **numbers,
     )
+
+
+def write_retention_cases(path: Path, count: int, held_out: Sequence[QA], seed: int = 0) -> None:
+    """The gate's regression set (gate.retention_file): questions users may ask, none of the held-out ones the
+    report measures (the gate must not be tuned on the report's own yardstick)."""
+    held = {qa.question for qa in held_out}
+    pool = [qa for qa in all_questions() if qa.question not in held]
+    chosen = random.Random(f"gate-retention-{seed}").sample(pool, min(count, len(pool)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"prompt": qa.question, "expected": qa.expected}) + "\n" for qa in chosen))

@@ -45,6 +45,8 @@ class DemoProfile:
     env: Mapping[str, str]
     simulate: Mapping[str, Any] = field(default_factory=dict)
     info_file: Path | None = None  # held-out sets; None: the model folder's feedloop_model.json
+    # questions users ask (never the held-out ones) written as the gate's regression set (gate.retention_file)
+    gate_retention_cases: int = 0
 
     def model_path(self, settings: Settings) -> str:
         """The base model the demo serves (an explicit FEEDLOOP_ENGINE__MODEL wins)."""
@@ -94,6 +96,10 @@ SMOLLM2 = DemoProfile(
         # The users stop while a run trains, so training may use both cores.
         "FEEDLOOP_TRAINING__CPU_THREADS": "2",
         "FEEDLOOP_ENGINE__MAX_MODEL_LEN": "2048",
+        # The simulated crowd flips about a quarter of the identity votes (10% adversaries rating every answer
+        # from two loops, 5% misclicks): at the start honest users like almost no base answer, so most likes
+        # are flips, and pairs choosing them taught noise (189 of 296 identity pairs in one measured run).
+        "FEEDLOOP_PAIRS__LABEL_NOISE_RATE": "0.25",
     },
     # A pretrained model answers small talk in its own words, which no fixed rubric can grade: users ask
     # identity and ordinary questions, and say what they wanted more often than on the toy model.
@@ -105,6 +111,9 @@ SMOLLM2 = DemoProfile(
         "correction_probability": 0.6,
     },
     info_file=PROFILES_DIR / "smollm2.json",
+    # the gate refuses an adapter that forgets sums and facts the serving model answers (measured without it:
+    # held-out retention 100% -> 78% on one round)
+    gate_retention_cases=40,
 )
 
 PROFILES: dict[str, DemoProfile] = {p.name: p for p in (SMOLLM2, TOY)}

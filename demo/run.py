@@ -19,6 +19,7 @@ caller's environment wins over the demo's value.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import secrets
 import shutil
@@ -34,7 +35,7 @@ from typing import IO, Any
 import httpx
 from redis import exceptions as redis_errors
 
-from demo.measure import DemoModelInfo, Measurement, measure
+from demo.measure import DemoModelInfo, Measurement, measure, write_retention_cases
 from demo.profiles import SMOLLM2, DemoProfile
 from demo.settings import SimulationSettings
 from demo.simulate import PromptPool, Rubric, SimulationStats, format_progress, run_simulation
@@ -65,6 +66,7 @@ class DemoOptions:
     start_timeout_s: float = 300.0
     keep: bool = False
     env: dict[str, str] = field(default_factory=dict)  # extra child environment (wins over the profile's)
+    on_ready: Callable[[Stack], None] | None = None  # called once the stack answers (e.g. to register app keys)
     profile: DemoProfile = SMOLLM2
 
 
@@ -121,6 +123,19 @@ class Stack:
                 log = self.data_dir / "logs" / f"{name}.log"
                 tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
                 raise DemoError(f"`feedloop {name}` exited with {proc.returncode}; its log ends:\n{tail}")
+
+
+def training_progress(history: list[dict[str, Any]]) -> str:
+    """'step 12/40 · 1.9 examples/s · ETA 3m05s · ' from the run's last logged step ('' before the first)."""
+    if not history:
+        return ""
+    last = history[-1]
+    eta = last.get("eta_s", math.inf)
+    eta_text = f"{int(eta // 60)}m{int(eta % 60):02d}s" if math.isfinite(eta) else "?"
+    return (
+        f"step {int(last.get('step', 0))}/{int(last.get('total_steps', 0))} · "
+        f"{last.get('examples_per_s', 0.0):.1f} examples/s · ETA {eta_text} · "
+    )
 
 
 def child_env(settings: Settings, base: dict[str, str], redis_url: str, prefix: str, data_dir: Path, port: int,
@@ -193,6 +208,8 @@ def demo_stack(settings: Settings, options: DemoOptions, progress: Progress) -> 
         running = Stack(f"http://127.0.0.1:{port}", redis_url, Keys(prefix), data_dir, env, procs)
         try:
             _wait_ready(running, options.start_timeout_s, progress)
+            if options.on_ready is not None:
+                options.on_ready(running)
             yield running
         finally:
             progress.done("demo: stopping the API, worker and beat ...")
@@ -235,10 +252,12 @@ def new_pairs(redis: Any, keys: Keys) -> int:
         return datasets.count_new_pairs(redis, keys, None)
 
 
-def served_version(base_url: str, alias: str) -> str | None:
-    """What the API's public alias points at now (GET /v1/models), None when unknown."""
+def served_version(base_url: str, alias: str, api_key: str = "") -> str | None:
+    """What the API's public alias points at now (GET /v1/models; with auth on it takes an app key), None when
+    unknown."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        models = httpx.get(base_url + "/v1/models", timeout=10).json()["data"]
+        models = httpx.get(base_url + "/v1/models", timeout=10, headers=headers).json()["data"]
     except (httpx.HTTPError, ValueError, KeyError):
         return None
     return next((m.get("parent") for m in models if m.get("id") == alias), None)
@@ -268,6 +287,7 @@ class Demo:
             questions=self.options.questions,
             model=self.alias,
             seed=self.sim.seed,
+            api_key=self.sim.api_keys[0] if self.sim.api_keys else "",
         )
         shares = ", ".join(f"{c} {s:.0%}" for c, s in result.share_by_creator.items())
         self.progress.done(
@@ -333,7 +353,7 @@ class Demo:
                     raise DemoError(f"{run_id} did not finish within {self.options.run_timeout_s:.0f} s")
                 try:
                     run = runs.get(run_id) or {}
-                    steps = len(runs.history(run_id))
+                    history = runs.history(run_id)
                 except REDIS_TRANSIENT:  # a slow moment of a busy machine: look again
                     await asyncio.sleep(POLL_S)
                     continue
@@ -345,7 +365,7 @@ class Demo:
                 if run.get("gate"):
                     phase = "publishing"
                 self.progress.update(
-                    f"{label}: {run_id} {run.get('status')} · {phase} · {steps} steps logged · {elapsed:.0f} s"
+                    f"{label}: {run_id} {run.get('status')} · {phase} · {training_progress(history)}{elapsed:.0f} s"
                 )
                 await asyncio.sleep(POLL_S)
         finally:
@@ -356,7 +376,8 @@ class Demo:
         deadline = time.monotonic() + self.options.serve_timeout_s
         while time.monotonic() < deadline:
             stack.check_alive()
-            if await asyncio.to_thread(served_version, stack.base_url, self.alias) == version:
+            key = self.sim.api_keys[0] if self.sim.api_keys else ""
+            if await asyncio.to_thread(served_version, stack.base_url, self.alias, key) == version:
                 return time.time()
             self.progress.update(f"{label}: waiting for the API to serve {version} ...")
             await asyncio.sleep(0.25)
@@ -496,6 +517,10 @@ def run_demo(
             f"{settings.model_path()} has no held-out sets (no feedloop_model.json, and the {profile.name} profile "
             "names no file): build the demo model with `python models/build_demo_model.py`, or use --model toy"
         )
+    if profile.gate_retention_cases and "FEEDLOOP_GATE__RETENTION_FILE" not in {**os.environ, **options.env}:
+        cases = options.out_dir / "gate-retention.jsonl"
+        write_retention_cases(cases, profile.gate_retention_cases, info.held_out_questions, seed=sim.seed)
+        options.env = {**options.env, "FEEDLOOP_GATE__RETENTION_FILE": str(cases.resolve())}
     started = time.monotonic()
     demo = Demo(settings, options, sim, info, progress, echo)
     with demo_stack(settings, options, progress) as stack:

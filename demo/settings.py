@@ -42,6 +42,15 @@ class SimulationSettings(BaseModel):
     request_timeout_s: float = Field(120.0, description="Timeout of one chat or feedback request.")
     seed: int = Field(0, description="Seed of the users' choices (prompts, ratings, noise).")
     api_url: str = Field("", description="API the users talk to. Empty: http://<api.host>:<api.port>.")
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="App keys (auth on) the honest users send, one per user in turn; the first also measures. "
+        "Empty: no key (auth off).",
+    )
+    adversarial_api_key: str = Field("", description="App key the adversaries send (empty: the honest users' keys).")
+    adversarial_names: int = Field(
+        1, ge=1, description="Made-up user names each adversary spreads its chats and votes over (sybils)."
+    )
 
 
 class DemoSettings(BaseSettings):

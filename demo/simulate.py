@@ -19,7 +19,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from demo.corpus import (
@@ -159,6 +159,25 @@ class SimUser:
     name: str
     adversarial: bool = False
     loops: int = 1  # chats in flight at once
+    api_key: str = ""  # the app key it chats with (auth on)
+    names: int = 1  # made-up user names it spreads its chats over (a sybil: more than one)
+
+    def claimed_name(self, rng: random.Random) -> str:
+        return self.name if self.names <= 1 else f"{self.name}-{rng.randrange(self.names):03d}"
+
+
+def with_keys(users: list[SimUser], sim: SimulationSettings) -> list[SimUser]:
+    """The simulation's app keys and sybil names on its users: honest users take sim.api_keys in turn,
+    adversaries sim.adversarial_api_key (or the honest keys) and sim.adversarial_names names each."""
+    keys = sim.api_keys or [""]
+    out = []
+    for i, user in enumerate(users):
+        key = keys[i % len(keys)]
+        if user.adversarial:
+            out.append(replace(user, api_key=sim.adversarial_api_key or key, names=sim.adversarial_names))
+        else:
+            out.append(replace(user, api_key=key))
+    return out
 
 
 def make_users(
@@ -286,12 +305,14 @@ class _Simulation:
         self.max_chats, self.deadline, self.stop = max_chats, deadline, stop
         limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
         self.http = httpx.AsyncClient(base_url=base_url, timeout=sim.request_timeout_s, limits=limits)
-        self.client = AsyncOpenAI(
-            base_url=base_url.rstrip("/") + "/v1",
-            api_key="feedloop-simulated-user",
-            timeout=sim.request_timeout_s,
-            max_retries=3,  # the client's own backoff honours Retry-After on 429/503
-        )
+        self.clients: dict[str, AsyncOpenAI] = {}
+        for key in {"", *sim.api_keys, sim.adversarial_api_key}:
+            self.clients[key] = AsyncOpenAI(
+                base_url=base_url.rstrip("/") + "/v1",
+                api_key=key or "feedloop-simulated-user",
+                timeout=sim.request_timeout_s,
+                max_retries=3,  # the client's own backoff honours Retry-After on 429/503
+            )
         self.stats = SimulationStats()
         self.started_chats = 0
 
@@ -310,13 +331,14 @@ class _Simulation:
 
         while self._may_start():
             prompt = self.pool.draw(rng)
+            name = user.claimed_name(rng)
             try:
-                response = await self.client.chat.completions.create(
+                response = await self.clients[user.api_key].chat.completions.create(
                     model=self.model,
                     messages=prompt.messages(),  # type: ignore[arg-type]
                     temperature=self.sim.temperature,
                     max_tokens=self.sim.max_tokens,
-                    user=user.name,
+                    user=name,
                 )
             except openai.OpenAIError:
                 self.stats.chat_errors += 1
@@ -329,7 +351,7 @@ class _Simulation:
             if verdict is None:
                 self.stats.unrated += 1
             elif feedback.get("completion_id") and feedback.get("token"):
-                await self._vote(user, feedback, verdict, response.system_fingerprint or "?", rng)
+                await self._vote(user, name, feedback, verdict, response.system_fingerprint or "?", rng)
             if self.sim.think_time_s > 0:
                 await asyncio.sleep(rng.expovariate(1 / self.sim.think_time_s))
 
@@ -344,7 +366,7 @@ class _Simulation:
             seen.identity_good += good
 
     async def _vote(
-        self, user: SimUser, feedback: dict[str, Any], verdict: Verdict, served: str, rng: random.Random
+        self, user: SimUser, name: str, feedback: dict[str, Any], verdict: Verdict, served: str, rng: random.Random
     ) -> None:
         import httpx
 
@@ -352,7 +374,7 @@ class _Simulation:
             "completion_id": feedback["completion_id"],
             "token": feedback["token"],
             "rating": verdict.rating,
-            "user": user.name,
+            "user": name,
         }
         if verdict.correction:
             body["correction"] = verdict.correction
@@ -378,7 +400,8 @@ class _Simulation:
         self.stats.votes_given_up += 1
 
     async def close(self) -> None:
-        await self.client.close()
+        for client in self.clients.values():
+            await client.close()
         await self.http.aclose()
 
 
@@ -404,7 +427,9 @@ async def run_simulation(
     rubric = rubric or Rubric.from_settings(sim)
     deadline = time.monotonic() + duration_s if duration_s is not None else None
     run = _Simulation(base_url, sim, pool, rubric, model, max_chats, deadline, stop)
-    users = make_users(sim.users, sim.adversarial_fraction, sim.adversarial_volume, sim.seed, user_prefix)
+    users = with_keys(
+        make_users(sim.users, sim.adversarial_fraction, sim.adversarial_volume, sim.seed, user_prefix), sim
+    )
     loops = [
         run.user_loop(user, random.Random(f"{sim.seed}-{user.name}-{loop}"))
         for user in users

@@ -50,6 +50,12 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         # On the CPU queue: stale-run detection must not depend on a live train worker.
         "options": {"expires": settings.training.check_interval_s, "queue": PAIRS_QUEUE},
     }
+    if settings.canary.share > 0:
+        schedule["check-canary"] = {
+            "task": "canary.check",
+            "schedule": timedelta(seconds=settings.canary.check_interval_s),
+            "options": {"expires": settings.canary.check_interval_s, "queue": PAIRS_QUEUE},
+        }
     if {"weaker_answer", "stronger_answer"} & set(pairs.strategies):
         schedule["generate-answers"] = {
             "task": "pairs.generate",

@@ -69,6 +69,15 @@ def snapshot() -> dict[str, Any]:
     return take_snapshot(_redis(os.getpid()), Keys(settings.redis_prefix), settings)
 
 
+@app.task(name="canary.check", queue=PAIRS_QUEUE)
+def check_canary() -> dict[str, Any]:
+    """Beat's canary check: read the canary's votes and counters, promote or roll back when decided."""
+    from workers.evaluation.canary_check import check_canary as check
+
+    settings = get_settings()
+    return check(_redis(os.getpid()), Keys(settings.redis_prefix), settings).to_dict()
+
+
 # --- training ---------------------------------------------------------------------------------------------
 
 

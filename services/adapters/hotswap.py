@@ -21,6 +21,12 @@ the version: this replica retries it with back-off (5 s doubling to ``gate.local
 in ``feedloop_adapter_swaps_total{outcome="failure"}`` and leaves the registry alone. The replica reports
 ready (/readyz) only once the alias serves what the registry says (first reconcile done).
 
+A running **canary** (registry status ``canary``) is loaded and warmed up on every replica too, beside the
+active one; only then does :attr:`Swapper.canary` name it, and the routes send its share of users to it
+(services/adapters/canary.py). A replica that cannot load or warm it up ends the canary at once (rejected
+when its content failed, retired for a local failure: a canary that does not run everywhere cannot be
+measured), and counts it in ``feedloop_canary_decisions_total{outcome="replica_failure"}``.
+
 The swapper acts when the registry's active version differs from the one it last applied, not from
 whatever the alias points at: a manual switch through ``PUT /admin/engine/aliases/{alias}`` (a debugging
 tool) holds until the registry's active version changes.
@@ -125,6 +131,8 @@ class Swapper:
         # empty registry is a lost one, and the replica keeps serving what it has (kept_after_data_loss).
         self._losses_seen = 0
         self.kept_after_data_loss = False
+        # (version, share) of the running canary once it is loaded and warmed up here; None: no canary served
+        self.canary: tuple[str, float] | None = None
 
     # ---- life cycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -205,8 +213,9 @@ class Swapper:
                 await self._switch(active)
             if previous is not None and self._servable(previous) and not self._loaded(previous.version):
                 await self._preload(previous)
+            await self._follow_canary(view.get(view.canary))
             applied = self._applied if isinstance(self._applied, str) else None
-            keep = {v for v in (self.engine.aliases().get(self.alias), applied, view.previous) if v}
+            keep = {v for v in (self.engine.aliases().get(self.alias), applied, view.previous, view.canary) if v}
             for version in sorted(self._managed - keep - set(self._unloading)):
                 self._unloading[version] = asyncio.create_task(self._unload(version), name=f"unload-{version}")
 
@@ -271,6 +280,44 @@ class Swapper:
             self._retrying.pop(record.version, None)
         except SwapFailed as failure:
             await self._reject(record, failure)
+
+    async def _follow_canary(self, record: AdapterRecord | None) -> None:
+        """Load and warm up the registry's canary (routes see it only then); end it when it fails here."""
+        if record is None or record.status != "canary":
+            if self.canary is not None:
+                log.info("canary %s ended: no requests are routed to it", self.canary[0])
+            self.canary = None
+            metrics.CANARY_SHARE.set(0)
+            return
+        if not self._loaded(record.version):
+            self.canary = None
+            try:
+                await self._load(record)
+            except SwapFailed as failure:
+                await self._canary_failed(record, failure)
+                return
+            log.info("canary %s loaded: %.0f%% of users routed to it", record.version, 100 * (record.canary_share or 0))
+        self.canary = (record.version, record.canary_share or 0.0)
+        metrics.CANARY_SHARE.set(self.canary[1])
+
+    async def _canary_failed(self, record: AdapterRecord, failure: SwapFailed) -> None:
+        metrics.ADAPTER_SWAPS.labels(failure.outcome).inc()
+        metrics.CANARY_DECISIONS.labels("replica_failure").inc()
+        reason = f"replica {self.replica} could not serve the canary: {failure}"
+        log.error("%s; ending the canary", reason)
+        try:
+            await self.registry.abort_canary(
+                record.version,
+                [reason],
+                {"outcome": "rollback", "hard_failure": "replica", "code": failure.code},
+                by=f"replica {self.replica}",
+                code=None if failure.local else failure.code,
+            )
+        except RegistryError as error:  # ended meanwhile
+            log.info("canary %s: %s", record.version, error)
+        if not failure.local:
+            self._failed[record.version] = time.time()
+        self.wake()
 
     async def _reject(self, record: AdapterRecord, failure: SwapFailed) -> None:
         metrics.ADAPTER_SWAPS.labels(failure.outcome).inc()
@@ -389,4 +436,5 @@ class Swapper:
             "failed_here": sorted(self._failed),
             "retrying_here": {v: {"attempts": a, "error": e} for v, (a, _, e) in sorted(self._retrying.items())},
             "kept_after_data_loss": self.kept_after_data_loss,
+            "canary": {"version": self.canary[0], "share": self.canary[1]} if self.canary else None,
         }

@@ -49,7 +49,13 @@ def _register_bootstrap_key(settings: Settings) -> None:
 # a generation route answers JSON, or Server-Sent Events with "stream": true
 _STREAM_OR_JSON = {
     "description": "The completion (JSON), or its chunks as Server-Sent Events when streaming",
-    "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+    "content": {
+        "application/json": {},
+        # before OpenAPI 3.2 the schema of an event stream describes one event: its data is a JSON chunk or [DONE]
+        "text/event-stream": {
+            "schema": {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+        },
+    },
 }
 
 

@@ -33,8 +33,15 @@ async def _interactions(request: Request) -> InteractionLog:
     return request.app.state.interactions
 
 
+async def _canary(request: Request) -> tuple[str, float] | None:
+    """(version, share) of the canary this replica serves (loaded and warmed up), or None."""
+    swapper = getattr(request.app.state, "swapper", None)
+    return swapper.canary if swapper is not None else None
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 EngineDep = Annotated[Engine, Depends(_engine)]
 RedisDep = Annotated[Redis, Depends(_redis)]
 KeysDep = Annotated[Keys, Depends(_keys)]
 InteractionsDep = Annotated[InteractionLog, Depends(_interactions)]
+CanaryDep = Annotated[tuple[str, float] | None, Depends(_canary)]

@@ -11,6 +11,7 @@ from fastapi.responses import ORJSONResponse
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from services.core import metrics
 
@@ -169,5 +170,24 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> ORJSONResponse:
-        return error_response(ApiError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None)))
+    async def _http(request: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Starlette names only the first matching route's methods
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
+        return error_response(ApiError(exc.status_code, str(exc.detail), headers=headers))
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods served at this request's path (the `Allow` header of a 405): those of every route with the
+    path of the first route that matches it, as the schema lists them (a concrete path such as
+    /admin/adapters/pin is its own resource, not an instance of /admin/adapters/{version})."""
+    methods: set[str] = set()
+    path = None
+    for route in request.app.router.routes:
+        route_methods = getattr(route, "methods", None)
+        if not route_methods or route.matches(request.scope)[0] == Match.NONE:
+            continue
+        path = path or getattr(route, "path", None)
+        if getattr(route, "path", None) == path:
+            methods |= route_methods
+    return sorted(methods)

@@ -73,12 +73,23 @@ def structured_outputs(response_format: dict[str, Any] | None) -> StructuredOutp
         return None
     from pydantic import ValidationError
     from vllm.entrypoints.generate.base.protocol import ResponseFormat, structured_outputs_from_response_format
+    from vllm.exceptions import VLLMValidationError
 
     try:
         parsed = ResponseFormat.model_validate(response_format)
     except ValidationError as e:
         raise ApiError(400, f"Invalid response_format: {e.errors()[0]['msg']}", param="response_format") from None
-    return structured_outputs_from_response_format(None, parsed)
+    if parsed.type == "json_schema" and (parsed.json_schema is None or parsed.json_schema.json_schema is None):
+        raise ApiError(  # vLLM's helper asserts it (a 500): the route says what is missing
+            400, "When response_format type is 'json_schema', the 'json_schema' field and its 'schema' must be "
+            "provided.", param="response_format", code="invalid_response_format",
+        )  # fmt: skip
+    try:
+        return structured_outputs_from_response_format(None, parsed)
+    except (VLLMValidationError, ValueError) as e:
+        raise ApiError(
+            400, f"Invalid response_format: {e}", param="response_format", code="invalid_response_format"
+        ) from None
 
 
 class ToolCalling:

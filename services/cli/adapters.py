@@ -48,11 +48,14 @@ def list_adapters(as_json: Annotated[bool, typer.Option("--json", help="Print JS
         typer.echo(json.dumps(view.to_dict(), indent=2))
         return
     pin = f"pinned: {view.pinned} (auto-promotion off)" if view.pinned else "auto-promotion on"
-    typer.echo(f"active: {view.active or 'base model'}  previous: {view.previous or '-'}  {pin}")
+    canary = f"  canary: {view.canary}" if view.canary else ""
+    typer.echo(f"active: {view.active or 'base model'}  previous: {view.previous or '-'}  {pin}{canary}")
     typer.echo(f"{'VERSION':<18} {'STATUS':<10} {'DATASET':<11} {'PARENT':<16} {'GATE ACC':>8}  {'CREATED':<19} NOTE")
     for a in view.adapters:
         accuracy = a.gate.get("candidate", {}).get("accuracy") if a.gate else None
-        note = "; ".join(a.reasons)[:60] if a.status == "rejected" else (a.activated_by or "")
+        note = "; ".join(a.reasons)[:60] if a.status == "rejected" or a.canary_outcome else (a.activated_by or "")
+        if a.status == "canary":
+            note = f"canary on {a.canary_share or 0:.0%} of users vs {a.canary_of or 'base model'}"
         typer.echo(
             f"{a.version:<18} {a.status:<10} {a.dataset_version or '-':<11} {a.parent or '-':<16} "
             f"{'-' if accuracy is None else f'{accuracy:.3f}':>8}  {_when(a.created_at):<19}  {note}"
@@ -70,6 +73,9 @@ def promote(version: str) -> None:
 def rollback() -> None:
     """Make the previous version active again; the current one is retired."""
     result = _registry_call(_registry().rollback)
+    if result.outcome == "canary_aborted":
+        typer.echo(f"ended the canary {result.previous} (retired); {result.version or 'the base model'} stays active")
+        return
     typer.echo(f"rolled back to {result.version} (retired {result.previous or 'nothing'})")
 
 
@@ -117,6 +123,72 @@ def unpin() -> None:
     """Turn auto-promotion back on."""
     pinned = _registry().unpin()
     typer.echo(f"unpinned {pinned}" if pinned else "nothing was pinned")
+
+
+canary_app = typer.Typer(help="The running canary: status, promote, abort.", no_args_is_help=True)
+adapters_app.add_typer(canary_app, name="canary")
+
+
+def _canary_status() -> dict[str, Any]:
+    view = _registry().serving()
+    record = view.get(view.canary)
+    if record is None:
+        return {"canary": None, "active": view.active}
+    return {
+        "canary": record.version,
+        "compared_to": record.canary_of,
+        "share": record.canary_share,
+        "started_at": record.canary_started_at,
+        "running_s": time.time() - (record.canary_started_at or time.time()),
+        "latest_check": record.canary_check or None,
+        "active": view.active,
+    }
+
+
+@canary_app.command("status")
+def canary_status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
+    """The running canary: its share, what it is compared to, and the latest check's numbers."""
+    status = _canary_status()
+    if as_json:
+        typer.echo(json.dumps(status, indent=2))
+        return
+    if status["canary"] is None:
+        typer.echo(f"no canary running; active: {status['active'] or 'base model'}")
+        return
+    typer.echo(
+        f"canary {status['canary']} on {status['share']:.0%} of users vs {status['compared_to'] or 'base model'}, "
+        f"running {status['running_s']:.0f}s"
+    )
+    check = status["latest_check"]
+    if not check:
+        typer.echo("not checked yet")
+        return
+    for arm in ("canary", "active"):
+        a = check[arm]
+        rate = "-" if a["like_rate"] is None or a["like_rate"] != a["like_rate"] else f"{a['like_rate']:.3f}"
+        typer.echo(f"  {arm:<7} users {a['users']:>5}  votes {a['votes']:>6}  like-rate {rate}")
+    typer.echo(f"  latest check: {check['outcome']}: {check['reason']}")
+
+
+@canary_app.command("promote")
+def canary_promote() -> None:
+    """Promote the running canary now (it becomes active on every replica)."""
+    version = _canary_status()["canary"]
+    if version is None:
+        raise fail("no canary is running")
+    result = _registry_call(
+        _registry().promote_canary, version, {"outcome": "promote", "reason": "operator"}, "operator"
+    )
+    typer.echo(f"{version}: {result.outcome} (previous: {result.previous or 'base model'})")
+
+
+@canary_app.command("abort")
+def canary_abort(
+    reason: Annotated[str, typer.Option("--reason", help="Why (kept in the version's record)")] = "aborted by operator",
+) -> None:
+    """End the running canary now: it is retired, the active version stays."""
+    version = _registry_call(_registry().abort_canary, None, [reason], None, "operator")
+    typer.echo(f"{version}: rolled back (retired); the active version stays")
 
 
 def train(

@@ -9,10 +9,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import typer
@@ -76,6 +78,23 @@ def private_redis(data_dir: Path) -> Iterator[str]:
         typer.echo("feedloop: private Redis stopped")
 
 
+def _sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _exit_on_sigterm() -> Any:
+    """SIGTERM ends the parent like Ctrl-C (SystemExit unwinds the with-blocks), so its children are stopped
+    instead of living on as orphans. Only the main thread may set handlers; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _sigterm)
+
+
+def _restore_sigterm(previous: Any) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextmanager
 def feedloop_children(
     commands: Sequence[Sequence[str]], env: dict[str, str], logs: Path | None = None, stop_timeout_s: float = 30
@@ -86,6 +105,7 @@ def feedloop_children(
     if logs is not None:
         logs.mkdir(parents=True, exist_ok=True)
     procs: dict[str, subprocess.Popen[bytes]] = {}
+    previous = _exit_on_sigterm()
     try:
         for command in commands:
             name = command[0]
@@ -99,6 +119,7 @@ def feedloop_children(
                 )
         yield procs
     finally:
+        _restore_sigterm(previous)
         for proc in procs.values():
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)

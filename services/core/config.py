@@ -201,6 +201,29 @@ class PairsSettings(BaseModel):
         "together (1: no cap). Set it below 1 when several apps feed one model.",
     )
     near_duplicate_threshold: float = Field(0.9, description="Similarity above which pairs are near-duplicates.")
+    consensus: bool = Field(
+        True,
+        description="At snapshot time, drop a pair whose liked (or disliked) side is the same answer to the same "
+        "prompt that more users rated the other way: one misclick or adversary's like on an answer everyone "
+        "else dislikes makes no chosen answer (workers/pairing/consensus.py). Corrections are exempt.",
+    )
+    label_noise_rate: float = Field(
+        0.1,
+        ge=0,
+        lt=0.5,
+        description="Share of votes assumed flipped (misclicks, adversaries) for `pairs.consensus`: a like is "
+        "trusted only where its prompt group's like rate says good answers outnumber flipped votes (about a 17% "
+        "like rate at 0.1, 32% at 0.2), a dislike likewise; pairs standing on an untrusted label are dropped at "
+        "snapshot time. 0: trust every label.",
+    )
+    consensus_similarity: float = Field(
+        1.0,
+        ge=0.5,
+        le=1.0,
+        description="When two answers count as the same for `pairs.consensus`: 1.0 is the same text up to case "
+        "and whitespace; lower is a shingle Jaccard similarity (careful: answers that differ in one name are "
+        "similar).",
+    )
     max_tokens: int = Field(1024, description="Longest prompt+answer (tokens) kept in a pair.")
     eval_fraction: float = Field(0.1, description="Share of pairs held out for evaluation.")
     min_eval_pairs: int = Field(
@@ -325,6 +348,21 @@ class GateSettings(BaseModel):
     smoke_min_distinct_ratio: float = Field(
         0.3, description="Smallest share of distinct token bigrams in a smoke output (repetition check)."
     )
+    retention_file: Path | None = Field(
+        None,
+        description="JSONL regression set the gate checks every candidate on: one case per line, "
+        '{"messages": [...]} or {"prompt": "..."} with "expected": a string (or list) the right answer contains. '
+        "Unset: no retention check.",
+    )
+    min_retention: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="Of the regression cases the reference (active adapter, or base) answers right, the share "
+        "the candidate must still answer right.",
+    )
+    max_retention_cases: int = Field(200, gt=0, description="Most regression cases the gate answers.")
+    retention_max_tokens: int = Field(48, gt=0, description="Tokens generated per regression case (greedy).")
     supported_target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         description="Modules an adapter may target (the engine's LoRA-capable Llama linear layers).",
@@ -347,6 +385,58 @@ class GateSettings(BaseModel):
     drain_timeout_s: float = Field(
         600.0,
         description="Longest a replica waits for requests on an old adapter to finish before unloading it.",
+    )
+
+
+class CanarySettings(BaseModel):
+    """A promoted candidate first serves a share of users; their thumbs decide (workers/evaluation/canary_rule.py)."""
+
+    share: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of identified users an automatically promoted candidate serves first, as a canary "
+        "(sticky per app-namespaced user; requests without a user are split per request). Their votes decide "
+        "promotion or rollback. 0: straight promotion (every user at once). The chart sets 0.1.",
+    )
+    margin: float = Field(
+        0.05,
+        ge=0,
+        description="Promote when the canary's like-rate is not worse than the "
+        "active adapter's by more than this (with confidence 1 - alpha).",
+    )
+    alpha: float = Field(
+        0.05,
+        gt=0,
+        lt=0.5,
+        description="Bound on each wrong decision (false promotion, false "
+        "rollback) of the always-valid sequential test, however often it is checked.",
+    )
+    tau: float = Field(0.05, gt=0, description="Size of the like-rate differences the sequential test is tuned for.")
+    min_votes: int = Field(30, ge=1, description="Votes each arm needs before any decision.")
+    min_users: int = Field(10, ge=1, description="Voting users each arm needs before any decision.")
+    max_duration_s: float = Field(
+        172800.0,
+        gt=0,
+        description="After this long undecided, the canary ends conservatively (the active "
+        "adapter stays, the canary is retired).",
+    )
+    check_interval_s: float = Field(30.0, gt=0, description="How often beat checks the running canary.")
+    min_requests: int = Field(
+        20, ge=1, description="Canary answers counted before the hard-failure rates below can roll it back."
+    )
+    max_error_rate: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="Share of canary requests failing in the engine above which it is rolled back at once.",
+    )
+    max_degenerate_rate: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of canary answers that are empty or degenerate (distinct bigram "
+        "ratio below gate.smoke_min_distinct_ratio) above which it is rolled back at once, without votes.",
     )
 
 
@@ -389,6 +479,7 @@ class Settings(BaseSettings):
     pairs: PairsSettings = Field(default_factory=PairsSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
+    canary: CanarySettings = Field(default_factory=CanarySettings)
 
     @property
     def models_dir(self) -> Path:

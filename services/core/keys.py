@@ -187,3 +187,16 @@ class Keys:
     def adapter_pin(self) -> str:
         """The version an operator pinned; while it exists, auto-promotion is off."""
         return f"{self.prefix}:adapters:pin"
+
+    @property
+    def canary_adapter(self) -> str:
+        """The version serving a share of users as a canary (at most one at a time)."""
+        return f"{self.prefix}:adapters:canary"
+
+    def canary_health(self, version: str) -> str:
+        """Hash of a canary's hard-failure counters (requests, errors, degenerate answers, failed replicas)."""
+        return f"{self.prefix}:canary-health:{version}"
+
+    def canary_votes(self, version: str) -> str:
+        """Hash of the votes cast during a canary: (user, completion) -> the rated version, rating and time."""
+        return f"{self.prefix}:canary-votes:{version}"

@@ -249,6 +249,38 @@ ACTIVE_ADAPTER_PROMOTED_TIMESTAMP = Gauge(
     "Unix time at which the active adapter version was promoted in the registry.",
 )
 
+# --- Canary (share and hard-failure counts: API replicas; votes, statistic, decisions: the worker's check) ----
+CANARY_SHARE = Gauge(
+    "feedloop_canary_share", "Share of users this replica routes to the running canary (0: no canary served)."
+)
+CANARY_ANSWERS = Counter(
+    "feedloop_canary_answers_total",
+    "Answers of the running canary on this replica, by outcome (ok, error, degenerate: empty or repetitive).",
+    ["outcome"],
+)
+CANARY_VOTES = Gauge(
+    "feedloop_canary_votes", "Votes counted per arm (canary, active) at the latest canary check.", ["arm"]
+)
+CANARY_USERS = Gauge(
+    "feedloop_canary_users", "Voting users per arm (canary, active) at the latest canary check.", ["arm"]
+)
+CANARY_LIKE_RATE = Gauge(
+    "feedloop_canary_like_rate",
+    "Per-user like-rate per arm (canary, active) at the latest canary check (mean of the users' like-shares).",
+    ["arm"],
+)
+CANARY_DIFFERENCE = Gauge(
+    "feedloop_canary_difference",
+    "Like-rate difference canary - active at the latest check, with its always-valid bounds (bound: estimate, "
+    "lower, upper).",
+    ["bound"],
+)
+CANARY_DECISIONS = Counter(
+    "feedloop_canary_decisions_total",
+    "Canary endings by outcome (promote, rollback, keep_active, hard_failure, replica_failure).",
+    ["outcome"],
+)
+
 # --- Celery -------------------------------------------------------------------------------------------
 
 TASK_RUNS = Counter(

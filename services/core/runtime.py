@@ -19,3 +19,20 @@ def use_cpu_threads(settings: Settings, on_gpu: bool) -> None:
 
     if not on_gpu and settings.training.cpu_threads > 0:
         torch.set_num_threads(settings.training.cpu_threads)
+
+
+def served_tokenizer(settings: Settings):  # -> transformers.PreTrainedTokenizerBase
+    """The base model's tokenizer with the chat template the engine renders with (``engine.chat_template``
+    when set, e.g. one that renders tools), so training and the gate see the prompts serving sees.
+    Raises OSError when that template cannot be read."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(settings.model_path())
+    if settings.engine.chat_template:
+        try:
+            tokenizer.chat_template = Path(settings.engine.chat_template).read_text()
+        except OSError as error:
+            raise OSError(f"engine.chat_template {settings.engine.chat_template}: {error}") from error
+    return tokenizer

@@ -49,6 +49,7 @@ class Resolved:
 
     public_name: str
     adapter: Adapter | None
+    canary: bool = False  # the alias was routed to the running canary for this request's user
 
     @property
     def adapter_name(self) -> str | None:

@@ -17,7 +17,9 @@ import orjson
 RATINGS = ("like", "dislike", "withdrawn")
 ROLES = ("system", "user", "assistant", "tool", "developer")
 EVENT_FIELD = "event"
-Message = dict[str, str]
+# A chat message: role and content, and where the conversation had them an assistant turn's "tool_calls"
+# (OpenAI's shape: id, type "function", function {name, arguments}) and a tool turn's "tool_call_id".
+Message = dict[str, Any]
 
 
 def voter_identity(user: str | None, ip_hash: str) -> str:
@@ -63,7 +65,10 @@ def interaction_record(
     finished_at: float,
     expires_at: int,
 ) -> dict[str, Any]:
-    """What the API stores per completion and each feedback event embeds (the first choice is the response)."""
+    """What the API stores per completion and each feedback event embeds (the first choice is the response).
+    A chat request with tools adds "tools" (its tool definitions), "tool_calls" (the answer's calls as vLLM's
+    parser read them, or None) and, with calls, "content" (the answer's text outside them); parse_event reads
+    them back into FeedbackEvent.answer."""
     return {
         "id": completion_id,
         "messages": messages,
@@ -99,14 +104,52 @@ class FeedbackEvent:
     response: str
     model: str
     adapter: str | None
+    tool_calls: list[dict[str, Any]] | None = None  # the answer's tool calls as vLLM's parser read them
+    content: str | None = None  # with tool_calls: the answer's text outside its calls (the parser's content)
+    tools: list[dict[str, Any]] | None = None  # the request's tool definitions (part of the prompt)
 
     @property
     def identity(self) -> str:
         return voter_identity(self.user, self.ip_hash)
 
+    @property
+    def answer(self) -> Message:
+        """The answer as an assistant message: its text, or its tool calls and the text around them."""
+        return answer_message(self.response, self.tool_calls, self.content)
+
+
+def answer_message(response: str, tool_calls: list[dict[str, Any]] | None, content: str | None) -> Message:
+    """An interaction's answer as an assistant message. A tool-call answer is its parsed calls and the text
+    outside them (not the raw ``<tool_call>`` text it was generated as), as a chat template renders it back."""
+    if not tool_calls:
+        return {"role": "assistant", "content": response}
+    return {"role": "assistant", "content": content or "", "tool_calls": tool_calls}
+
 
 _FEEDBACK_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _OPTIONAL_STR = (str, type(None))
+
+
+def _tool_calls(value: Any) -> list[dict[str, Any]] | None:
+    """OpenAI-shaped tool calls (id, type "function", function {name, arguments}), or None if malformed."""
+    if type(value) is not list or not value:
+        return None
+    calls = []
+    for call in value:
+        function = call.get("function") if type(call) is dict else None
+        if type(function) is not dict or type(function.get("name")) is not str:
+            return None
+        arguments = function.get("arguments")
+        if type(arguments) not in (str, dict) or call.get("type", "function") != "function":
+            return None
+        calls.append(
+            {
+                "id": str(call.get("id") or ""),
+                "type": "function",
+                "function": {"name": function["name"], "arguments": arguments},
+            }
+        )
+    return calls
 
 
 def _messages(value: Any) -> list[Message] | None:
@@ -119,8 +162,24 @@ def _messages(value: Any) -> list[Message] | None:
         role, content = item.get("role"), item.get("content")
         if role not in ROLES or type(content) is not str:
             return None
-        messages.append({"role": role, "content": content})
+        message: Message = {"role": role, "content": content}
+        if len(item) > 2:  # a tool-calling conversation: keep what its chat template renders
+            if "tool_calls" in item and item["tool_calls"] is not None:
+                calls = _tool_calls(item["tool_calls"])
+                if calls is None or role != "assistant":
+                    return None
+                message["tool_calls"] = calls
+            if "tool_call_id" in item and item["tool_call_id"] is not None:
+                if type(item["tool_call_id"]) is not str:
+                    return None
+                message["tool_call_id"] = item["tool_call_id"]
+        messages.append(message)
     return messages
+
+
+def _valid_tools(value: Any) -> bool:
+    """A request's tool definitions: absent (None), or a list of objects."""
+    return value is None or (type(value) is list and all(type(tool) is dict for tool in value))
 
 
 def _problem(data: Any) -> str:
@@ -151,7 +210,16 @@ def _problem(data: Any) -> str:
         if not isinstance(interaction.get(name), _OPTIONAL_STR):
             return f"interaction.{name} must be a string or null"
     if _messages(interaction.get("messages")) is None:
-        return f"interaction.messages must be a non-empty list of {{role in {ROLES}, content: string}}"
+        return (
+            f"interaction.messages must be a non-empty list of {{role in {ROLES}, content: string}} "
+            "(tool_calls only on assistant turns, in OpenAI's shape)"
+        )
+    if interaction.get("tool_calls") is not None and _tool_calls(interaction["tool_calls"]) is None:
+        return "interaction.tool_calls must be a list of {id, type: function, function: {name, arguments}}"
+    if not isinstance(interaction.get("content"), _OPTIONAL_STR):
+        return "interaction.content must be a string or null"
+    if not _valid_tools(interaction.get("tools")):
+        return "interaction.tools must be a list of objects"
     return "invalid event"
 
 
@@ -176,6 +244,10 @@ def parse_event(fields: Mapping[bytes, bytes] | Mapping[str, Any]) -> FeedbackEv
             interaction.get("adapter"),
         )
         messages = _messages(interaction.get("messages"))
+        raw_calls = interaction.get("tool_calls")
+        tool_calls = _tool_calls(raw_calls) if raw_calls else None
+        content = interaction.get("content")
+        tools = interaction.get("tools")
         ok = (
             type(feedback_id) is str
             and type(completion_id) is str
@@ -192,6 +264,9 @@ def parse_event(fields: Mapping[bytes, bytes] | Mapping[str, Any]) -> FeedbackEv
             and type(adapter) in _OPTIONAL_STR
             and messages is not None
             and _FEEDBACK_ID.fullmatch(feedback_id) is not None
+            and (tool_calls is not None or not raw_calls)
+            and type(content) in _OPTIONAL_STR
+            and _valid_tools(tools)
         )
     except (KeyError, TypeError, AttributeError):
         ok = False
@@ -210,4 +285,7 @@ def parse_event(fields: Mapping[bytes, bytes] | Mapping[str, Any]) -> FeedbackEv
         response,
         model or "",
         adapter,
+        tool_calls,
+        content if tool_calls else None,
+        tools or None,
     )

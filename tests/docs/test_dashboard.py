@@ -54,6 +54,7 @@ def test_promotions_are_annotated_and_the_main_views_exist() -> None:
         "Feedback and adapter versions",
         "Pairs pipeline",
         "Training and gate",
+        "Canary",
         "Redis (redis_exporter)",
     ]
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
@@ -66,6 +67,8 @@ def test_promotions_are_annotated_and_the_main_views_exist() -> None:
         "feedloop_feedback_backlog_lag",
         "feedloop_training_runs_total",
         "feedloop_gate_results_total",
+        "feedloop_canary_like_rate",
+        "feedloop_canary_decisions_total",
         "redis_memory_max_bytes",
     ):
         assert needle in exprs, needle

@@ -43,8 +43,12 @@ def save_lora(
     alpha: int = 16,
     target_modules: tuple[str, ...] = LLAMA_LORA_MODULES,
     seed: int = 0,
+    std: float = 0.05,
+    fill: float | None = None,
 ) -> Path:
-    """Save a PEFT LoRA adapter with random, non-zero weights (so it visibly changes the output)."""
+    """Save a PEFT LoRA adapter with random, non-zero weights (so it visibly changes the output). On the tiny
+        model, std 1.0 keeps greedy answers varied; ``fill`` sets every LoRA weight to one value instead: with 0.5 every
+    answer repeats one token (a degenerate adapter that still passes every manifest check)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -62,7 +66,10 @@ def save_lora(
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name:
-                param.normal_(0, 0.05)
+                if fill is None:
+                    param.normal_(0, std)
+                else:
+                    param.fill_(fill)
     model.save_pretrained(out_dir)
     return out_dir
 

@@ -22,7 +22,7 @@ def serve_base_model(live_api: LiveApi, timeout: float = 30) -> None:
     for record in AdapterRegistry(redis, keys).view().adapters:
         if record.status in ("active", "previous"):
             redis.hset(keys.adapter(record.version), "status", "retired")
-    redis.delete(keys.active_adapter, keys.previous_adapter, keys.adapter_pin)
+    redis.delete(keys.active_adapter, keys.previous_adapter, keys.adapter_pin, keys.canary_adapter)
     redis.publish(keys.promotions_channel, '{"version": null}')  # wakes the replica's reconcile
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

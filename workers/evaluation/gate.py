@@ -30,11 +30,13 @@ on the same pairs (``gate.compare_to_active``):
 Smoke check: greedy generation on ``gate.smoke_prompts`` must be non-empty, not a loop (share of
 distinct token bigrams >= ``gate.smoke_min_distinct_ratio``), and not the same text for every prompt
 (a collapsed model answers everything alike).
+
+Retention (``gate.retention_file``, workers/evaluation/retention.py): of the regression cases the reference
+answers right, the candidate must still answer at least ``gate.min_retention`` right.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
@@ -44,8 +46,10 @@ from typing import Any
 
 from services.adapters.manifest import adapter_version_name
 from services.core.config import Settings
-from services.core.runtime import quiet_progress_bars, use_cpu_threads
+from services.core.repetition import distinct_bigram_ratio
+from services.core.runtime import quiet_progress_bars, served_tokenizer, use_cpu_threads
 from workers.evaluation.intervals import PairedComparison, paired_difference, wilson
+from workers.evaluation.retention import RetentionCase, load_cases, retention_failure, score_retention
 from workers.pairing.exports import load_preference_rows
 
 logger = logging.getLogger(__name__)
@@ -130,12 +134,6 @@ class GateResult:
         return asdict(self)
 
 
-def distinct_bigram_ratio(token_ids: list[int]) -> float:
-    """Distinct token bigrams / bigrams: 1.0 for varied text, ~1/n for one token repeated n times."""
-    bigrams = list(itertools.pairwise(token_ids))
-    return len(set(bigrams)) / len(bigrams) if bigrams else 1.0
-
-
 def smoke_failures(outputs: list[SmokeOutput]) -> list[str]:
     reasons = []
     for smoke in outputs:
@@ -152,9 +150,9 @@ def smoke_failures(outputs: list[SmokeOutput]) -> list[str]:
     return reasons
 
 
-def _render_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+def _render_ids(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool, tools=None) -> list[int]:
     encoded = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+        messages, tools=tools or None, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
     )
     return list(encoded["input_ids"])
 
@@ -162,9 +160,10 @@ def _render_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt
 def tokenize_pair(tokenizer, row: dict[str, Any], max_length: int) -> tuple[list[int], list[int], list[int]]:
     """(prompt, chosen, rejected) ids as TRL's DPOTrainer builds them: the completion starts where the
     rendered prompt and the rendered prompt+completion diverge; prompt+completion keeps its start."""
-    prompt = _render_ids(tokenizer, row["prompt"], add_generation_prompt=True)
-    with_chosen = _render_ids(tokenizer, row["prompt"] + row["chosen"], add_generation_prompt=False)
-    with_rejected = _render_ids(tokenizer, row["prompt"] + row["rejected"], add_generation_prompt=False)
+    tools = row.get("tools")
+    prompt = _render_ids(tokenizer, row["prompt"], add_generation_prompt=True, tools=tools)
+    with_chosen = _render_ids(tokenizer, row["prompt"] + row["chosen"], add_generation_prompt=False, tools=tools)
+    with_rejected = _render_ids(tokenizer, row["prompt"] + row["rejected"], add_generation_prompt=False, tools=tools)
     split = min(_common_prefix(prompt, with_chosen), _common_prefix(prompt, with_rejected))
     prompt = prompt[:split]
     room = max(max_length - len(prompt), 1)
@@ -219,24 +218,29 @@ def score_preferences(model, pairs, pad_id: int, batch_size: int, device) -> Pre
     return PreferenceScore.from_margins(margins)
 
 
-def smoke_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, min_ratio: float, device):
+def greedy_answer(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int, device) -> tuple[str, list]:
+    """The model's greedy answer to a conversation: its text and its token ids without special tokens."""
     import torch
 
+    ids = _render_ids(tokenizer, messages, add_generation_prompt=True)
+    input_ids = torch.tensor([ids], device=device)
+    generated = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )[0, len(ids) :].tolist()
+    special = set(tokenizer.all_special_ids)
+    content = [token for token in generated if token not in special]
+    return tokenizer.decode(content, skip_special_tokens=True), content
+
+
+def smoke_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, min_ratio: float, device):
     outputs = []
     for prompt in prompts:
-        ids = _render_ids(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
-        input_ids = torch.tensor([ids], device=device)
-        generated = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )[0, len(ids) :].tolist()
-        special = set(tokenizer.all_special_ids)
-        content = [token for token in generated if token not in special]
-        text = tokenizer.decode(content, skip_special_tokens=True)
+        text, content = greedy_answer(model, tokenizer, [{"role": "user", "content": prompt}], max_new_tokens, device)
         ratio = distinct_bigram_ratio(content)
         outputs.append(
             SmokeOutput(
@@ -248,6 +252,10 @@ def smoke_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, mi
             )
         )
     return outputs
+
+
+def retention_answers(model, tokenizer, cases: list[RetentionCase], max_new_tokens: int, device) -> list[str]:
+    return [greedy_answer(model, tokenizer, case.messages, max_new_tokens, device)[0] for case in cases]
 
 
 def _use(model, adapter: str | None):
@@ -277,14 +285,17 @@ def evaluate_adapter(
 
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     quiet_progress_bars()
     on_gpu = torch.cuda.is_available()
     use_cpu_threads(settings, on_gpu)
     device = torch.device("cuda" if on_gpu else "cpu")
     model_path = settings.model_path()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    try:
+        tokenizer = served_tokenizer(settings)  # score as the engine renders (and the trainer trained)
+    except OSError as error:
+        return GateResult(False, [str(error)], metrics)
     base = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch.bfloat16 if on_gpu else torch.float32, device_map={"": str(device)}
     )
@@ -295,6 +306,10 @@ def evaluate_adapter(
     except Exception as error:  # a corrupt or mismatched adapter fails here, and that is the gate's answer
         return GateResult(False, [f"adapter does not load: {type(error).__name__}: {error}"], metrics)
     model.eval()
+    try:
+        cases = load_cases(gate.retention_file, gate.max_retention_cases) if gate.retention_file else []
+    except (OSError, ValueError) as error:  # an unreadable regression set must not wave candidates through
+        return GateResult(False, [f"gate.retention_file unusable: {error}"], metrics)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pairs = [tokenize_pair(tokenizer, row, settings.training.max_length) for row in rows]
 
@@ -309,8 +324,10 @@ def evaluate_adapter(
                 gate.smoke_min_distinct_ratio,
                 device,
             )
+            candidate_answers = retention_answers(model, tokenizer, cases, gate.retention_max_tokens, device)
         with _use(model, ACTIVE if active_adapter_dir else None):
             reference = score_preferences(model, pairs, pad_id, gate.eval_batch_size, device)
+            reference_answers = retention_answers(model, tokenizer, cases, gate.retention_max_tokens, device)
 
     reasons = []
     if candidate.accuracy < gate.min_accuracy:
@@ -325,17 +342,22 @@ def evaluate_adapter(
     if any(math.isnan(margin) for margin in candidate.margins):
         reasons.append("NaN log-probs under the candidate adapter")
     reasons.extend(smoke_failures(smoke))
+    retention = score_retention(cases, reference_answers, candidate_answers, gate.confidence) if cases else None
+    if retention is not None and (failure := retention_failure(retention, gate.min_retention, reference_name)):
+        reasons.append(failure)
     metrics.update(
         candidate=candidate.summary(gate.confidence),
         reference_score=reference.summary(gate.confidence),
         comparison=comparison.to_dict(),
         margins=[round(margin, 4) for margin in candidate.margins],
         smoke=[asdict(output) for output in smoke],
+        retention=retention.to_dict() if retention is not None else None,
         rule={
             "min_accuracy": gate.min_accuracy,
             "compare_to_active": gate.compare_to_active,
             "confidence": gate.confidence,
             "smoke_min_distinct_ratio": gate.smoke_min_distinct_ratio,
+            "min_retention": gate.min_retention if cases else None,
         },
         runtime_s=time.monotonic() - started,
     )

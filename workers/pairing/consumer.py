@@ -48,6 +48,7 @@ from services.feedback.events import FeedbackEvent, MalformedEvent, parse_event
 from workers.pairing import quality
 from workers.pairing import rules as pairing
 from workers.pairing import store as pairs_store
+from workers.pairing.retention import retention_s
 from workers.pairing.rules import PairRecord, RatedResponse
 from workers.pairing.store import CommandBatch, PairsStore, RecordBatch, VoteBatch, VoteOutcome, supporters, tally
 
@@ -154,7 +155,7 @@ class FeedbackConsumer:
         self.settings = settings
         self.cfg = settings.pairs
         self.name = name or consumer_name()
-        self.store = PairsStore(redis, keys)
+        self.store = PairsStore(redis, keys, retention_s(settings))
         self.tokens = token_counter or quality.TokenCounter(settings.model_path())
         self.strategies = set(self.cfg.strategies)
         self._ready = False
@@ -315,10 +316,10 @@ class FeedbackConsumer:
                 batch.dead.append((entry_id, fields, f"malformed: {exc}"))
                 continue
             # prompt hashes remembered by the exact messages (as JSON: no objects for the GC to walk)
-            messages = dumps(event.messages)
+            messages = dumps(event.messages) if event.tools is None else dumps([event.messages, event.tools])
             phash = phashes.get(messages)
             if phash is None:
-                phash = phashes[messages] = prompt_hash(event.messages)
+                phash = phashes[messages] = prompt_hash(event.messages, event.tools)
             work.append(_Work(entry_id, event, phash))
         return batch
 
@@ -348,16 +349,17 @@ class FeedbackConsumer:
             if slot is None:
                 record = b""
                 if cid not in stored:
-                    record = orjson.dumps(
-                        {
-                            "completion_id": cid,
-                            "prompt": event.messages,
-                            "response": event.response,
-                            "adapter": event.adapter,
-                            "prompt_hash": item.phash,
-                            "entry_id": item.entry_id.decode(),
-                        }
-                    )
+                    completion = {
+                        "completion_id": cid,
+                        "prompt": event.messages,
+                        "response": event.response,
+                        "adapter": event.adapter,
+                        "prompt_hash": item.phash,
+                        "entry_id": item.entry_id.decode(),
+                    }
+                    if event.tools or event.tool_calls:  # a tool-calling prompt, or an answer that calls tools
+                        completion.update(tools=event.tools, tool_calls=event.tool_calls, content=event.content)
+                    record = orjson.dumps(completion)
                 slot = votes.add_slot(cid, item.phash, record)
             correction_hash = text_hash(event.correction) if event.correction else ""
             votes.event_args += (
@@ -606,7 +608,7 @@ class FeedbackConsumer:
         if not fresh and not event.correction:
             return []
         _, fids, users = tally(outcome.votes) if outcome.votes else (None, [], [])
-        own = RatedResponse(own_cid, event.response, event.adapter, fids, users)
+        own = RatedResponse(own_cid, event.response, event.adapter, fids, users, event.tool_calls, event.content)
         opposite = "dislike" if label == "like" else "like"
         counterparts = []
         for cid in fresh:
@@ -617,7 +619,9 @@ class FeedbackConsumer:
             if found is None:
                 found = support[(cid, opposite)] = supporters(votes, opposite)
             fids, users = found
-            rated = RatedResponse(cid, record["response"], record["adapter"], fids, users)
+            rated = RatedResponse(
+                cid, record["response"], record["adapter"], fids, users, record.get("tool_calls"), record.get("content")
+            )
             counterparts.append((rated, record["prompt"]))
         pairs = pairing.pairs_for_vote(
             event,

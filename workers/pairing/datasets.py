@@ -30,7 +30,8 @@ from services.core import metrics
 from services.core.config import Settings
 from services.core.counters import highest_on_disk, next_number
 from services.core.keys import Keys
-from workers.pairing import quality
+from services.feedback.events import answer_message
+from workers.pairing import consensus, quality
 from workers.pairing import rules as pairing
 from workers.pairing.store import PairsStore
 
@@ -86,13 +87,45 @@ def previous_eval_threshold(redis: Redis, keys: Keys) -> float | None:
     return float(manifest.get("eval_threshold", manifest.get("eval_fraction", 0.0)))
 
 
+def trl_messages(messages: list[pairing.Message]) -> list[pairing.Message]:
+    """Messages as TRL and transformers' chat templates take them: a tool call's ``arguments`` as an object,
+    not OpenAI's JSON string (vLLM converts them the same way before rendering); arguments that are not a
+    JSON object stay a string. Plain messages are returned as they are."""
+    if all(len(m) <= 2 for m in messages):
+        return messages
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            m = {**m, "tool_calls": [_trl_call(call) for call in m["tool_calls"]]}
+        out.append(m)
+    return out
+
+
+def _trl_call(call: Mapping[str, Any]) -> dict[str, Any]:
+    function = call["function"]
+    arguments = function["arguments"]
+    if isinstance(arguments, str):
+        try:
+            parsed = orjson.loads(arguments) if arguments.strip() else {}
+        except orjson.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict):
+            arguments = parsed
+    return {**call, "function": {**function, "arguments": arguments}}
+
+
 def dpo_row(pair: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "prompt": pair["prompt"],
-        "chosen": pair["chosen"],
-        "rejected": pair["rejected"],
+    """A pair in TRL's conversational preference format; a tool-calling pair also has its ``tools`` and
+    keeps each answer's ``tool_calls`` (TRL renders both through the chat template)."""
+    row = {
+        "prompt": trl_messages(pair["prompt"]),
+        "chosen": trl_messages(pair["chosen"]),
+        "rejected": trl_messages(pair["rejected"]),
         "pair_id": pair["pair_id"],
     }
+    if pair.get("tools"):
+        row["tools"] = pair["tools"]
+    return row
 
 
 def kto_rows(
@@ -111,14 +144,18 @@ def kto_rows(
     for (record, label), users in zip(labeled, voters, strict=True):
         pii: Counter[str] = Counter()
         prompt = quality.scrub_messages(record["prompt"], pii)
-        completion = quality.scrub_messages([{"role": "assistant", "content": record["response"]}], pii)
-        if not completion[0]["content"].strip():
+        answer = answer_message(record["response"], record.get("tool_calls"), record.get("content"))
+        completion = quality.scrub_messages([answer], pii)
+        if not pairing.answer_text(completion[0]).strip():
             dropped[("empty", "completion")] += 1
             continue
         if not fits([*prompt, *completion]):
             dropped[("length", "completion_too_long")] += 1
             continue
-        rows.append({"prompt": prompt, "completion": completion, "label": label == "like", "users": users})
+        row = {"prompt": trl_messages(prompt), "completion": trl_messages(completion), "label": label == "like"}
+        if record.get("tools"):
+            row["tools"] = record["tools"]
+        rows.append({**row, "users": users})
     if settings is None or not rows:
         return rows, dropped
     cfg = settings.pairs
@@ -130,6 +167,7 @@ def kto_rows(
             "chosen": row["completion"],
             "rejected": [{"role": "assistant", "content": "like" if row["label"] else "dislike"}],
             "users": row["users"],
+            "tools": row.get("tools"),
         }
         for i, row in enumerate(rows)
     ]
@@ -186,6 +224,20 @@ def snapshot(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
         redis.eval(_RELEASE_LOCK, 1, keys.snapshot_lock, token)
 
 
+def consensus_filter(
+    store: PairsStore, pairs: list[pairing.PairRecord], similarity: float, noise_rate: float
+) -> quality.FilterResult:
+    """consensus.apply_consensus with the prompt groups the pairs come from, read from the store."""
+    phashes = {p["prompt_hash"] for p in pairs if p["strategy"] in consensus.SIDES}
+    labels = store.prompt_group_labels(phashes)
+    cids = [cid for group in labels.values() for cid in group]
+    records: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(cids), 5000):
+        records.update(store.completions(cids[start : start + 5000]))
+    groups = {ph: consensus.group_answers(group, records, similarity) for ph, group in labels.items()}
+    return consensus.apply_consensus(pairs, groups, noise_rate)
+
+
 def _snapshot(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
     cfg = settings.pairs
     store = PairsStore(redis, keys)
@@ -201,7 +253,12 @@ def _snapshot(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
     filters: Counter[tuple[str, str]] = Counter()
     if len(live) < len(pairs):
         filters[("superseded", "votes_changed")] = len(pairs) - len(live)
-    deduped = quality.dedupe(live, cfg.near_duplicate_threshold)
+    agreed = live
+    if cfg.consensus:
+        checked = consensus_filter(store, live, cfg.consensus_similarity, cfg.label_noise_rate)
+        filters.update(checked.dropped)
+        agreed = checked.kept
+    deduped = quality.dedupe(agreed, cfg.near_duplicate_threshold)
     filters.update(deduped.dropped)
     capped, cap = quality.apply_user_cap(deduped.kept, cfg.user_cap_fraction, cfg.user_cap_max)
     filters.update(capped.dropped)

@@ -25,6 +25,7 @@ from services.core.config import Settings
 from services.core.keys import Keys
 from workers.pairing import quality
 from workers.pairing import rules as pairing
+from workers.pairing.retention import retention_s
 from workers.pairing.rules import PairRecord, RatedResponse
 from workers.pairing.store import CommandBatch, PairsStore, parse_label, tally
 
@@ -119,7 +120,9 @@ def _eligible(
             continue
         record, votes = found[cid]
         _, fids, users = tally(votes)
-        rated = RatedResponse(cid, record["response"], record["adapter"], fids, users)
+        rated = RatedResponse(
+            cid, record["response"], record["adapter"], fids, users, record.get("tool_calls"), record.get("content")
+        )
         keep.append(_Candidate(cid, record, rated, pairing.pair_id(strategy, cid)))
     return keep, stale
 
@@ -128,8 +131,12 @@ def _build(strategy: str, cand: _Candidate, text: str, source: str, judged: bool
     rec = cand.record
     common = {"created_at": time.time(), "phash": rec["prompt_hash"], "entry_id": rec.get("entry_id", "")}
     if strategy == "weaker_answer":
-        return pairing.weaker_answer_pair(rec["prompt"], cand.rated, text, source=source, **common)
-    return pairing.stronger_answer_pair(rec["prompt"], cand.rated, text, source=source, judged=judged, **common)
+        return pairing.weaker_answer_pair(
+            rec["prompt"], cand.rated, text, source=source, tools=rec.get("tools"), **common
+        )
+    return pairing.stronger_answer_pair(
+        rec["prompt"], cand.rated, text, source=source, judged=judged, tools=rec.get("tools"), **common
+    )
 
 
 def generate_pairs(
@@ -143,7 +150,7 @@ def generate_pairs(
 ) -> dict[str, Any]:
     """One generation round for each enabled generation strategy; returns counts per strategy."""
     cfg = settings.pairs
-    store = PairsStore(redis, keys)
+    store = PairsStore(redis, keys, retention_s(settings))
     store.ensure_scripts()
     tokens = token_counter or quality.TokenCounter(settings.model_path())
     chosen = [s for s in (strategies or cfg.strategies) if s in pairing.GENERATED_STRATEGIES]

@@ -21,8 +21,9 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import orjson
 
-from workers.pairing.rules import Message, PairRecord, normalize_text
+from workers.pairing.rules import Message, PairRecord, answer_text, normalize_text
 
 log = logging.getLogger(__name__)
 
@@ -175,13 +176,53 @@ def _scrubbed(text: str) -> tuple[str, tuple[tuple[str, int], ...]]:
     return out, tuple(counts.items())
 
 
+def _scrub_text(text: str, counts: Counter[str]) -> str:
+    out, found = _scrubbed(text)
+    for kind, n in found:
+        counts[kind] += n
+    return out
+
+
+def _scrub_json(value: Any, counts: Counter[str]) -> Any:
+    """Every string in a JSON value scrubbed (keys and numbers kept: the value stays valid JSON)."""
+    if isinstance(value, str):
+        return _scrub_text(value, counts)
+    if isinstance(value, list):
+        return [_scrub_json(item, counts) for item in value]
+    if isinstance(value, dict):
+        return {key: _scrub_json(item, counts) for key, item in value.items()}
+    return value
+
+
+def _scrub_calls(calls: list[dict[str, Any]], counts: Counter[str]) -> list[dict[str, Any]]:
+    """Tool calls with the strings inside their arguments scrubbed (arguments that are not JSON as text)."""
+    scrubbed = []
+    for call in calls:
+        function = call["function"]
+        arguments = function["arguments"]
+        if isinstance(arguments, str):
+            try:
+                arguments = orjson.dumps(_scrub_json(orjson.loads(arguments), counts)).decode()
+            except orjson.JSONDecodeError:
+                arguments = _scrub_text(arguments, counts)
+        else:
+            arguments = _scrub_json(arguments, counts)
+        scrubbed.append({**call, "function": {**function, "arguments": arguments}})
+    return scrubbed
+
+
 def scrub_messages(messages: Iterable[Message], counts: Counter[str]) -> list[Message]:
     scrubbed = []
     for m in messages:
         text, found = _scrubbed(m["content"])
         for kind, n in found:
             counts[kind] += n
-        scrubbed.append({"role": m["role"], "content": text})
+        message = {"role": m["role"], "content": text}
+        if len(m) > 2:  # a tool-calling turn: its calls (arguments scrubbed too) and tool_call_id stay
+            message.update((key, value) for key, value in m.items() if key not in message)
+            if m.get("tool_calls"):
+                message["tool_calls"] = _scrub_calls(m["tool_calls"], counts)
+        scrubbed.append(message)
     return scrubbed
 
 
@@ -197,6 +238,14 @@ def scrub_pair(pair: PairRecord) -> Counter[str]:
 # --- token limits ---------------------------------------------------------------------------------------
 
 _TEMPLATE_TOKENS_PER_MESSAGE = 8  # role marker, separators, end token: generous for chat templates
+
+
+def _size(message: Message) -> int:
+    """UTF-8 bytes of a message's text and of its tool calls (names and arguments)."""
+    size = len(message["content"].encode())
+    if len(message) > 2 and message.get("tool_calls"):
+        size += len(orjson.dumps(message["tool_calls"]))
+    return size
 
 
 class TokenCounter:
@@ -228,18 +277,18 @@ class TokenCounter:
     def count(self, messages: Sequence[Message]) -> int:
         tokenizer = self.tokenizer
         if tokenizer is None:
-            size = sum(len(m["content"].encode()) for m in messages)
+            size = sum(_size(m) for m in messages)
             return math.ceil(size / 3) + _TEMPLATE_TOKENS_PER_MESSAGE * len(messages)
         if getattr(tokenizer, "chat_template", None):
             ids = tokenizer.apply_chat_template(list(messages), tokenize=True)
             if isinstance(ids, Mapping) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
             return len(ids)
-        text = "\n".join(m["content"] for m in messages)
+        text = "\n".join(answer_text(m) for m in messages)
         return len(tokenizer(text)["input_ids"]) + _TEMPLATE_TOKENS_PER_MESSAGE * len(messages)
 
     def fits(self, messages: Sequence[Message], limit: int) -> bool:
-        upper_bound = sum(len(m["content"].encode()) for m in messages)
+        upper_bound = sum(_size(m) for m in messages)
         if upper_bound + _TEMPLATE_TOKENS_PER_MESSAGE * len(messages) <= limit:
             return True
         return self.count(messages) <= limit
@@ -249,9 +298,10 @@ class TokenCounter:
 
 
 def check_pair(pair: PairRecord, fits: Callable[[Sequence[Message]], bool]) -> tuple[str, str] | None:
-    """The (filter, reason) that drops this pair, or None to keep it."""
-    chosen = pair["chosen"][0]["content"]
-    rejected = pair["rejected"][0]["content"]
+    """The (filter, reason) that drops this pair, or None to keep it. A tool-call answer is its text and its
+    calls (rules.answer_text): two answers making the same calls are identical, whatever their ids."""
+    chosen = answer_text(pair["chosen"][0])
+    rejected = answer_text(pair["rejected"][0])
     if not any(m["content"].strip() for m in pair["prompt"]):
         return ("empty", "prompt")
     if not chosen.strip():
@@ -260,9 +310,12 @@ def check_pair(pair: PairRecord, fits: Callable[[Sequence[Message]], bool]) -> t
         return ("empty", "rejected")
     if normalize_text(chosen) == normalize_text(rejected):
         return ("identical", "chosen_equals_rejected")
-    if not fits([*pair["prompt"], *pair["chosen"]]):
+    prompt = pair["prompt"]
+    if pair.get("tools"):  # the template renders the tool definitions into the prompt: count them as a turn
+        prompt = [{"role": "system", "content": orjson.dumps(pair["tools"]).decode()}, *prompt]
+    if not fits([*prompt, *pair["chosen"]]):
         return ("length", "chosen_too_long")
-    if not fits([*pair["prompt"], *pair["rejected"]]):
+    if not fits([*prompt, *pair["rejected"]]):
         return ("length", "rejected_too_long")
     return None
 
@@ -271,8 +324,12 @@ def check_pair(pair: PairRecord, fits: Callable[[Sequence[Message]], bool]) -> t
 
 
 def pair_text(pair: Mapping[str, Any]) -> str:
-    prompt = " ".join(m["content"] for m in pair["prompt"])
-    return normalize_text(f"{prompt} \x1e {pair['chosen'][0]['content']} \x1e {pair['rejected'][0]['content']}").lower()
+    prompt = " ".join(answer_text(m) for m in pair["prompt"])
+    if pair.get("tools"):  # the same conversation offered other tools is another prompt
+        prompt += " " + orjson.dumps(pair["tools"], option=orjson.OPT_SORT_KEYS).decode()
+    return normalize_text(
+        f"{prompt} \x1e {answer_text(pair['chosen'][0])} \x1e {answer_text(pair['rejected'][0])}"
+    ).lower()
 
 
 def exact_key(pair: Mapping[str, Any]) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from services.feedback.events import FeedbackEvent, Message
+from services.feedback.events import FeedbackEvent, Message, answer_message
 
 STRATEGIES = ("same_prompt", "correction", "weaker_answer", "stronger_answer")
 GENERATED_STRATEGIES = ("weaker_answer", "stronger_answer")
@@ -39,13 +39,46 @@ def normalize_text(text: str) -> str:
 
 
 def normalize_messages(messages: Iterable[Message]) -> list[Message]:
-    return [{"role": m["role"], "content": normalize_text(m["content"])} for m in messages]
+    return [{**m, "content": normalize_text(m["content"])} for m in messages]
 
 
-def prompt_hash(messages: Sequence[Message]) -> str:
-    """Hash of the whitespace-normalized conversation prefix, system prompt included."""
-    canonical = orjson.dumps([[m["role"], normalize_text(m["content"])] for m in messages])
-    return hashlib.sha256(canonical).hexdigest()[:32]
+def calls_text(tool_calls: Sequence[Mapping[str, Any]] | None) -> str:
+    """Tool calls as one canonical text: each call's name and its arguments as sorted-key JSON (a string that
+    is not JSON, whitespace-normalized). Ids are left out: two answers making the same calls are the same."""
+    if not tool_calls:
+        return ""
+    parts = []
+    for call in tool_calls:
+        function = call.get("function") or {}
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = orjson.loads(arguments)
+            except orjson.JSONDecodeError:
+                arguments = normalize_text(arguments)
+        parts.append(orjson.dumps([function.get("name"), arguments], option=orjson.OPT_SORT_KEYS).decode())
+    return "\n".join(parts)
+
+
+def answer_text(message: Mapping[str, Any]) -> str:
+    """What identifies an answer: its text and, for a tool-call answer, its calls (calls_text)."""
+    calls = calls_text(message.get("tool_calls"))
+    return f"{message['content']} \x1d {calls}" if calls else message["content"]
+
+
+def prompt_hash(messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """Hash of the whitespace-normalized conversation prefix, system prompt included; for a tool-calling
+    conversation also of its earlier tool calls and of the request's tools (the same hash as before for
+    conversations without them)."""
+    rows: list[list[Any]] = []
+    for m in messages:
+        row: list[Any] = [m["role"], normalize_text(m["content"])]
+        if m.get("tool_calls"):
+            row.append(calls_text(m["tool_calls"]))
+        rows.append(row)
+    if tools:
+        rows.append(["tools", orjson.dumps(list(tools), option=orjson.OPT_SORT_KEYS).decode()])
+    return hashlib.sha256(orjson.dumps(rows)).hexdigest()[:32]
 
 
 def text_hash(text: str) -> str:
@@ -113,10 +146,15 @@ class RatedResponse:
     adapter: str | None
     feedback_ids: list[str] = field(default_factory=list)
     users: list[str] = field(default_factory=list)
+    tool_calls: list[dict[str, Any]] | None = None  # a tool-call answer's calls, and its text outside them
+    content: str | None = None
+
+    def answer(self) -> Message:
+        return answer_message(self.response, self.tool_calls, self.content)
 
 
-def _assistant(text: str) -> list[Message]:
-    return [{"role": "assistant", "content": text}]
+def _assistant(answer: str | Message) -> list[Message]:
+    return [{"role": "assistant", "content": answer} if isinstance(answer, str) else dict(answer)]
 
 
 def _unique(items: Iterable[str]) -> list[str]:
@@ -127,8 +165,8 @@ def make_pair(
     strategy: str,
     pid: str,
     prompt: Sequence[Message],
-    chosen: str,
-    rejected: str,
+    chosen: str | Message,
+    rejected: str | Message,
     *,
     feedback_ids: Iterable[str],
     completion_ids: Iterable[str],
@@ -137,8 +175,13 @@ def make_pair(
     created_at: float,
     phash: str,
     entry_id: str = "",
+    tools: Sequence[Mapping[str, Any]] | None = None,
     **extra: Any,
 ) -> PairRecord:
+    """chosen and rejected: a text, or an assistant message (a tool-call answer keeps its tool_calls);
+    tools: the request's tool definitions, kept with a tool-calling prompt."""
+    if tools:
+        extra["tools"] = [dict(tool) for tool in tools]
     return {
         "pair_id": pid,
         "prompt": [dict(m) for m in prompt],
@@ -164,14 +207,15 @@ def same_prompt_pair(
     created_at: float,
     phash: str,
     entry_id: str = "",
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> PairRecord:
     """A liked and a disliked response to the same normalized prompt; the id depends only on the two."""
     return make_pair(
         "same_prompt",
         pair_id("same_prompt", chosen.completion_id, rejected.completion_id),
         prompt,
-        chosen.response,
-        rejected.response,
+        chosen.answer(),
+        rejected.answer(),
         feedback_ids=[*chosen.feedback_ids, *rejected.feedback_ids],
         completion_ids=[chosen.completion_id, rejected.completion_id],
         users=[*chosen.users, *rejected.users],
@@ -179,6 +223,7 @@ def same_prompt_pair(
         created_at=created_at,
         phash=phash,
         entry_id=entry_id,
+        tools=tools,
     )
 
 
@@ -192,7 +237,7 @@ def correction_pair(event: FeedbackEvent, *, phash: str, entry_id: str = "") -> 
         pair_id("correction", event.completion_id, event.identity, correction_hash),
         event.messages,
         event.correction,
-        event.response,
+        event.answer,
         feedback_ids=[event.feedback_id],
         completion_ids=[event.completion_id],
         users=[event.identity],
@@ -200,6 +245,7 @@ def correction_pair(event: FeedbackEvent, *, phash: str, entry_id: str = "") -> 
         created_at=event.created_at,
         phash=phash,
         entry_id=entry_id,
+        tools=event.tools,
         correction_hash=correction_hash,
     )
 
@@ -213,13 +259,14 @@ def weaker_answer_pair(
     created_at: float,
     phash: str,
     entry_id: str = "",
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> PairRecord:
     """A liked response (chosen) against a deliberately weaker answer to the same prompt (rejected)."""
     return make_pair(
         "weaker_answer",
         pair_id("weaker_answer", liked.completion_id),
         prompt,
-        liked.response,
+        liked.answer(),
         weaker,
         feedback_ids=liked.feedback_ids,
         completion_ids=[liked.completion_id],
@@ -228,6 +275,7 @@ def weaker_answer_pair(
         created_at=created_at,
         phash=phash,
         entry_id=entry_id,
+        tools=tools,
         generated_by=source,
     )
 
@@ -242,6 +290,7 @@ def stronger_answer_pair(
     created_at: float,
     phash: str,
     entry_id: str = "",
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> PairRecord:
     """A teacher's better answer (chosen) against a disliked response (rejected)."""
     return make_pair(
@@ -249,7 +298,7 @@ def stronger_answer_pair(
         pair_id("stronger_answer", disliked.completion_id),
         prompt,
         stronger,
-        disliked.response,
+        disliked.answer(),
         feedback_ids=disliked.feedback_ids,
         completion_ids=[disliked.completion_id],
         users=disliked.users,
@@ -257,6 +306,7 @@ def stronger_answer_pair(
         created_at=created_at,
         phash=phash,
         entry_id=entry_id,
+        tools=tools,
         generated_by=source,
         judged=judged,
     )
@@ -297,6 +347,7 @@ def pairs_for_vote(
                     created_at=event.created_at,
                     phash=phash,
                     entry_id=entry_id,
+                    tools=event.tools,  # the prompt hash covers the tools: both answers had the same
                 )
             )
     return pairs

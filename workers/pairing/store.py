@@ -123,7 +123,8 @@ return out
 # RECORD_PAIR_SCRIPT for many records in one call. Each record is done (stored, indexed, counted) before
 # the next, and a failing record does not stop the others: it is answered with its error message.
 # KEYS: 1 pairs_index 2 pairs_seq 3 pairs_stats, then one per record: the pair (or dropped-marker) key
-# ARGV: per record: pair id, value, '1' to index the pair, n, then n field/increment pairs
+# ARGV: per record: pair id, value, mode, n, then n field/increment pairs. mode: '1' index the pair, '0' a marker
+# kept forever, 'ex:<seconds>' a marker that expires (drop markers only guard redeliveries: pairs.retention_s)
 # Returns per record 1 (new, counted), 0 (already stored) or "ERR <message>".
 RECORD_BATCH_SCRIPT = """
 local function record(key, pid, value, index, a, n)
@@ -135,6 +136,8 @@ local function record(key, pid, value, index, a, n)
     if type(seq) == 'table' and seq.err then return seq.err end
     local added = redis.pcall('ZADD', KEYS[1], seq, pid)
     if type(added) == 'table' and added.err then return added.err end
+  elseif string.sub(index, 1, 3) == 'ex:' then
+    redis.pcall('EXPIRE', key, tonumber(string.sub(index, 4)))
   end
   for i = a + 4, a + 2 + 2 * n, 2 do
     local done = redis.pcall('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
@@ -156,13 +159,15 @@ return out
 """
 
 # KEYS: 1 pair (or dropped-marker) key 2 pairs_index 3 pairs_seq 4 pairs_stats
-# ARGV: 1 pair id 2 value 3 '1' to index the pair 4.. field, increment, field, increment ...
+# ARGV: 1 pair id 2 value 3 mode (as in RECORD_BATCH_SCRIPT) 4.. field, increment, field, increment ...
 # Counters move only when the key is new, so a redelivered event never counts twice.
 RECORD_PAIR_SCRIPT = """
 if redis.call('SET', KEYS[1], ARGV[2], 'NX') then
   if ARGV[3] == '1' then
     local seq = redis.call('INCR', KEYS[3])
     redis.call('ZADD', KEYS[2], seq, ARGV[1])
+  elseif string.sub(ARGV[3], 1, 3) == 'ex:' then
+    redis.call('EXPIRE', KEYS[1], tonumber(string.sub(ARGV[3], 4)))
   end
   for i = 4, #ARGV, 2 do redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1]) end
   return 1
@@ -341,9 +346,12 @@ class RecordBatch:
 class PairsStore:
     """Pair storage on one Redis client and key prefix."""
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, drop_marker_ttl_s: int = 0) -> None:
         self.redis = redis
         self.keys = keys
+        # a drop marker only keeps a redelivered event from counting its drop twice: it expires with the
+        # pairing state it came from (pairs.retention_s; 0 keeps it)
+        self.drop_mode = f"ex:{drop_marker_ttl_s}" if drop_marker_ttl_s > 0 else "0"
         self.vote_script = redis.register_script(VOTE_BATCH_SCRIPT)
         self.record_script = redis.register_script(RECORD_PAIR_SCRIPT)
         self.record_batch_script = redis.register_script(RECORD_BATCH_SCRIPT)
@@ -388,7 +396,7 @@ class PairsStore:
     def add_drop(self, records: RecordBatch, pid: str, reason_field: str, counters: Mapping[str, int]) -> None:
         """Like queue_drop, on a RecordBatch."""
         records.keys.append(self.keys.pair_dropped(pid))
-        records.args += (pid, reason_field, "0", len(counters))
+        records.args += (pid, reason_field, self.drop_mode, len(counters))
         for name, value in counters.items():
             records.args += (name, value)
 
@@ -426,7 +434,7 @@ class PairsStore:
     def queue_drop(self, batch: CommandBatch, pid: str, reason_field: str, counters: Mapping[str, int]) -> None:
         """Remember that a filter dropped this pair id (once), counting the drop only the first time."""
         k = self.keys
-        args: list[Any] = [pid, reason_field, "0"]
+        args: list[Any] = [pid, reason_field, self.drop_mode]
         for name, value in counters.items():
             args += [name, value]
         batch.add(
@@ -522,6 +530,18 @@ class PairsStore:
                     _, _, rating, correction = parse_vote(raw)
                     corrections[key] = correction if rating != "withdrawn" else ""
         return labels, corrections
+
+    def prompt_group_labels(self, phashes: Iterable[str], chunk: int = 500) -> dict[str, dict[str, str]]:
+        """Every labelled completion of each prompt group: phash -> {completion id: label}."""
+        ordered = sorted(set(phashes))
+        groups: dict[str, dict[str, str]] = {}
+        for start in range(0, len(ordered), chunk):
+            pipe = self.redis.pipeline(transaction=False)
+            for phash in ordered[start : start + chunk]:
+                pipe.hgetall(self.keys.prompt_group(phash))
+            for phash, raw in zip(ordered[start : start + chunk], pipe.execute(), strict=True):
+                groups[phash] = {_text(cid): label for cid, value in raw.items() if (label := _text(value))}
+        return groups
 
     def labeled_voters(self, completion_ids: Sequence[str], labels: Sequence[str | None]) -> list[list[str]]:
         """The identities behind each completion's label (oldest first, at most 20), in one round trip."""

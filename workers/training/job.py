@@ -208,10 +208,16 @@ def _pipeline(ctx: RunContext, settings: Settings, started: float) -> None:
     if gate.passed:
         status = "gated"
         if settings.gate.auto_promote:
-            promotion = registry.promote(version, auto=True, by="auto", fence=ctx.lease.fence)
-            status = "promoted" if promotion.outcome in ("promoted", "unchanged") else "gated"
-            if promotion.outcome == "pinned":
-                log.info("run %s: %s stays a candidate, %s is pinned", ctx.run_id, version, promotion.previous)
+            promotion = registry.promote(
+                version, auto=True, by="auto", fence=ctx.lease.fence, canary_share=settings.canary.share
+            )
+            status = {"promoted": "promoted", "unchanged": "promoted", "canary": "canary"}.get(
+                promotion.outcome, "gated"
+            )
+            if promotion.outcome in ("pinned", "canary_busy"):
+                log.info(
+                    "run %s: %s stays a candidate (%s %s)", ctx.run_id, version, promotion.outcome, promotion.previous
+                )
     timings["total_s"] = time.monotonic() - started
     ctx.write(status=status, finished_at=time.time(), timings=timings, reasons=gate.reasons)
 

@@ -17,7 +17,7 @@ from redis import Redis
 from services.core.counters import highest_on_disk, next_number
 from services.core.keys import Keys
 
-TERMINAL = frozenset({"promoted", "gated", "rejected", "failed"})
+TERMINAL = frozenset({"promoted", "canary", "gated", "rejected", "failed"})
 ACTIVE = frozenset({"queued", "running"})
 _JSON_FIELDS = ("gate", "metrics", "timings", "reasons", "trigger", "dataset")
 _FLOAT_FIELDS = ("created_at", "queued_at", "started_at", "finished_at")

@@ -15,9 +15,11 @@ So we load the parent adapter trainable under "default" and let TRL make the ref
 "default" adapter is saved. tests/integration/test_training.py checks that the first step of a
 continued run has zero reward margin (policy == reference == parent).
 
-Prompts are rendered with the model tokenizer's own chat template: the JSONL export is TRL's
-conversational format (lists of messages), which TRL tokenizes with ``apply_chat_template`` (prompt
-with ``add_generation_prompt=True``, the same rendering vLLM's chat endpoint uses).
+Prompts are rendered with the model tokenizer's own chat template (or ``engine.chat_template`` when the
+engine serves with another): the JSONL export is TRL's conversational format (lists of messages), which TRL
+tokenizes with ``apply_chat_template`` (prompt with ``add_generation_prompt=True``, the same rendering vLLM's
+chat endpoint uses). A tool-calling row carries ``tools`` (TRL passes them to the template) and assistant
+turns with ``tool_calls``; such rows are loaded with datasets' Json feature (see training_dataset).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any
 
 from services.adapters.manifest import CONFIG_NAME, adapter_version_name, base_model_fingerprint, base_model_id
 from services.core.config import Settings
-from services.core.runtime import quiet_progress_bars, use_cpu_threads
+from services.core.runtime import quiet_progress_bars, served_tokenizer, use_cpu_threads
 from workers.pairing.exports import ExportError, load_kto_rows, load_preference_rows
 
 logger = logging.getLogger(__name__)
@@ -181,6 +183,24 @@ def _make_progress_callback(
     return ProgressLogger()
 
 
+def training_dataset(rows: list[dict[str, Any]]) -> Any:
+    """The rows as a datasets.Dataset for TRL. Rows without tools load as before. With tool calls anywhere,
+    Arrow's schema inference would merge every message's keys (a "tool_calls": None on each plain turn) and
+    every call's argument fields into one struct: each message and the tools are stored as JSON instead
+    (datasets' Json feature), so the chat template gets each message exactly as exported."""
+    from datasets import Dataset, Features, Json, List, Value
+
+    message_columns = [key for key in ("prompt", "chosen", "rejected", "completion") if key in rows[0]]
+    tool_calling = any(row.get("tools") or any(len(m) > 2 for key in message_columns for m in row[key]) for row in rows)
+    if not tool_calling:
+        return Dataset.from_list(rows)
+    features = Features({key: List(Json()) for key in message_columns})
+    features["tools"] = Json()
+    if "label" in rows[0]:
+        features["label"] = Value("bool")
+    return Dataset.from_list([{**row, "tools": row.get("tools")} for row in rows], features=features)
+
+
 def _load_base_model(settings: Settings, on_gpu: bool):
     import torch
     from transformers import AutoModelForCausalLM
@@ -256,15 +276,17 @@ def run_training(
         raise TrainingError(f"{dataset_dir} holds no training examples for {cfg.method}")
 
     import torch
-    from datasets import Dataset
     from peft import LoraConfig, PeftModel
-    from transformers import AutoTokenizer, PrinterCallback
+    from transformers import PrinterCallback
 
     quiet_progress_bars()
     on_gpu = torch.cuda.is_available()
     use_cpu_threads(settings, on_gpu)
     model_path = settings.model_path()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    try:
+        tokenizer = served_tokenizer(settings)  # render as the engine does (e.g. a template that renders tools)
+    except OSError as error:
+        raise TrainingError(str(error)) from error
     if tokenizer.chat_template is None:
         raise TrainingError(f"the tokenizer of {model_path} has no chat template; prompts could not be rendered")
     model = _load_base_model(settings, on_gpu)
@@ -320,8 +342,8 @@ def run_training(
         trainer = DPOTrainer(
             model=model,
             args=DPOConfig(**common_args, **loss),
-            train_dataset=Dataset.from_list(train_rows),
-            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+            train_dataset=training_dataset(train_rows),
+            eval_dataset=training_dataset(eval_rows) if eval_rows else None,
             processing_class=tokenizer,
             peft_config=peft_config,
             callbacks=[callback],
@@ -332,7 +354,7 @@ def run_training(
         trainer = KTOTrainer(
             model=model,
             args=KTOConfig(**common_args),
-            train_dataset=Dataset.from_list(train_rows),
+            train_dataset=training_dataset(train_rows),
             processing_class=tokenizer,
             peft_config=peft_config,
             callbacks=[callback],

@@ -1,4 +1,5 @@
-"""Admin routes of the adapter registry: list, register, promote, rollback, pin, reject.
+"""Admin routes of the adapter registry: list, register, promote, rollback, pin, reject, and the running canary
+(status, promote, abort).
 
 The registry lives in Redis and is shared by every replica; a change here is published on the promotions
 channel and each replica's Swapper follows it. ``?wait=true`` also reconciles this replica before
@@ -14,8 +15,10 @@ from pydantic import BaseModel, Field
 
 from services.adapters.hotswap import Swapper
 from services.adapters.registry import (
+    VERSION_PATTERN,
     AsyncAdapterRegistry,
     InvalidVersion,
+    NoCanary,
     Promotion,
     RegistryError,
     UnknownVersion,
@@ -35,7 +38,11 @@ SwapperDep = Annotated[Swapper, Depends(_swapper)]
 
 class RegisterAdapter(BaseModel):
     path: str = Field(min_length=1, description="Adapter folder (PEFT files + manifest.json) on shared storage.")
-    version: str | None = Field(None, description="Version name; empty: the next feedloop-v{N}.")
+    version: str | None = Field(
+        None,
+        pattern=f"^({VERSION_PATTERN.pattern.strip('^$')})?$",  # the registry's rule, or empty
+        description="Version name; empty: the next feedloop-v{N}.",
+    )
     run_id: str | None = None
     dataset_version: str | None = None
     parent: str | None = None
@@ -57,7 +64,12 @@ async def _answer(swapper: Swapper, result: Promotion | None, wait: bool) -> dic
     else:
         swapper.wake()
     view = await swapper.registry.serving()
-    body: dict[str, Any] = {"active": view.active, "previous": view.previous, "pinned": view.pinned}
+    body: dict[str, Any] = {
+        "active": view.active,
+        "previous": view.previous,
+        "pinned": view.pinned,
+        "canary": view.canary,
+    }
     if result is not None:
         body.update(outcome=result.outcome, version=result.version)
     body["replica"] = swapper.state()
@@ -103,6 +115,47 @@ async def rollback(swapper: SwapperDep, wait: bool = False) -> dict[str, Any]:
 @router.delete("/pin")
 async def unpin(swapper: SwapperDep) -> dict[str, Any]:
     return {"unpinned": await swapper.registry.unpin(), "auto_promotion": True}
+
+
+class AbortCanary(BaseModel):
+    reason: str = Field("aborted by operator", min_length=1, max_length=2000)
+
+
+@router.get("/canary")
+async def canary_status(swapper: SwapperDep) -> dict[str, Any]:
+    """The running canary (its record: share, the version it is compared to, the latest check's numbers)."""
+    view = await swapper.registry.serving()
+    record = view.get(view.canary)
+    return {
+        "canary": record.to_dict() if record else None,
+        "active": view.active,
+        "replica": swapper.state()["canary"],
+    }
+
+
+@router.post("/canary/promote")
+async def promote_canary(swapper: SwapperDep, wait: bool = False) -> dict[str, Any]:
+    """Promote the running canary now (409 ``no_canary`` when none runs)."""
+    view = await swapper.registry.serving()
+    try:
+        if view.canary is None:
+            raise NoCanary("no canary is running")
+        result = await swapper.registry.promote_canary(
+            view.canary, {"outcome": "promote", "reason": "operator"}, by="admin"
+        )
+    except RegistryError as error:
+        raise _refused(error) from None
+    return await _answer(swapper, result, wait)
+
+
+@router.post("/canary/abort")
+async def abort_canary(body: AbortCanary, swapper: SwapperDep, wait: bool = False) -> dict[str, Any]:
+    """End the running canary now: it is retired, the active version stays (409 ``no_canary`` when none runs)."""
+    try:
+        version = await swapper.registry.abort_canary(None, [body.reason], None, by="admin")
+    except RegistryError as error:
+        raise _refused(error) from None
+    return {**await _answer(swapper, None, wait), "outcome": "rolled_back", "version": version}
 
 
 @router.get("/{version}")

@@ -49,7 +49,8 @@ async def engine_state(engine: EngineDep) -> dict[str, Any]:
 async def load_adapter(body: LoadAdapter, engine: EngineDep) -> dict[str, Any]:
     """Load an adapter into the engine's slots (no validation, no alias switch: the registry does that)."""
     if not Path(body.path, "adapter_config.json").is_file():
-        raise ApiError(400, f"No PEFT adapter at '{body.path}'.", param="path", code="invalid_adapter_path")
+        # the folder the body names is not there (on this replica): a reference to nothing, like an unknown name
+        raise ApiError(404, f"No PEFT adapter at '{body.path}'.", param="path", code="adapter_not_found")
     try:
         adapter = await engine.add_adapter(body.name, body.path)
     except AdapterError as e:

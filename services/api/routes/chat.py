@@ -14,9 +14,10 @@ from fastapi.responses import ORJSONResponse, StreamingResponse
 
 from services.api import vllm_compat
 from services.api.auth import ANONYMOUS, Caller, CallerDep, namespaced_user, take_chat_quota
-from services.api.deps import EngineDep, InteractionsDep, SettingsDep
+from services.api.deps import CanaryDep, EngineDep, InteractionsDep, SettingsDep
 from services.api.errors import ApiError
 from services.api.generation import (
+    CanaryWatch,
     add_caller,
     feedback_token,
     finish_reason,
@@ -37,7 +38,13 @@ router = APIRouter()
 class Prepared:
     """A validated request: its id, resolved model, prompt tokens and sampling parameters."""
 
-    def __init__(self, req: ChatCompletionRequest, engine: Engine, settings: Settings):
+    def __init__(
+        self,
+        req: ChatCompletionRequest,
+        engine: Engine,
+        settings: Settings,
+        canary: tuple[str, float] | None = None,
+    ):
         reject_unsupported(req)
         if req.top_logprobs and not req.logprobs:
             raise ApiError(
@@ -54,7 +61,7 @@ class Prepared:
             raise ApiError(
                 400, "'messages' must contain at least one message.", param="messages", code="empty_messages"
             )
-        self.target: Resolved = resolve_model(engine, req.model)
+        self.target: Resolved = resolve_model(engine, req.model, req.user, canary, settings.engine.alias)
         self.req = req
         self.conversation = req.conversation()
         self.tools: vllm_compat.ToolCalling | None = None
@@ -134,7 +141,10 @@ class Prepared:
         add_caller(record, self.caller)
         if self.tools is not None:  # the response is the model's raw text; its tool calls as vLLM parsed them
             record["tools"] = self.tools.tool_dicts
-            record["tool_calls"] = self.tools.message(texts[0], (), finish_reasons[0])[0].get("tool_calls")
+            message = self.tools.message(texts[0], (), finish_reasons[0])[0]
+            record["tool_calls"] = message.get("tool_calls")
+            if record["tool_calls"]:  # and the text outside the calls: the answer as a chat template renders it
+                record["content"] = message.get("content") or ""
         return record
 
 
@@ -172,19 +182,21 @@ async def chat_completions(
     settings: SettingsDep,
     interactions: InteractionsDep,
     caller: CallerDep,
+    canary: CanaryDep,
     request: Request,
 ) -> Any:
     chars = _check_size(req, engine, settings)
     await take_chat_quota(request, caller)
     req.user = namespaced_user(caller, req.user)
     if chars <= _INLINE_CHARS:
-        p = Prepared(req, engine, settings)
+        p = Prepared(req, engine, settings, canary)
     else:
-        p = await asyncio.to_thread(Prepared, req, engine, settings)
+        p = await asyncio.to_thread(Prepared, req, engine, settings, canary)
     p.caller = caller
+    watch = CanaryWatch(request, p.target, settings, engine.tokenizer)
     if req.stream:
         return StreamingResponse(
-            _stream(p, engine, settings, interactions),
+            _stream(p, engine, settings, interactions, watch),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -192,12 +204,17 @@ async def chat_completions(
     reasons: list[str | None] = [None] * req.n
     outputs: list[Any] = [None] * req.n
     completion_tokens = 0
-    async for out in engine.generate(p.prompt_ids, p.params, p.id, p.target):
-        for o in out.outputs:
-            texts[o.index] += o.text
-            reasons[o.index] = o.finish_reason
-            outputs[o.index] = o
-            completion_tokens += len(o.token_ids)
+    try:
+        async for out in engine.generate(p.prompt_ids, p.params, p.id, p.target):
+            for o in out.outputs:
+                texts[o.index] += o.text
+                reasons[o.index] = o.finish_reason
+                outputs[o.index] = o
+                completion_tokens += len(o.token_ids)
+    except Exception:
+        await watch.failed()
+        raise
+    await watch.answered(texts)
     usage = usage_counts(len(p.prompt_ids), completion_tokens)
     metrics.observe_tokens(req.model, usage["prompt_tokens"], completion_tokens)
     feedback = p.feedback(settings)
@@ -217,7 +234,7 @@ async def chat_completions(
 
 
 async def _stream(
-    p: Prepared, engine: Engine, settings: Settings, interactions: InteractionsDep
+    p: Prepared, engine: Engine, settings: Settings, interactions: InteractionsDep, watch: CanaryWatch
 ) -> AsyncIterator[bytes]:
     n = p.req.n
     head = {
@@ -244,8 +261,12 @@ async def _stream(
             completion_tokens += chunk[1]
             if chunk[0]:
                 yield chunk[0]
+    except Exception:
+        await watch.failed()
+        raise
     finally:
         metrics.ACTIVE_STREAMS.dec()
+    await watch.answered(texts)
     usage = usage_counts(len(p.prompt_ids), completion_tokens)
     metrics.observe_tokens(p.req.model, usage["prompt_tokens"], completion_tokens)
     feedback = p.feedback(settings)

@@ -19,9 +19,10 @@ from fastapi.responses import ORJSONResponse, StreamingResponse
 
 from services.api import vllm_compat
 from services.api.auth import ANONYMOUS, Caller, CallerDep, namespaced_user, take_chat_quota
-from services.api.deps import EngineDep, InteractionsDep, SettingsDep
+from services.api.deps import CanaryDep, EngineDep, InteractionsDep, SettingsDep
 from services.api.errors import ApiError
 from services.api.generation import (
+    CanaryWatch,
     add_caller,
     feedback_token,
     finish_reason,
@@ -41,9 +42,15 @@ router = APIRouter()
 
 
 class PreparedCompletion:
-    def __init__(self, req: CompletionRequest, engine: Engine, settings: Settings):
+    def __init__(
+        self,
+        req: CompletionRequest,
+        engine: Engine,
+        settings: Settings,
+        canary: tuple[str, float] | None = None,
+    ):
         reject_unsupported(req)
-        self.target: Resolved = resolve_model(engine, req.model)
+        self.target: Resolved = resolve_model(engine, req.model, req.user, canary, settings.engine.alias)
         self.req = req
         self.prompt = req.prompt_text()
         self.prompt_ids = list(engine.tokenizer.encode(self.prompt))
@@ -117,6 +124,7 @@ async def completions(
     settings: SettingsDep,
     interactions: InteractionsDep,
     caller: CallerDep,
+    canary: CanaryDep,
     request: Request,
 ) -> Any:
     # the same trust boundary as chat (services/api/auth.py): the app's key, its quota, its users' namespace
@@ -131,11 +139,12 @@ async def completions(
         )
     await take_chat_quota(request, caller)
     req.user = namespaced_user(caller, req.user)
-    p = PreparedCompletion(req, engine, settings)
+    p = PreparedCompletion(req, engine, settings, canary)
     p.caller = caller
+    watch = CanaryWatch(request, p.target, settings, engine.tokenizer)
     if req.stream:
         return StreamingResponse(
-            _stream(p, engine, settings, interactions),
+            _stream(p, engine, settings, interactions, watch),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -144,9 +153,14 @@ async def completions(
     choices: list[dict[str, Any]] = [{} for _ in range(req.n)]
     completion_tokens = 0
     final = None
-    async for out in engine.generate(p.prompt_ids, p.params, p.id, p.target):
-        final = out
+    try:
+        async for out in engine.generate(p.prompt_ids, p.params, p.id, p.target):
+            final = out
+    except Exception:
+        await watch.failed()
+        raise
     assert final is not None
+    await watch.answered([o.text for o in final.outputs])
     for o in final.outputs:
         i = o.index
         texts[i], reasons[i] = o.text, o.finish_reason
@@ -177,7 +191,7 @@ async def completions(
 
 
 async def _stream(
-    p: PreparedCompletion, engine: Engine, settings: Settings, interactions: InteractionLog
+    p: PreparedCompletion, engine: Engine, settings: Settings, interactions: InteractionLog, watch: CanaryWatch
 ) -> AsyncIterator[bytes]:
     n = p.req.n
     head = {"id": p.id, "object": "text_completion", "created": p.created, "model": p.req.model,
@@ -216,8 +230,12 @@ async def _stream(
                 events.append(b"data: " + orjson.dumps({**head, "choices": [choice]}) + b"\n\n")
             if events:
                 yield b"".join(events)
+    except Exception:
+        await watch.failed()
+        raise
     finally:
         metrics.ACTIVE_STREAMS.dec()
+    await watch.answered(texts)
     usage = usage_counts(len(p.prompt_ids), completion_tokens)
     metrics.observe_tokens(p.req.model, usage["prompt_tokens"], completion_tokens)
     feedback = p.feedback(settings)

@@ -9,8 +9,10 @@ import uuid
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import ORJSONResponse
+from pydantic import BaseModel, Field, ValidationError
 
 from services.api.deps import InteractionsDep, SettingsDep
 from services.api.errors import ApiError, json_body, parse_json_body
@@ -230,19 +232,50 @@ async def get_feedback(
     }
 
 
-@router.delete("/v1/feedback/{completion_id}")
-async def withdraw_feedback(
-    completion_id: str,
-    request: Request,
-    body: Annotated[FeedbackWithdrawal | None, Body()] = None,
-    token: Annotated[str | None, Query(max_length=512)] = None,
-    user: Annotated[str | None, Query(max_length=256)] = None,
-) -> Any:
-    token = body.token if body else token
-    user = body.user if body and body.user else user
-    if not token:
+# DELETE takes the token in the query (documented, as on GET) or, as the widget sends it, in a JSON body
+# (FeedbackWithdrawal; its values win). OpenAPI cannot say "one of the two", so the query's token is the
+# documented requirement and the body an alternative: every request the schema allows is one the route takes.
+_WITHDRAW_DOC: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "token",
+            "in": "query",
+            "required": True,
+            "schema": {"type": "string", "minLength": 1, "maxLength": 512},
+            "description": "The completion's feedback token (or `token` in a JSON body)",
+        },
+        {"name": "user", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 256}},
+    ],
+    "requestBody": {
+        "required": False,
+        "description": "Alternatively, the token (and user) as a JSON body: the widget's form",
+        "content": {"application/json": {"schema": FeedbackWithdrawal.model_json_schema()}},
+    },
+}
+
+
+class _WithdrawalQuery(BaseModel):
+    token: str = Field(min_length=1, max_length=512)
+    user: str | None = Field(None, max_length=256)
+
+
+def _withdrawal(raw: bytes, query: dict[str, str]) -> FeedbackWithdrawal | _WithdrawalQuery:
+    if raw.strip() not in (b"", b"null"):
+        return parse_json_body(FeedbackWithdrawal, raw)
+    if "token" not in query:
         raise _refuse("invalid", 422, "A 'token' is required to withdraw a vote.", param="token", code="missing_token")
-    outcome = await _vote(request, completion_id, token, user, "withdrawn", None)
+    try:
+        return _WithdrawalQuery.model_validate({k: v for k, v in query.items() if k in ("token", "user")})
+    except ValidationError as error:
+        errors = [{**e, "loc": ("query", *e["loc"])} for e in error.errors(include_url=False)]
+        raise RequestValidationError(errors) from None
+
+
+@router.delete("/v1/feedback/{completion_id}", openapi_extra=_WITHDRAW_DOC)
+async def withdraw_feedback(completion_id: str, request: Request) -> Any:
+    given = _withdrawal(await request.body(), dict(request.query_params))
+    user = given.user or request.query_params.get("user")
+    outcome = await _vote(request, completion_id, given.token, user, "withdrawn", None)
     return {
         "completion_id": completion_id,
         "rating": None,

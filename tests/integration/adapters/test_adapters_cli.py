@@ -86,3 +86,38 @@ def test_train_shows_the_trigger_and_train_now_refuses_a_second_run(cli_env) -> 
     client.hset(keys.run("run-99"), mapping={"run_id": "run-99", "status": "queued", "queued_at": "1e18"})
     code, out = run("train", "--now")
     assert code == 1 and "run_in_progress run-99" in out
+
+
+def test_canary_commands_show_promote_and_abort_the_canary(cli_env) -> None:
+    client, keys = cli_env
+    registry = AdapterRegistry(client, keys)
+    v1, v2, v3 = (registry.next_version() for _ in range(3))
+    for v in (v1, v2, v3):
+        registry.register(v, f"/adapters/{v}")
+    registry.promote(v1)
+    assert run("adapters", "canary", "status") == (0, f"no canary running; active: {v1}\n")
+    code, out = run("adapters", "canary", "promote")
+    assert code == 1 and "no canary is running" in out
+    registry.promote(v2, auto=True, canary_share=0.1)
+    code, out = run("adapters", "canary", "status")
+    assert code == 0 and f"canary {v2} on 10% of users vs {v1}" in out and "not checked yet" in out
+    code, out = run("adapters", "list")
+    assert f"canary: {v2}" in out.splitlines()[0]
+    assert any(line.split()[:2] == [v2, "canary"] and f"vs {v1}" in line for line in out.splitlines())
+    registry.record_canary_check(v2, {
+        "outcome": "continue", "reason": "undecided",
+        "canary": {"users": 3, "votes": 7, "like_rate": 0.5}, "active": {"users": 9, "votes": 20, "like_rate": 0.75},
+    })  # fmt: skip
+    code, out = run("adapters", "canary", "status", "--json")
+    status = json.loads(out)
+    assert (status["canary"], status["compared_to"], status["latest_check"]["canary"]["votes"]) == (v2, v1, 7)
+    code, out = run("adapters", "canary", "status")
+    assert "canary  users     3  votes      7  like-rate 0.500" in out
+    assert run("adapters", "canary", "promote") == (0, f"{v2}: promoted (previous: {v1})\n")
+    assert registry.view().active == v2 and registry.get(v2).canary_outcome == "promoted"  # type: ignore[union-attr]
+    registry.promote(v3, auto=True, canary_share=0.1)
+    code, out = run("adapters", "canary", "abort", "--reason", "looks off")
+    assert code == 0 and out.startswith(f"{v3}: rolled back")
+    record = registry.get(v3)
+    assert record is not None and (record.status, record.reasons) == ("retired", ["looks off"])
+    assert registry.view().active == v2

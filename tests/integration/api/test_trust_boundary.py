@@ -486,6 +486,32 @@ def test_out_of_range_seed_is_a_4xx_and_writes_nothing(auth_api: AuthApi, seed: 
     assert set(auth_api.redis.scan_iter(match=f"{auth_api.keys.prefix}:interaction:*")) == before
 
 
+@pytest.mark.parametrize(
+    "response_format",
+    [
+        {"type": "json_schema"},
+        {"type": "json_schema", "json_schema": None},
+        {"type": "json_schema", "json_schema": {"name": "a"}},
+        {"type": "json_schema", "json_schema": {"name": "a", "schema": None}},
+    ],
+)
+def test_a_json_schema_format_without_its_schema_is_a_4xx_and_writes_nothing(auth_api: AuthApi, response_format):
+    """Found by schemathesis with a served model: /v1/completions answered 500 (vLLM's helper asserts)."""
+    key, _ = ApiKeyStore(auth_api.redis, auth_api.keys).create("format-test", chat_rate=0)
+    before = set(auth_api.redis.scan_iter(match=f"{auth_api.keys.prefix}:interaction:*"))
+    for path, body in (("/v1/completions", {"prompt": "Hello"}), ("/v1/chat/completions", {"messages": HELLO})):
+        r = httpx.post(
+            auth_api.base_url + path,
+            json={"model": "feedloop", "max_tokens": 3, "response_format": response_format, **body},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=120,
+        )
+        assert r.status_code in (400, 422), (path, r.status_code, r.text)
+        assert r.json()["error"]["param"].startswith("response_format"), r.text
+    time.sleep(0.1)
+    assert set(auth_api.redis.scan_iter(match=f"{auth_api.keys.prefix}:interaction:*")) == before
+
+
 # --- the event loop stays free ---------------------------------------------------------------------------
 
 
@@ -537,24 +563,17 @@ def test_a_flood_of_maximum_size_prompts_leaves_healthz_and_chat_answering(auth_
 # --- the schema is the contract: schemathesis over every operation ---------------------------------------
 
 
-def contract_failures(
-    base_url: str, app_key: str, admin_key: str, examples: int = 6, extra_checks: tuple = ()
-) -> tuple[list[str], int]:
-    """Run schemathesis over every operation of the API's OpenAPI schema (positive and negative data, a
-    fixed seed, `examples` cases per operation and mode) with the app key (the admin key on /admin), and
-    return the failures (server errors, undocumented statuses, non-conforming bodies or content types) and
-    the number of cases sent."""
+def contract_failures(base_url: str, app_key: str, admin_key: str, examples: int = 6) -> tuple[list[str], int]:
+    """Run schemathesis over every operation of the API's OpenAPI schema with every check it has (positive
+    and negative data, a fixed seed, `examples` cases per operation and mode, plus its coverage cases, which
+    include methods the schema does not list) with the app key (the admin key on /admin), and return the
+    failures and the number of cases sent."""
     import schemathesis
-    from schemathesis.checks import not_a_server_error
+    from schemathesis.checks import CHECKS, load_all_checks
     from schemathesis.generation import GenerationMode
-    from schemathesis.specs.openapi.checks import (
-        content_type_conformance,
-        response_schema_conformance,
-        status_code_conformance,
-    )
 
-    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-    checks += list(extra_checks)
+    load_all_checks()
+    checks = CHECKS.get_all()
     schema = schemathesis.openapi.from_url(base_url + "/openapi.json")
     failures: list[str] = []
     sent = 0
@@ -570,22 +589,31 @@ def contract_failures(
             phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
         )
         def run(case) -> None:  # type: ignore[no-untyped-def]
-            nonlocal sent
-            sent += 1
-            try:
-                case.call_and_validate(headers={"Authorization": f"Bearer {key}"}, checks=checks, timeout=120)
-            except (Exception, BaseExceptionGroup) as exc:  # collected, not raised: every operation runs
-                failures.append(f"{label}: {str(exc).strip()[:600]}")
+            call(case, label, key)
 
         return run
 
+    def call(case, label: str, key: str) -> None:  # type: ignore[no-untyped-def]
+        nonlocal sent
+        sent += 1
+        try:
+            case.call_and_validate(headers={"Authorization": f"Bearer {key}"}, checks=checks, timeout=120)
+        except (Exception, BaseExceptionGroup) as exc:  # collected, not raised: every operation runs
+            failures.append(f"{label}: {str(exc).strip()[:2000]}")
+
+    modes = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
     for result in schema.get_all_operations():
         operation = result.ok()
         key = admin_key if operation.path.startswith("/admin") else app_key
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+        for mode in modes:
             # an operation without input has nothing to negate: Unsatisfiable
             with contextlib.suppress(hypothesis.errors.Unsatisfiable):
                 runner(operation.as_strategy(generation_mode=mode), f"{operation.label} [{mode.value}]", key)()
+        # schemathesis' coverage cases (deterministic): boundary values, wrong types, missing fields, and
+        # the methods the schema does not list (405 with an `Allow` header naming exactly the documented ones)
+        generation = schema.config.generation_for(operation=operation, phase="coverage")
+        for case in schema.iter_coverage_cases(operation, generation_modes=modes, generation_config=generation):
+            call(case, f"{operation.label} [coverage: {case.meta.phase.data.scenario}]", key)
     return failures, sent
 
 

@@ -667,3 +667,51 @@ def test_exported_jsonl_loads_and_trains_one_dpo_step(pairs_env: PairsEnv, tiny_
     assert output.global_step == 1
     changed = [n for n, p in trainer.model.named_parameters() if "lora_B" in n and not torch.equal(p, before[n])]
     assert changed, "one DPO step must move the LoRA weights"
+
+
+def test_a_like_that_the_other_votes_on_the_same_answer_contradict_makes_no_pair(pairs_env: PairsEnv):
+    """One misclick like on an answer three other users disliked is not a chosen answer (pairs.consensus)."""
+    prompt = "Which city is the capital of Japan?"
+    events = [
+        feedback_event("t1", "like", "u1", prompt=prompt, response="Tokyo."),
+        *(feedback_event(f"k{i}", "dislike", f"u{i + 1}", prompt=prompt, response="Kyoto.") for i in (1, 2, 3)),
+        feedback_event("t2", "dislike", "u5", prompt=prompt, response="Tokyo is the capital."),
+        feedback_event("k4", "like", "u6", prompt=prompt, response="  kyoto. "),  # the misclick
+    ]
+    for event in events:
+        xadd(pairs_env.redis, pairs_env.keys.feedback_stream, event)
+    pairs_env.consumer().consume(10, until_drained=True)
+    misclick = pairing.pair_id("same_prompt", "k4", "t2")
+    assert misclick in pairs_env.pair_ids()  # stored: each completion's own votes made it
+
+    chosen_k4 = {pid for pid in pairs_env.pair_ids() if pairs_env.pair(pid)["completion_ids"][0] == "k4"}
+
+    manifest = datasets.snapshot(pairs_env.redis, pairs_env.keys, pairs_env.settings)
+    assert manifest["filters"]["consensus:contradicted"] == len(chosen_k4)
+    folder = Path(manifest["path"])
+    rows = [orjson.loads(line) for name in ("train.jsonl", "eval.jsonl") for line in (folder / name).open("rb")]
+    kept = {row["pair_id"] for row in rows}
+    assert not kept & chosen_k4
+    assert pairing.pair_id("same_prompt", "t1", "t2") in kept  # a disliked answer no one liked: not contradicted
+    assert all(row["chosen"][0]["content"] == "Tokyo." for row in rows)
+
+    pairs_env.settings.pairs.consensus = False  # the switch: the misclick's pairs come back
+    unfiltered = datasets.snapshot(pairs_env.redis, pairs_env.keys, pairs_env.settings)
+    assert not any(name.startswith("consensus:") for name in unfiltered["filters"])
+    assert unfiltered["counts"]["kept"] > manifest["counts"]["kept"]
+
+
+def test_drop_markers_expire_with_the_pairing_state(pairs_env: PairsEnv):
+    from workers.pairing.retention import retention_s
+
+    events = [
+        feedback_event("same-1", "like", "u1", prompt="Capital of Peru?", response="Lima."),
+        feedback_event("same-2", "dislike", "u2", prompt="Capital of Peru?", response="Lima."),  # chosen == rejected
+    ]
+    for event in events:
+        xadd(pairs_env.redis, pairs_env.keys.feedback_stream, event)
+    pairs_env.consumer().consume(10, until_drained=True)
+    markers = list(pairs_env.redis.scan_iter(match=pairs_env.keys.pair_dropped("*"), count=1000))
+    assert len(markers) == 1 and not pairs_env.pair_ids()
+    keep = retention_s(pairs_env.settings)
+    assert keep > 0 and keep - 60 <= pairs_env.redis.ttl(markers[0]) <= keep

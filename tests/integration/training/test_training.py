@@ -7,6 +7,7 @@ generation stays clean enough for the smoke check.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +206,36 @@ def test_gate_fails_flipped_and_random_adapters(tiny_model_dir: Path, workspace:
         comparison = gate.metrics["comparison"]
         assert comparison["lower"] <= comparison["difference"] <= comparison["upper"]
         assert gate.metrics["rule"]["compare_to_active"] == "not_worse"
+
+
+def test_retention_fails_a_candidate_that_forgets_what_the_reference_answers(
+    first_run, tiny_model_dir: Path, workspace: Path, dataset: Path
+) -> None:
+    _, adapter, _ = first_run
+    cases = workspace / "retention.jsonl"
+    rows = [
+        {"prompt": f"Tell me about {topic}.", "expected": answer.split(" is ")[-1]} for topic, answer in FACTS.items()
+    ]
+    rows.append({"messages": [{"role": "user", "content": "What do you know about Mars?"}], "expected": ["Olympus"]})
+    cases.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    settings = make_settings(tiny_model_dir)
+    settings.gate.retention_file = cases
+
+    same = evaluate_adapter(settings, adapter, dataset / "eval.jsonl", active_adapter_dir=adapter)
+    assert same.passed, same.reasons
+    retention = same.metrics["retention"]
+    # the trained adapter answers the facts it learned, not the one it never saw (reported, not counted)
+    assert retention["cases"] == 4 and retention["reference_right"] >= 2 and retention["rate"] == 1.0
+
+    forgetful = publish_lora(tiny_model_dir, workspace / "adapters", "feedloop-forgets", seed=5)
+    forgets = evaluate_adapter(settings, forgetful, dataset / "eval.jsonl", active_adapter_dir=adapter)
+    failures = [reason for reason in forgets.reasons if reason.startswith("retention")]
+    assert len(failures) == 1 and "below gate.min_retention 0.9" in failures[0], forgets.reasons
+    assert forgets.metrics["retention"]["rate"] < 0.9 and forgets.metrics["retention"]["lost"]
+
+    cases.write_text('{"prompt": "no expected answer"}\n')
+    broken = evaluate_adapter(settings, adapter, dataset / "eval.jsonl")
+    assert not broken.passed and broken.reasons[0].startswith("gate.retention_file unusable")
 
 
 def test_pairs_are_rendered_with_the_model_chat_template(tiny_model_dir: Path, dataset: Path) -> None:

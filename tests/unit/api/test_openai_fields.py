@@ -53,9 +53,12 @@ def test_tool_turns_reach_the_template():
     assert result == {"role": "tool", "content": "sunny", "tool_call_id": "c1"}
 
 
-def test_content_may_be_null_only_on_a_tool_call_turn():
-    with pytest.raises(ValueError, match="content"):
-        ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": None}]})
+def test_content_may_be_null_only_on_an_assistant_turn():
+    for role in ("system", "developer", "user", "tool"):
+        with pytest.raises(ValueError, match="content"):
+            ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": role, "content": None}]})
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": [*HELLO, {"role": "assistant"}]})
+    assert req.conversation()[1] == {"role": "assistant", "content": ""}
 
 
 @pytest.mark.parametrize(("prompt", "refused"), [("a", None), (["a"], None), (["a", "b"], "prompt"), ([], "prompt")])

@@ -43,3 +43,27 @@ def test_explicit_model_wins_and_toy_is_the_shipped_model(tmp_path) -> None:
     assert TOY.model_path(Settings(engine={"model": str(tmp_path)})) == str(tmp_path)
     assert TOY.model_path(Settings()) == str(DEFAULT_MODEL_DIR)
     assert SMOLLM2.model_path(Settings(engine={"model": str(tmp_path)})) == str(tmp_path)
+
+
+def test_the_gate_regression_set_skips_the_held_out_questions(tmp_path) -> None:
+    from demo.corpus import all_questions
+    from demo.measure import write_retention_cases
+    from workers.evaluation.retention import load_cases
+
+    held_out = all_questions()[:500]
+    path = tmp_path / "gate-retention.jsonl"
+    write_retention_cases(path, 40, held_out, seed=3)
+    cases = load_cases(path, limit=1000)
+    questions = {case.messages[-1]["content"] for case in cases}
+    assert len(cases) == 40 and not questions & {qa.question for qa in held_out}
+    by_question = {qa.question: qa.expected for qa in all_questions()}
+    assert all(case.expected == (by_question[case.messages[-1]["content"]],) for case in cases)
+
+
+def test_training_progress_shows_step_rate_and_eta() -> None:
+    from demo.run import training_progress
+
+    assert training_progress([]) == ""
+    line = training_progress([{"step": 12, "total_steps": 40, "examples_per_s": 1.94, "eta_s": 185.0}])
+    assert line == "step 12/40 · 1.9 examples/s · ETA 3m05s · "
+    assert "ETA ?" in training_progress([{"step": 0, "total_steps": 40, "eta_s": float("inf")}])

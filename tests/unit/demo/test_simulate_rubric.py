@@ -183,6 +183,28 @@ def test_adversaries_are_the_asked_share_run_more_loops_and_hide_in_the_names():
     assert not any(u.adversarial for u in make_users(5, 0.0, 3))
 
 
+def test_keys_and_sybil_names_go_to_the_right_users():
+    import random
+
+    from demo.settings import SimulationSettings
+    from demo.simulate import with_keys
+
+    sim = SimulationSettings(api_keys=["k0", "k1"], adversarial_api_key="evil", adversarial_names=50)
+    users = with_keys(make_users(10, 0.2, 4, seed=0), sim)
+    honest = [u for u in users if not u.adversarial]
+    assert {u.api_key for u in honest} == {"k0", "k1"} and all(u.names == 1 for u in honest)
+    assert all(u.api_key == "evil" and u.names == 50 for u in users if u.adversarial)
+    rng = random.Random(0)
+    sybil = next(u for u in users if u.adversarial)
+    names = {sybil.claimed_name(rng) for _ in range(500)}
+    assert len(names) == 50 and all(n.startswith(sybil.name + "-") for n in names)
+    assert {honest[0].claimed_name(rng) for _ in range(20)} == {honest[0].name}
+    # without keys (auth off) nobody sends one; adversaries without a key of their own use the honest ones
+    assert {u.api_key for u in with_keys(make_users(10, 0.2, 4), SimulationSettings())} == {""}
+    plain = with_keys(make_users(10, 0.2, 4), SimulationSettings(api_keys=["k0"]))
+    assert {u.api_key for u in plain} == {"k0"} and all(u.names == 1 for u in plain)
+
+
 def test_stats_and_progress_line():
     stats = SimulationStats(chats=120, like=30, dislike=90, corrections=12, rate_limited=4, elapsed_s=10.0)
     stats.served["feedloop-v1"] = ServedStats(chats=10, identity=4, identity_good=3, like=2, dislike=2)

@@ -61,3 +61,11 @@ def test_split_by_pair_id_is_deterministic_and_near_the_fraction():
     assert 400 < len(held_out) < 600
     assert not any(is_eval(i, 0.0) for i in ids) and all(is_eval(i, 1.0) for i in ids)
     assert version_name(12) == "ds-000012"
+
+
+def test_the_canary_check_runs_only_with_a_canary_share():
+    settings = Settings()
+    assert "check-canary" not in celery_app.beat_schedule(settings)  # share 0: straight promotion
+    settings.canary.share, settings.canary.check_interval_s = 0.1, 7
+    entry = celery_app.beat_schedule(settings)["check-canary"]
+    assert (entry["task"], entry["schedule"].total_seconds(), entry["options"]["queue"]) == ("canary.check", 7, "pairs")

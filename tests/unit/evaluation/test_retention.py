@@ -1,0 +1,65 @@
+"""The gate's retention rule (workers/evaluation/retention.py): pure logic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from workers.evaluation.retention import RetentionCase, load_cases, parse_case, retention_failure, score_retention
+
+
+def case(expected: str | list[str]) -> RetentionCase:
+    return parse_case({"prompt": "q", "expected": expected}, "test")
+
+
+def test_an_answer_is_right_when_it_contains_an_expected_string() -> None:
+    assert case("Lima").answered_by("The capital of Peru is lima.")
+    assert case(["56", "fifty-six"]).answered_by("Fifty-six.")
+    assert not case("56").answered_by("It is 65.")
+
+
+def test_only_what_the_reference_answers_right_is_counted() -> None:
+    cases = [case("a"), case("b"), case("c"), case("d")]
+    reference = ["a", "b", "c", "wrong"]
+    candidate = ["a", "lost", "c", "d"]  # loses b, gains d
+    score = score_retention(cases, reference, candidate, 0.95)
+    assert (score.reference_right, score.kept, score.gained) == (3, 2, 1)
+    assert score.rate == pytest.approx(2 / 3)
+    assert score.interval[0] < score.rate < score.interval[1]
+    assert score.lost == [{"question": "q", "before": "b", "after": "lost"}]
+    failure = retention_failure(score, 0.9, "feedloop-v3")
+    assert failure is not None and "2/3" in failure and "feedloop-v3" in failure
+    assert retention_failure(score, 0.6, "base") is None
+
+
+def test_a_reference_that_answers_nothing_right_cannot_be_regressed() -> None:
+    score = score_retention([case("x")], ["no"], ["no"], 0.95)
+    assert score.rate == 1.0 and retention_failure(score, 0.9, "base") is None
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"expected": "x"},
+        {"prompt": " ", "expected": "x"},
+        {"prompt": "q"},
+        {"prompt": "q", "expected": ""},
+        {"prompt": "q", "expected": [1]},
+        {"messages": [], "expected": "x"},
+        ["not", "an", "object"],
+    ],
+)
+def test_malformed_cases_are_refused_with_their_line(row: object) -> None:
+    with pytest.raises(ValueError, match=r"cases\.jsonl:7"):
+        parse_case(row, "cases.jsonl:7")
+
+
+def test_load_cases_skips_blank_lines_and_stops_at_the_limit(tmp_path: Path) -> None:
+    path = tmp_path / "cases.jsonl"
+    path.write_text(
+        '{"prompt": "a", "expected": "1"}\n\n{"messages": [{"role": "user", "content": "b"}], "expected": "2"}\n'
+        '{"prompt": "c", "expected": "3"}\n'
+    )
+    cases = load_cases(path, limit=2)
+    assert [c.messages[-1]["content"] for c in cases] == ["a", "b"]

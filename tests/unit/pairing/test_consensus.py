@@ -1,0 +1,108 @@
+"""The answer-consensus rule (workers/pairing/consensus.py): pure logic."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.pairing.consensus import PromptGroupAnswers, RatedAnswer, apply_consensus, group_answers
+
+
+def pair(pid: str, strategy: str, *cids: str, phash: str = "p") -> dict:
+    return {"pair_id": pid, "strategy": strategy, "completion_ids": list(cids), "prompt_hash": phash}
+
+
+def group(*answers: tuple[str, str, str], similarity: float = 1.0) -> PromptGroupAnswers:
+    return PromptGroupAnswers([RatedAnswer(cid, text, label) for cid, text, label in answers], similarity)
+
+
+BASE = group(
+    ("liked-once", "I was made by Acme.", "like"),
+    ("d1", "I was made by Acme.", "dislike"),
+    ("d2", "i was  made by acme.", "dislike"),
+    ("new", "Globex trained me.", "like"),
+    ("bad", "Globex trained me!", "dislike"),
+    ("tie-like", "Hello.", "like"),
+    ("tie-dislike", "hello.", "dislike"),
+)
+
+
+def test_a_like_outvoted_on_the_same_answer_drops_its_weaker_answer_pair() -> None:
+    pairs = [
+        pair("w-bad", "weaker_answer", "liked-once"),
+        pair("w-new", "weaker_answer", "new"),  # an answer no one else rated: kept
+        pair("w-tie", "weaker_answer", "tie-like"),  # a tie does not contradict
+    ]
+    result = apply_consensus(pairs, {"p": BASE})
+    assert [p["pair_id"] for p in result.kept] == ["w-new", "w-tie"]
+    assert result.dropped == {("consensus", "contradicted"): 1}
+    assert result.dropped_ids == {"w-bad": ("consensus", "contradicted")}
+
+
+def test_each_side_is_checked_against_its_own_label() -> None:
+    liked_twice = group(("a", "Yes.", "like"), ("b", "yes.", "like"), ("c", "YES.", "dislike"), ("n", "No.", "dislike"))
+    pairs = [
+        pair("s-ok", "same_prompt", "a", "n"),
+        pair("s-rejected-side", "same_prompt", "a", "c"),  # c disliked, but its answer is liked 2:1
+        pair("stronger", "stronger_answer", "c"),
+        pair("correction", "correction", "c"),  # a user's own text: exempt
+    ]
+    kept = apply_consensus(pairs, {"p": liked_twice}).kept
+    assert [p["pair_id"] for p in kept] == ["s-ok", "correction"]
+
+
+def test_other_prompts_and_unlabelled_completions_are_left_to_the_other_checks() -> None:
+    pairs = [pair("elsewhere", "weaker_answer", "liked-once", phash="other"), pair("gone", "weaker_answer", "zz")]
+    assert len(apply_consensus(pairs, {"p": BASE}).kept) == 2
+
+
+def test_similarity_below_one_groups_near_identical_answers() -> None:
+    long_answer = "The capital of Japan is Tokyo, a city of about fourteen million people on Honshu."
+    answers = [("x", long_answer, "like"), ("y", long_answer.replace("fourteen", "fourteen-odd"), "dislike")]
+    answers.append(("z", long_answer.replace("Honshu", "the island of Honshu"), "dislike"))
+    assert group(*answers).tally(long_answer) == {"like": 1}
+    assert group(*answers, similarity=0.7).tally(long_answer) == {"like": 1, "dislike": 2}
+
+
+def test_group_answers_reads_labels_and_records() -> None:
+    records = {"a": {"response": "Yes."}, "b": {"response": "yes."}}
+    built = group_answers({"a": "like", "b": "dislike", "missing": "like"}, records, 1.0)
+    assert sorted(a.completion_id for a in built.answers) == ["a", "b"]
+    assert built.tally("YES.") == {"like": 1, "dislike": 1}
+
+
+def crowd(likes: int, dislikes: int) -> PromptGroupAnswers:
+    answers = [(f"l{i}", f"liked answer {i}", "like") for i in range(likes)]
+    answers += [(f"d{i}", f"disliked answer {i}", "dislike") for i in range(dislikes)]
+    return group(*answers)
+
+
+@pytest.mark.parametrize(
+    ("likes", "dislikes", "noise", "like_trusted", "dislike_trusted"),
+    [
+        (2, 10, 0.2, False, True),  # a like rate about the noise rate: the likes are flips
+        (5, 7, 0.2, True, True),
+        (10, 2, 0.2, True, False),  # and the mirror image for dislikes
+        (2, 10, 0.1, True, True),  # less noise assumed: a 2-in-12 like rate is believed
+        (0, 12, 0.0, True, True),  # 0 trusts everything
+    ],
+)
+def test_labels_are_trusted_only_where_the_group_rate_beats_the_noise(
+    likes: int, dislikes: int, noise: float, like_trusted: bool, dislike_trusted: bool
+) -> None:
+    answers = crowd(likes, dislikes)
+    assert answers.trusts("like", noise) is like_trusted
+    assert answers.trusts("dislike", noise) is dislike_trusted
+
+
+def test_pairs_standing_on_an_untrusted_like_are_dropped_as_noisy() -> None:
+    noisy, healthy = crowd(2, 10), crowd(6, 6)
+    pairs = [
+        pair("a", "same_prompt", "l0", "d0", phash="noisy"),
+        pair("b", "weaker_answer", "l1", phash="noisy"),
+        pair("c", "stronger_answer", "d1", phash="noisy"),  # its dislike is trusted
+        pair("d", "correction", "d2", phash="noisy"),
+        pair("e", "same_prompt", "l0", "d0", phash="healthy"),
+    ]
+    result = apply_consensus(pairs, {"noisy": noisy, "healthy": healthy}, noise_rate=0.2)
+    assert [p["pair_id"] for p in result.kept] == ["c", "d", "e"]
+    assert result.dropped == {("consensus", "noisy_group"): 2}

@@ -1,0 +1,122 @@
+"""The gate's retention check: what the serving model answered right, the candidate must still answer right.
+
+Preference accuracy on held-out pairs says the adapter learned its data; it says nothing about the rest of
+what the model knows. A DPO run on a few hundred identity pairs can move the target behaviour and quietly
+break arithmetic (measured on SmolLM2-135M: held-out facts and sums answered right fell from 100% to 78%
+while the gate passed on preference accuracy).
+
+``gate.retention_file`` is a JSONL regression set the operator owns, one case per line::
+
+    {"messages": [{"role": "user", "content": "What is 7 times 8?"}], "expected": "56"}
+    {"prompt": "Name the capital of Peru.", "expected": ["Lima"]}
+
+The gate answers every case greedily with the reference (the active adapter, or the base model) and with
+the candidate. An answer is right when it contains one of the expected strings (case-insensitive). Of the
+cases the reference answers right, the share the candidate still answers right is the retention; below
+``gate.min_retention`` the candidate fails. Cases the reference gets wrong are reported, not counted: the
+check guards what serves today, it does not grade the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from workers.evaluation.intervals import wilson
+
+
+@dataclass(frozen=True)
+class RetentionCase:
+    messages: list[dict[str, str]]
+    expected: tuple[str, ...]
+
+    def answered_by(self, text: str) -> bool:
+        folded = text.casefold()
+        return any(item.casefold() in folded for item in self.expected)
+
+
+def parse_case(row: Any, where: str) -> RetentionCase:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: a case is a JSON object")
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise ValueError(f"{where}: 'messages' must be a non-empty list of chat messages")
+    elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
+        messages = [{"role": "user", "content": row["prompt"]}]
+    else:
+        raise ValueError(f"{where}: a case needs 'messages' or a non-empty 'prompt'")
+    expected = row.get("expected")
+    items = [expected] if isinstance(expected, str) else expected
+    if not isinstance(items, list) or not items or not all(isinstance(i, str) and i.strip() for i in items):
+        raise ValueError(f"{where}: 'expected' must be a non-empty string or list of strings")
+    return RetentionCase([dict(m) for m in messages], tuple(items))
+
+
+def load_cases(path: Path | str, limit: int) -> list[RetentionCase]:
+    cases = []
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                cases.append(parse_case(orjson.loads(line), f"{path}:{number}"))
+            if len(cases) >= limit:
+                break
+    return cases
+
+
+@dataclass
+class RetentionScore:
+    cases: int
+    reference_right: int
+    kept: int  # right under the reference and still right under the candidate
+    gained: int  # wrong under the reference, right under the candidate
+    rate: float  # kept / reference_right (1.0 when the reference got nothing right)
+    interval: tuple[float, float]
+    lost: list[dict[str, str]] = field(default_factory=list)  # a few lost cases, for the run's report
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def score_retention(
+    cases: Sequence[RetentionCase],
+    reference_answers: Sequence[str],
+    candidate_answers: Sequence[str],
+    confidence: float,
+    show: int = 5,
+) -> RetentionScore:
+    right_before = [case.answered_by(text) for case, text in zip(cases, reference_answers, strict=True)]
+    right_after = [case.answered_by(text) for case, text in zip(cases, candidate_answers, strict=True)]
+    reference_right = sum(right_before)
+    kept = sum(before and after for before, after in zip(right_before, right_after, strict=True))
+    gained = sum(after and not before for before, after in zip(right_before, right_after, strict=True))
+    lost = [
+        {"question": case.messages[-1].get("content", ""), "before": before_text, "after": after_text}
+        for case, before, after, before_text, after_text in zip(
+            cases, right_before, right_after, reference_answers, candidate_answers, strict=True
+        )
+        if before and not after
+    ][:show]
+    return RetentionScore(
+        cases=len(cases),
+        reference_right=reference_right,
+        kept=kept,
+        gained=gained,
+        rate=kept / reference_right if reference_right else 1.0,
+        interval=wilson(kept, reference_right, confidence),
+        lost=lost,
+    )
+
+
+def retention_failure(score: RetentionScore, min_retention: float, reference_name: str) -> str | None:
+    if score.rate >= min_retention:
+        return None
+    return (
+        f"retention {score.rate:.3f} ({score.kept}/{score.reference_right} of the regression cases {reference_name} "
+        f"answers right; interval [{score.interval[0]:.3f}, {score.interval[1]:.3f}]) below gate.min_retention "
+        f"{min_retention}"
+    )
