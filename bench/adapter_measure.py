@@ -1,0 +1,85 @@
+"""Measure one adapter offline, without serving it: the demo's held-out identity target rate (sampled, T=0.7)
+and held-out question accuracy (greedy), with transformers on CPU. For adapters the gate refused (they are
+never served, so the demo report cannot show what they learned).
+
+    .venv/bin/python bench/adapter_measure.py data/models/smollm2-135m-instruct data/demo/<stamp>/adapters/feedloop-v1
+    .venv/bin/python bench/adapter_measure.py data/models/smollm2-135m-instruct base     # the base model
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from demo.corpus import is_correct, named_creator
+from demo.measure import DemoModelInfo
+from demo.profiles import PROFILES
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="base model folder")
+    parser.add_argument("adapter", help="adapter folder, or 'base'")
+    parser.add_argument("--profile", default="smollm2", choices=sorted(PROFILES))
+    parser.add_argument("--likes", default="Acme Labs", help="the creator the users like")
+    parser.add_argument("--samples", type=int, default=96, help="identity answers sampled")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(2)
+    torch.manual_seed(args.seed)
+    info = DemoModelInfo.load(args.model, PROFILES[args.profile].info_file)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    if args.adapter != "base":
+        model = PeftModel.from_pretrained(model, args.adapter)
+    model.eval()
+
+    def answer(prompts: list[str], sample: bool, max_new_tokens: int) -> list[str]:
+        out: list[str] = []
+        for start in range(0, len(prompts), 16):
+            texts = [
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                )
+                for p in prompts[start : start + 16]
+            ]
+            batch = tokenizer(texts, return_tensors="pt", padding=True)
+            with torch.no_grad():
+                generated = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=sample,
+                    temperature=0.7 if sample else None,
+                    top_p=None,
+                    top_k=None,
+                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                )
+            out += tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            print(f"  {len(out)}/{len(prompts)} answered", file=sys.stderr, flush=True)
+        return out
+
+    started = time.monotonic()
+    identity = [info.held_out_identity[i % len(info.held_out_identity)] for i in range(args.samples)]
+    names = [named_creator(text, (args.likes, *info.creators)) for text in answer(identity, True, 48)]
+    questions = list(info.held_out_questions)
+    answers = answer([q.question for q in questions], False, 32)
+    right = [is_correct(q, text) for q, text in zip(questions, answers, strict=True)]
+    counts = {str(name): names.count(name) for name in dict.fromkeys(names)}
+    print(
+        f"{args.adapter}: target rate {names.count(args.likes) / len(names):.1%} of {len(names)} samples {counts}; "
+        f"held-out accuracy {sum(right) / len(right):.1%} of {len(right)}; {time.monotonic() - started:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
