@@ -25,22 +25,9 @@ import pytest
 
 from services.core.config import Settings
 from tests.conftest import ARTIFACTS, REPO, LiveApi, free_port
+from tests.support.tools import TOOL_TEMPLATE, WEATHER
 
-TEMPLATE = REPO / "tests" / "support" / "tool_chat_template.jinja"
 HELLO = [{"role": "user", "content": "Hello! What is the capital of France?"}]
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "enum": ["Paris", "Tokyo"]}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
 ANSWER_SCHEMA = {
     "type": "object",
     "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
@@ -89,7 +76,7 @@ def vllm_proc(tiny_model_dir: Path) -> Iterator[tuple[subprocess.Popen, str]]:
     argv = [
         *engine_argv(settings, str(tiny_model_dir), port),
         "--chat-template",
-        str(TEMPLATE),
+        str(TOOL_TEMPLATE),
         "--enable-auto-tool-choice",
         "--tool-call-parser",
         "hermes",

@@ -13,23 +13,11 @@ import httpx
 import orjson
 
 from tests.conftest import LiveApi
+from tests.support.tools import WEATHER
 from workers.pairing import datasets
 from workers.pairing import rules as pairing
 from workers.pairing.consumer import FeedbackConsumer
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "enum": ["Paris", "Tokyo"]}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
 

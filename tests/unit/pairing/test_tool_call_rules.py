@@ -14,21 +14,13 @@ import pytest
 
 from services.feedback.events import MalformedEvent, parse_event
 from tests.support.feedback_events import entry, feedback_event
+from tests.support.tools import WEATHER
 from workers.pairing import quality
 from workers.pairing import rules as pairing
 from workers.pairing.datasets import dpo_row, trl_messages
 from workers.pairing.exports import ExportError, load_kto_rows, load_preference_rows
 from workers.pairing.rules import RatedResponse
 from workers.training.trainer import training_dataset
-
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather of a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 
 
 def call(name: str = "get_weather", arguments: str = '{"city": "Paris"}', call_id: str = "call_1") -> dict[str, Any]:
