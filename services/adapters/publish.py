@@ -23,36 +23,12 @@ from services.adapters.manifest import (
     MANIFEST_NAME,
     REQUIRED_FILES,
     Manifest,
-    sha256_file,
 )
+from services.core.durable import fsync_path, sha256_file, write_bytes_durably
 
 
 class AdapterExists(Exception):
     """The version folder already holds a different run's adapter; versions are immutable."""
-
-
-def _fsync_path(path: Path) -> None:
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file_durably(path: Path, data: bytes) -> None:
-    """Write data to path via a temporary sibling, fsync it, rename it in place, fsync the folder."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_path(path.parent)
 
 
 def _clear_abandoned(target: Path) -> None:
@@ -102,9 +78,9 @@ def publish_adapter(
     try:
         for name in REQUIRED_FILES:
             shutil.copyfile(source_dir / name, staging / name)
-            _fsync_path(staging / name)
+            fsync_path(staging / name)
         files = {name: sha256_file(staging / name) for name in REQUIRED_FILES}
-        _fsync_path(staging)
+        fsync_path(staging)
         try:
             os.rename(staging, target)
         except OSError as error:  # another publisher won the race for this version
@@ -112,7 +88,7 @@ def publish_adapter(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _fsync_path(adapters_dir)
+    fsync_path(adapters_dir)
 
     manifest = Manifest(
         version=version,
@@ -130,7 +106,7 @@ def publish_adapter(
         created_at=time.time(),
     )
     try:
-        _write_file_durably(target / MANIFEST_NAME, manifest.model_dump_json(indent=2).encode())
+        write_bytes_durably(target / MANIFEST_NAME, manifest.model_dump_json(indent=2).encode())
     except BaseException:  # e.g. the disk filled up: leave no half-published version behind
         _clear_abandoned(target)
         raise

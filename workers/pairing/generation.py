@@ -25,6 +25,7 @@ from services.core.config import Settings
 from services.core.keys import Keys
 from workers.pairing import quality
 from workers.pairing import rules as pairing
+from workers.pairing.pii import scrub_pair
 from workers.pairing.retention import retention_s
 from workers.pairing.rules import PairRecord, RatedResponse
 from workers.pairing.store import CommandBatch, PairsStore, parse_label, tally
@@ -219,7 +220,7 @@ def _run_strategy(
                 batch.add("HDEL", keys.pairing_attempts, attempt_key)
             continue
         pair = _build(strategy, cand, text, endpoint.model, judged=verdict is not None)
-        pii = quality.scrub_pair(pair)
+        pii = scrub_pair(pair)
         drop = quality.check_pair(pair, fits)
         if drop is None and verdict is False:
             drop = ("judge", "not_better")

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from workers.pairing import quality
+from workers.pairing import pii, quality
 from workers.pairing.rules import make_pair, pair_id
 
 
@@ -50,7 +50,7 @@ def pair(
     ],
 )
 def test_scrub_pii_masks_and_counts(text: str, masked: str, kind: str):
-    out, counts = quality.scrub_pii(text)
+    out, counts = pii.scrub_pii(text)
     assert out == masked
     assert counts == Counter({kind: 1})
 
@@ -67,18 +67,18 @@ def test_scrub_pii_masks_and_counts(text: str, masked: str, kind: str):
     ],
 )
 def test_scrub_pii_leaves_ordinary_text_alone(text: str):
-    out, counts = quality.scrub_pii(text)
+    out, counts = pii.scrub_pii(text)
     assert out == text and not counts
 
 
 def test_luhn():
-    assert quality.luhn_valid("4111111111111111")
-    assert not quality.luhn_valid("4111111111111112")
+    assert pii.luhn_valid("4111111111111111")
+    assert not pii.luhn_valid("4111111111111112")
 
 
 def test_scrub_pair_covers_prompt_and_both_answers():
     p = pair(chosen="Write to a@b.io", rejected="Or 10.0.0.1", prompt="My card is 4111111111111111")
-    counts = quality.scrub_pair(p)
+    counts = pii.scrub_pair(p)
     assert counts == Counter({"email": 1, "ip": 1, "card": 1})
     assert p["prompt"][0]["content"] == "My card is [CARD]"
     assert p["chosen"][0]["content"] == "Write to [EMAIL]" and p["rejected"][0]["content"] == "Or [IP]"

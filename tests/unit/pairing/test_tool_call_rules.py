@@ -19,6 +19,7 @@ from workers.pairing import quality
 from workers.pairing import rules as pairing
 from workers.pairing.datasets import dpo_row, trl_messages
 from workers.pairing.exports import ExportError, load_kto_rows, load_preference_rows
+from workers.pairing.pii import scrub_pair
 from workers.pairing.rules import RatedResponse
 from workers.training.trainer import training_dataset
 
@@ -191,7 +192,7 @@ def test_scrubbing_masks_pii_inside_arguments_and_keeps_them_json():
         {"role": "assistant", "content": "Mail bob@example.com yourself."},
     )
     pair["prompt"].append({"role": "tool", "content": "sent to bob@example.com", "tool_call_id": "call_1"})
-    counts = quality.scrub_pair(pair)
+    counts = scrub_pair(pair)
     assert counts == {"email": 3}
     [scrubbed] = pair["chosen"][0]["tool_calls"]
     assert json.loads(scrubbed["function"]["arguments"]) == {"to": "[EMAIL]", "copies": 2}
