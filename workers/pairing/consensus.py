@@ -24,13 +24,24 @@ behaviour change, when honest users like almost none of the base model's answers
 likes are misclicks and adversaries: a pair choosing such an answer teaches noise (and the SFT term trains
 on it). Corrections still carry the users' intent.
 
-Corrections are exempt: their chosen side is what a user wrote, not a rated answer.
+Corrections are exempt from both rules above: their chosen side is what a user wrote, not a rated answer.
+
+Voters who disagree with the crowd (``min_agreement`` > 0). Each vote in a prompt group is compared with the
+other voters' votes in that group: it agrees when it goes the way most of them voted (their like rate above
+or below one half; a tie, or fewer than two other votes, says nothing). A voter's agreement is
+(agreements + 1) / (informative votes + 2) over every group in the snapshot, judged from MIN_JUDGED_VOTES
+informative votes on. An honest user disagrees where
+an answer is better or worse than most answers to its prompt (a minority of their votes, even while a
+behaviour is changing); a user voting against the crowd on purpose, or at random, disagrees on most. Every
+pair a voter below ``min_agreement`` contributed to (a vote on either side, or a correction) is dropped
+(``consensus:unreliable_voter``), corrections included: an adversary's correction names what they want. The
+price: a real minority taste that the rest of the users vote against is left out of training too.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +51,9 @@ from workers.pairing.quality import FilterResult, jaccard, shingles
 from workers.pairing.rules import PairRecord, normalize_text
 
 FILTER = "consensus"
+# A voter is judged on at least this many informative votes: one vote that goes against the crowd is as
+# likely the one right answer among wrong ones as a misclick (the rules above weigh single votes).
+MIN_JUDGED_VOTES = 3
 
 # strategy -> the label each of its completion ids carries (completion_ids order)
 SIDES: dict[str, tuple[str, ...]] = {
@@ -108,16 +122,57 @@ class PromptGroupAnswers:
         return counts[other] > counts[label]
 
 
+def voter_agreement(group_votes: Iterable[Sequence[tuple[str, str]]]) -> dict[str, tuple[int, int]]:
+    """identity -> (agreements, informative votes), from each prompt group's votes as (identity, rating)."""
+    agree: Counter[str] = Counter()
+    informative: Counter[str] = Counter()
+    for votes in group_votes:
+        likes, total = Counter[str](), Counter[str]()
+        for identity, rating in votes:
+            total[identity] += 1
+            likes[identity] += rating == "like"
+        all_likes, all_votes = sum(likes.values()), sum(total.values())
+        for identity, rating in votes:
+            others = all_votes - total[identity]  # the voter's own votes in the group are left out
+            if others < 2:
+                continue
+            others_like = (all_likes - likes[identity]) / others
+            if others_like == 0.5:
+                continue
+            informative[identity] += 1
+            agree[identity] += (rating == "like") == (others_like > 0.5)
+    return {identity: (agree[identity], n) for identity, n in informative.items()}
+
+
+def unreliable_voters(agreement: Mapping[str, tuple[int, int]], min_agreement: float) -> frozenset[str]:
+    """The identities with at least MIN_JUDGED_VOTES informative votes whose smoothed agreement
+    (agreements + 1) / (informative votes + 2) is below min_agreement."""
+    if min_agreement <= 0:
+        return frozenset()
+    return frozenset(
+        who
+        for who, (agreed, n) in agreement.items()
+        if n >= MIN_JUDGED_VOTES and (agreed + 1) / (n + 2) < min_agreement
+    )
+
+
 def apply_consensus(
-    pairs: Sequence[PairRecord], groups: Mapping[str, PromptGroupAnswers], noise_rate: float = 0.0
+    pairs: Sequence[PairRecord],
+    groups: Mapping[str, PromptGroupAnswers],
+    noise_rate: float = 0.0,
+    unreliable: frozenset[str] = frozenset(),
 ) -> FilterResult:
-    """Drop the pairs with a side that its prompt group's votes on the same answer contradict, or (noise_rate
-    > 0) whose label the group's votes as a whole do not support."""
+    """Drop the pairs a voter in ``unreliable`` contributed to, the pairs with a side that its prompt group's
+    votes on the same answer contradict, and (noise_rate > 0) those whose label the group's votes as a whole
+    do not support."""
     kept: list[PairRecord] = []
     dropped: Counter[tuple[str, str]] = Counter()
     dropped_ids: dict[str, tuple[str, str]] = {}
     for pair in pairs:
-        reason = _drop_reason(pair, groups.get(pair["prompt_hash"]), noise_rate)
+        if unreliable and not unreliable.isdisjoint(pair.get("users") or ()):
+            reason: str | None = "unreliable_voter"
+        else:
+            reason = _drop_reason(pair, groups.get(pair["prompt_hash"]), noise_rate)
         if reason:
             dropped[(FILTER, reason)] += 1
             dropped_ids[pair["pair_id"]] = (FILTER, reason)

@@ -25,13 +25,14 @@ import orjson
 from redis import Redis
 
 from services.core import metrics
-from services.core.config import Settings
+from services.core.config import PairsSettings, Settings
 from services.core.counters import highest_on_disk, next_number
 from services.core.durable import atomic_folder
 from services.core.keys import Keys
 from services.feedback.events import answer_message
 from workers.pairing import consensus, quality
 from workers.pairing import rules as pairing
+from workers.pairing import store as pairs_store
 from workers.pairing.pii import scrub_messages
 from workers.pairing.store import PairsStore
 
@@ -215,17 +216,23 @@ def snapshot(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
 
 
 def consensus_filter(
-    store: PairsStore, pairs: list[pairing.PairRecord], similarity: float, noise_rate: float
-) -> quality.FilterResult:
-    """consensus.apply_consensus with the prompt groups the pairs come from, read from the store."""
-    phashes = {p["prompt_hash"] for p in pairs if p["strategy"] in consensus.SIDES}
-    labels = store.prompt_group_labels(phashes)
+    store: PairsStore, pairs: list[pairing.PairRecord], cfg: PairsSettings
+) -> tuple[quality.FilterResult, int]:
+    """consensus.apply_consensus with the prompt groups the pairs come from, read from the store; also the
+    number of voters left out as unreliable."""
+    labels = store.prompt_group_labels({p["prompt_hash"] for p in pairs})
     cids = [cid for group in labels.values() for cid in group]
     records: dict[str, dict[str, Any]] = {}
+    group_votes: dict[str, list[tuple[str, str]]] = {}
     for start in range(0, len(cids), 5000):
-        records.update(store.completions(cids[start : start + 5000]))
-    groups = {ph: consensus.group_answers(group, records, similarity) for ph, group in labels.items()}
-    return consensus.apply_consensus(pairs, groups, noise_rate)
+        for cid, (record, votes) in store.completions_with_votes(cids[start : start + 5000]).items():
+            records[cid] = record
+            group_votes.setdefault(record.get("prompt_hash") or "", []).extend(
+                (identity, rating) for identity, rating in pairs_store.ratings(votes)
+            )
+    unreliable = consensus.unreliable_voters(consensus.voter_agreement(group_votes.values()), cfg.min_voter_agreement)
+    groups = {ph: consensus.group_answers(group, records, cfg.consensus_similarity) for ph, group in labels.items()}
+    return consensus.apply_consensus(pairs, groups, cfg.label_noise_rate, unreliable), len(unreliable)
 
 
 def _snapshot(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
@@ -243,9 +250,9 @@ def _snapshot(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
     filters: Counter[tuple[str, str]] = Counter()
     if len(live) < len(pairs):
         filters[("superseded", "votes_changed")] = len(pairs) - len(live)
-    agreed = live
+    agreed, unreliable_voters = live, 0
     if cfg.consensus:
-        checked = consensus_filter(store, live, cfg.consensus_similarity, cfg.label_noise_rate)
+        checked, unreliable_voters = consensus_filter(store, live, cfg)
         filters.update(checked.dropped)
         agreed = checked.kept
     deduped = quality.dedupe(agreed, cfg.near_duplicate_threshold)
@@ -301,6 +308,7 @@ def _snapshot(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
                 },
                 "strategies": dict(Counter(p["strategy"] for p in kept)),
                 "filters": {f"{name}:{reason}": n for (name, reason), n in sorted(filters.items())},
+                "unreliable_voters": unreliable_voters,
                 "kto_filters": {f"{name}:{reason}": n for (name, reason), n in sorted(kto_dropped.items())},
                 "user_cap": cap,
                 "app_cap": app_cap if cfg.app_cap_fraction < 1 else None,

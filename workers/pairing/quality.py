@@ -1,10 +1,11 @@
 """Quality filters for preference pairs. Each filter reports what it dropped and why.
 
-Per-pair filters run when a pair is created (workers/pairing/consumer.py, workers/pairing/generation.py), after PII
-masking (workers/pairing/pii.py): empty texts, chosen == rejected, over-long texts. Set-level filters run when a dataset version is frozen
-(workers/pairing/datasets.py): exact and near duplicates, the per-user cap. Counts go to the Redis hash
-Keys.pairs_stats under the field names built here (``created:<strategy>``, ``drop:<filter>:<reason>``,
-``pii:<kind>``); read_stats() turns the hash back into numbers for the CLI and the metrics exporter.
+Per-pair filters run when a pair is created (workers/pairing/consumer.py, workers/pairing/generation.py),
+after PII masking (workers/pairing/pii.py): empty texts, chosen == rejected, over-long texts. Set-level
+filters run when a dataset version is frozen (workers/pairing/datasets.py): exact and near duplicates, the
+per-user cap. Counts go to the Redis hash Keys.pairs_stats under the field names built here
+(``created:<strategy>``, ``drop:<filter>:<reason>``, ``pii:<kind>``); read_stats() turns the hash back into
+numbers for the CLI and the metrics exporter.
 """
 
 from __future__ import annotations

@@ -259,6 +259,12 @@ def tally(votes: Sequence[bytes | str], limit: int = 20) -> tuple[str | None, li
     return label, [fid for _, fid, _ in rows], [who for _, _, who in rows]
 
 
+def ratings(votes: Sequence[bytes | str]) -> Iterator[tuple[str, str]]:
+    """(identity, rating) of each vote in a completion's votes (flat HGETALL list)."""
+    for i in range(0, len(votes), 2):
+        yield _text(votes[i]), _text(votes[i + 1]).split("|", 3)[2]
+
+
 def supporters(votes: Sequence[bytes | str], rating: str | None, limit: int = 20) -> tuple[list[str], list[str]]:
     """(feedback ids, identities) of the votes with this rating, oldest first (at most limit)."""
     rows = []

@@ -106,3 +106,37 @@ def test_pairs_standing_on_an_untrusted_like_are_dropped_as_noisy() -> None:
     result = apply_consensus(pairs, {"noisy": noisy, "healthy": healthy}, noise_rate=0.2)
     assert [p["pair_id"] for p in result.kept] == ["c", "d", "e"]
     assert result.dropped == {("consensus", "noisy_group"): 2}
+
+
+def test_voter_agreement_compares_each_vote_with_the_other_voters_on_the_prompt() -> None:
+    from workers.pairing.consensus import voter_agreement
+
+    identity = [("honest-1", "dislike"), ("honest-2", "dislike"), ("honest-3", "dislike"), ("contrarian", "like")]
+    facts = [("honest-1", "like"), ("honest-2", "like"), ("contrarian", "dislike"), ("contrarian", "dislike")]
+    sparse = [("honest-1", "like"), ("honest-2", "dislike")]  # one other vote each: says nothing
+    tie = [("honest-3", "like"), ("honest-1", "like"), ("honest-2", "dislike")]  # honest-3's others tie
+    agreement = voter_agreement([identity, facts, sparse, tie])
+    # honest-1 agrees on identity; on facts its others are 1 like and the contrarian's 2 dislikes, so its like
+    # disagrees there; in "sparse" it has one other vote and in "tie" its others tie: no information.
+    assert agreement["contrarian"] == (0, 3)  # its own two votes on facts are left out of its "others"
+    assert agreement["honest-1"] == (1, 2)
+    assert agreement["honest-2"] == (1, 3)  # in "tie" its others are two likes
+    assert agreement["honest-3"] == (1, 1)
+
+
+def test_pairs_of_voters_who_mostly_go_against_the_crowd_are_dropped_corrections_too() -> None:
+    from workers.pairing.consensus import unreliable_voters
+
+    agreement = {"adversary": (1, 12), "honest": (9, 12), "new": (0, 0), "one-vote": (0, 1), "three": (1, 3)}
+    unreliable = unreliable_voters(agreement, 0.5)
+    # (1+1)/14 and (1+1)/5 are below 0.5; a voter with fewer than 3 informative votes is not judged
+    assert unreliable == {"adversary", "three"}
+    assert unreliable_voters(agreement, 0.0) == frozenset()
+    pairs = [
+        {**pair("by-adversary", "correction", "c1"), "users": ["adversary"]},
+        {**pair("mixed", "same_prompt", "new", "bad"), "users": ["honest", "adversary"]},
+        {**pair("honest", "weaker_answer", "new"), "users": ["honest"]},
+    ]
+    result = apply_consensus(pairs, {"p": BASE}, unreliable=unreliable)
+    assert [p["pair_id"] for p in result.kept] == ["honest"]
+    assert result.dropped == {("consensus", "unreliable_voter"): 2}
