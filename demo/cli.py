@@ -119,6 +119,15 @@ def demo(
     model: Annotated[
         str, typer.Option(help="smollm2 (SmolLM2-135M-Instruct, the default base model) or toy (the 2.2M demo model).")
     ] = "smollm2",
+    canary_share: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=0.9,
+            help="Share of users a new adapter serves first as a canary, decided by their votes (0: "
+            "straight promotion).",
+        ),
+    ] = 0.0,
 ) -> None:
     """The whole loop on this machine: baseline, simulated feedback, training, hot-swap, measured per round."""
     from demo.profiles import PROFILES
@@ -139,7 +148,7 @@ def demo(
     )  # fmt: skip
     options = DemoOptions(
         rounds=rounds, identity_samples=samples, questions=questions, final_chats=final_chats, port=port,
-        out_dir=out, keep=keep, profile=profile, run_timeout_s=run_timeout,
+        out_dir=out, keep=keep, profile=profile, run_timeout_s=run_timeout, canary_share=canary_share,
     )  # fmt: skip
     try:
         report = run_demo(settings, options, sim, echo=typer.echo)

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import httpx
 from redis import exceptions as redis_errors
@@ -46,6 +46,7 @@ from services.core.keys import Keys
 CHILDREN = ("serve", "worker", "beat")
 REDIS_TRANSIENT = (redis_errors.ConnectionError, redis_errors.TimeoutError)
 POLL_S = 1.0
+T = TypeVar("T")
 
 
 class DemoError(Exception):
@@ -63,6 +64,9 @@ class DemoOptions:
     trigger_timeout_s: float = 600.0
     run_timeout_s: float = 1800.0
     serve_timeout_s: float = 180.0
+    # >0: a promoted candidate first serves this share of the users as a canary, and their votes decide it
+    canary_share: float = 0.0
+    canary_timeout_s: float = 900.0
     start_timeout_s: float = 300.0
     keep: bool = False
     env: dict[str, str] = field(default_factory=dict)  # extra child environment (wins over the profile's)
@@ -165,6 +169,20 @@ def child_env(settings: Settings, base: dict[str, str], redis_url: str, prefix: 
     return env
 
 
+def canary_env(share: float) -> dict[str, str]:
+    """The canary at the demo's scale (a few dozen users, minutes not days); 0: straight promotion."""
+    if share <= 0:
+        return {"FEEDLOOP_CANARY__SHARE": "0"}
+    return {
+        "FEEDLOOP_CANARY__SHARE": repr(share),
+        "FEEDLOOP_CANARY__CHECK_INTERVAL_S": "5",
+        "FEEDLOOP_CANARY__MIN_USERS": "5",
+        "FEEDLOOP_CANARY__MIN_VOTES": "30",
+        # the rule's conservative end (keep active) comes before the demo gives up waiting
+        "FEEDLOOP_CANARY__MAX_DURATION_S": "600",
+    }
+
+
 def _wait_ready(stack: Stack, timeout_s: float, progress: Progress) -> None:
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
@@ -199,8 +217,9 @@ def demo_stack(settings: Settings, options: DemoOptions, progress: Progress) -> 
         if not shared_redis:
             redis_url = stack.enter_context(private_redis(data_dir / "redis"))
         env = child_env(
-            settings, dict(os.environ), redis_url, prefix, data_dir, port, free_port(), options.env, options.profile.env
-        )
+            settings, dict(os.environ), redis_url, prefix, data_dir, port, free_port(),
+            {**canary_env(options.canary_share), **options.env}, options.profile.env,
+        )  # fmt: skip
         progress.done(
             f"demo: Redis {redis_url} (key prefix {prefix}) · data and logs in {data_dir} · API http://127.0.0.1:{port}"
         )
@@ -297,48 +316,78 @@ class Demo:
         )
         return result
 
-    async def users_until_trigger(self, stack: Stack, label: str) -> tuple[SimulationStats, str]:
-        """Run the users until the trigger claims a run; returns their stats and the run id."""
+    async def users_until(
+        self, stack: Stack, label: str, poll: Callable[[Any], tuple[T | None, str]], timeout_s: float, what: str
+    ) -> tuple[SimulationStats, T]:
+        """Run the users until ``poll(redis)`` returns a result (with a status text for the progress line); the
+        users stop before this returns, so what comes next has the CPU."""
         redis = stack.redis()
-        known = run_ids(redis, stack.keys)
         stop = asyncio.Event()
-        latest: list[SimulationStats] = []
-        min_pairs = stack.env.get("FEEDLOOP_TRAINING__MIN_PAIRS", str(self.settings.training.min_pairs))
-        pairs = 0
+        note = ""
 
         def show(stats: SimulationStats) -> None:
-            latest[:] = [stats]
-            self.progress.update(f"{label} users: {format_progress(stats)} · new pairs {pairs}/{min_pairs}")
+            self.progress.update(f"{label} users: {format_progress(stats)} · {note}")
 
         users = asyncio.create_task(
             run_simulation(stack.base_url, self.sim, pool=self.pool, rubric=self.rubric, model=self.alias,
                            stop=stop, on_progress=show, progress_interval_s=1.0)
         )  # fmt: skip
-        deadline = time.monotonic() + self.options.trigger_timeout_s
-        run_id = None
+        deadline = time.monotonic() + timeout_s
+        result: T | None = None
         try:
-            while run_id is None:
+            while result is None:
                 if users.done():  # it only ends early on an error
                     await users
-                    raise DemoError("the simulated users stopped before training started")
+                    raise DemoError(f"the simulated users stopped before {what}")
                 if time.monotonic() > deadline:
-                    raise DemoError(f"training did not start within {self.options.trigger_timeout_s:.0f} s")
+                    raise DemoError(f"{what}: not within {timeout_s:.0f} s")
                 stack.check_alive()
                 try:
-                    pairs = await asyncio.to_thread(new_pairs, redis, stack.keys)
-                    fresh = sorted(run_ids(redis, stack.keys) - known, key=lambda r: int(r.rsplit("-", 1)[-1]))
+                    result, note = await asyncio.to_thread(poll, redis)
                 except REDIS_TRANSIENT:  # a slow moment of a busy machine: look again
-                    fresh = []
-                run_id = fresh[0] if fresh else None
-                if run_id is None:
+                    result = None
+                if result is None:
                     await asyncio.sleep(POLL_S)
         finally:
             stop.set()
             stats = await users
             redis.close()
         self.progress.done(f"{label} users: {format_progress(stats)}")
+        return stats, result
+
+    async def users_until_trigger(self, stack: Stack, label: str) -> tuple[SimulationStats, str]:
+        """Run the users until the trigger claims a run; returns their stats and the run id."""
+        redis = stack.redis()
+        try:
+            known = run_ids(redis, stack.keys)
+        finally:
+            redis.close()
+        min_pairs = stack.env.get("FEEDLOOP_TRAINING__MIN_PAIRS", str(self.settings.training.min_pairs))
+
+        def poll(redis: Any) -> tuple[str | None, str]:
+            pairs = new_pairs(redis, stack.keys)
+            fresh = sorted(run_ids(redis, stack.keys) - known, key=lambda r: int(r.rsplit("-", 1)[-1]))
+            return (fresh[0] if fresh else None), f"new pairs {pairs}/{min_pairs}"
+
+        stats, run_id = await self.users_until(stack, label, poll, self.options.trigger_timeout_s, "training started")
         self.progress.done(f"{label}: training triggered ({run_id}); users paused while it trains")
         return stats, run_id
+
+    async def users_until_canary_decided(self, stack: Stack, version: str, label: str) -> tuple[SimulationStats, Any]:
+        """Run the users while version is the canary; returns their stats and its registry record once decided."""
+        from services.adapters.registry import AdapterRegistry
+
+        def poll(redis: Any) -> tuple[Any, str]:
+            record = AdapterRegistry(redis, stack.keys).get(version)
+            if record is None or record.status != "canary":
+                return record, ""
+            return None, f"canary {version}: {redis.hlen(stack.keys.canary_votes(version))} votes so far"
+
+        self.progress.done(f"{label}: {version} is the canary for {self.options.canary_share:.0%} of the users")
+        stats, record = await self.users_until(
+            stack, f"{label} canary", poll, self.options.canary_timeout_s, f"the canary {version} decided"
+        )
+        return stats, record
 
     async def wait_for_run(self, stack: Stack, run_id: str, label: str) -> dict[str, Any]:
         from workers.training.runs import TERMINAL, RunStore
@@ -409,6 +458,12 @@ class Demo:
             "before": before.to_dict(),
         }
         after = before
+        if run.get("status") == "canary" and version:
+            record["canary"] = await self.decide_canary(stack, version, label, run)
+            if record["canary"]["outcome"] == "promoted":
+                run = {**run, "status": "promoted"}
+            outcome = record["canary"]["outcome"]
+            record["run_status"] = "promoted" if outcome == "promoted" else f"canary {outcome}"
         if run.get("status") == "promoted" and version:
             serving_at = await self.wait_until_served(stack, version, label)
             record["trigger_to_serving_s"] = round(serving_at - (run.get("created_at") or serving_at), 1)
@@ -420,10 +475,32 @@ class Demo:
         else:
             record["trigger_to_serving_s"] = None
             self.progress.done(
-                f"{label}: {run_id} ended {run.get('status')}: {run.get('reasons') or run.get('error') or ''}"
+                f"{label}: {run_id} ended {record['run_status']}: {run.get('reasons') or run.get('error') or ''}"
             )
         record["after"] = after.to_dict()
         return record, after
+
+    async def decide_canary(self, stack: Stack, version: str, label: str, run: dict[str, Any]) -> dict[str, Any]:
+        """Users chat and vote while the canary runs; what the live votes decided, and how long it took."""
+        stats, registry_record = await self.users_until_canary_decided(stack, version, label)
+        decision = registry_record.canary_decision if registry_record else None
+        outcome = registry_record.canary_outcome if registry_record else None
+        ended_at = (registry_record.canary_ended_at if registry_record else None) or time.time()
+        result = {
+            "outcome": outcome,
+            "status": registry_record.status if registry_record else None,
+            "decision": decision,
+            "reasons": registry_record.reasons if registry_record else None,
+            "trigger_to_decision_s": round(ended_at - (run.get("created_at") or ended_at), 1),
+            "simulation": stats.to_dict(),
+        }
+        arms = decision or {}
+        self.progress.done(
+            f"{label}: canary {version} {outcome} {result['trigger_to_decision_s']:.0f} s after the trigger "
+            f"(like-rate canary {_rate((arms.get('canary') or {}).get('like_rate'))} vs active "
+            f"{_rate((arms.get('active') or {}).get('like_rate'))})"
+        )
+        return result
 
     async def final_check(self, stack: Stack, after: Measurement) -> dict[str, Any] | None:
         if self.options.final_chats <= 0:
@@ -470,6 +547,10 @@ def _pairs_used(run: dict[str, Any]) -> int | None:
     if "train" not in counts:
         return None
     return int(counts.get("train", 0)) + int(counts.get("eval", 0))
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
 
 
 def _like_rate_on(stats: SimulationStats, served: Measurement) -> float | None:

@@ -28,6 +28,9 @@ REPO = Path(__file__).resolve().parent.parent
 TEST_REDIS_URL = os.environ.get("FEEDLOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CACHE = REPO / "data" / "test-cache"
 ARTIFACTS = REPO / "test-artifacts"
+# Auto-promotion goes straight to active in the suite (and the servers and workers it starts): the tests that
+# exercise the canary (the product's default, canary.share 0.1) set their own share.
+os.environ.setdefault("FEEDLOOP_CANARY__SHARE", "0")
 ADMIN_TOKEN = "test-admin-token"
 FEEDBACK_SECRET = "test-feedback-secret"
 

@@ -55,6 +55,8 @@ def embedded_secret(data_dir: Path) -> str:
 def _refuse_weak_secret(settings: Settings) -> None:
     """Outside the embedded default, the feedback secret must be set: anyone who read the README knows the
     default, and could forge feedback tokens and reverse the keyed IP hashes."""
+    if "FEEDLOOP_CANARY__SHARE" not in os.environ:
+        settings.canary.share = 0.0  # a handful of local users can never decide a canary: promote straight away
     if not settings.feedback.secret or settings.feedback.secret == DEFAULT_FEEDBACK_SECRET:
         raise fail(
             "FEEDLOOP_FEEDBACK__SECRET is empty or the documented default: set a random secret (e.g. "
@@ -181,6 +183,7 @@ def up(
             "FEEDLOOP_API__DEMO_PAGE": "true",
             "FEEDLOOP_API__AUTH": "true" if settings.api.auth else "false",
             "FEEDLOOP_FEEDBACK__SECRET": settings.feedback.secret,
+            "FEEDLOOP_CANARY__SHARE": repr(settings.canary.share),
         }
         if workers:
             stack.enter_context(feedloop_children([["worker"], ["beat"]], env, stop_timeout_s=20))
@@ -188,6 +191,14 @@ def up(
         typer.echo(
             f"feedloop: demo chat page {api}/ · OpenAI API {api}/v1 · metrics {api}/metrics"
             + (f" and http://127.0.0.1:{settings.metrics_port}/metrics (worker)" if workers else "")
+        )
+        typer.echo(
+            "feedloop: new adapters that pass the gate "
+            + (
+                f"first serve {settings.canary.share:.0%} of users as a canary (their votes decide)"
+                if settings.canary.share > 0
+                else "serve everyone at once (no canary on one machine; set FEEDLOOP_CANARY__SHARE for one)"
+            )
         )
         _run_api(settings)
 

@@ -220,6 +220,15 @@ class PairsSettings(BaseModel):
         "like rate at 0.1, 32% at 0.2), a dislike likewise; pairs standing on an untrusted label are dropped at "
         "snapshot time. 0: trust every label.",
     )
+    min_voter_agreement: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="For `pairs.consensus`: every pair a voter contributed to is dropped at snapshot time when "
+        "that voter's votes agree with the other voters on the same prompts less often than this (smoothed: "
+        "(agreements + 1) / (informative votes + 2)). 0.5: voters who go against the crowd more often than with "
+        "it (adversaries, random clickers). 0: no voter is left out.",
+    )
     consensus_similarity: float = Field(
         1.0,
         ge=0.5,
@@ -396,12 +405,13 @@ class CanarySettings(BaseModel):
     """A promoted candidate first serves a share of users; their thumbs decide (workers/evaluation/canary_rule.py)."""
 
     share: float = Field(
-        0.0,
+        0.1,
         ge=0,
         le=1,
         description="Share of identified users an automatically promoted candidate serves first, as a canary "
         "(sticky per app-namespaced user; requests without a user are split per request). Their votes decide "
-        "promotion or rollback. 0: straight promotion (every user at once). The chart sets 0.1.",
+        "promotion or rollback. 0: straight promotion (every user at once), what `feedloop up` uses unless this "
+        "is set and `feedloop demo` unless --canary-share is given (one machine has too few users to decide a canary).",
     )
     margin: float = Field(
         0.05,

@@ -2,10 +2,12 @@
 tiny model) on one Redis, a Celery worker on ``pairs`` and beat running ``canary.check``, and simulated users
 chatting and voting through the public API.
 
-Adapters are random-weight LoRA folders (tests/support/adapter_corpus.py). The users' taste is the text one
-adapter answers with (greedy, so each version's answers are fixed): for the "good" candidate they like its
-answers and dislike the active version's, for the "bad" one the opposite. A candidate enters the canary the
-way training's auto-promotion starts it (``registry.promote(V, auto=True, canary_share=...)``).
+The users ask about three topics and like an answer that states the topic's fact (tests/support/
+preference_data.py), greedy, so each version's answers are fixed. The "good" candidate is a DPO adapter trained
+(TRL + PEFT, here, in seconds) on that preference; the "bad" one on the opposite preference (chosen and rejected
+swapped); the first active version and the stickiness and hard-failure cases use random-weight LoRA folders
+(tests/support/adapter_corpus.py). A candidate enters the canary the way training's auto-promotion starts it
+(``registry.promote(V, auto=True, canary_share=...)``).
 
 The tests run in order on one deployment: stickiness (two replicas, a restart), a good canary promoted, a bad
 one rolled back, a degenerate one rejected without a vote.
@@ -40,11 +42,14 @@ from tests.conftest import (
 )
 from tests.support import celery_procs
 from tests.support.adapter_corpus import publish_lora
+from tests.support.preference_data import FACTS
+from tests.support.trained_adapters import publish_result, train_on_preferences
+from workers.training.trainer import TrainingResult
 
 ALIAS = "feedloop"
 SHARE = 0.3
 USERS = [f"canary-user-{i}" for i in range(30)]
-PROMPTS = [f"Question {i}: what do you think?" for i in range(3)]
+PROMPTS = {f"Tell me about {topic}.": fact for topic, fact in FACTS.items()}  # prompt -> the answer users like
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
@@ -66,6 +71,12 @@ class Deployment:
         version = self.registry.next_version()
         path = publish_lora(self.model_dir, self.adapters_dir, version, seed=seed, **lora)
         self.registry.register(version, str(path), run_id=f"run-{version}")
+        return version
+
+    def publish_trained(self, result: TrainingResult) -> str:
+        version = self.registry.next_version()
+        path = publish_result(result, self.adapters_dir, version)
+        self.registry.register(version, str(path), run_id=result.run_id)
         return version
 
     def restart(self, i: int) -> None:
@@ -127,6 +138,16 @@ def d(
         delete_prefix(redis_client, prefix)
 
 
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, TrainingResult]:
+    """The users' own preference ("good") and its opposite ("bad"), each trained from the base model."""
+    workdir = tmp_path_factory.mktemp("canary-training")
+    return {
+        "good": train_on_preferences(tiny_model_dir, workdir, "good"),
+        "bad": train_on_preferences(tiny_model_dir, workdir, "bad", flip=True),
+    }
+
+
 def chat(base_url: str, model: str, prompt: str, user: str | None) -> dict:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 24, "temperature": 0}
     if user is not None:
@@ -177,10 +198,9 @@ def canary_users(version: str) -> set[str]:
     return {u for u in USERS if canary_bucket(version, u) < SHARE}
 
 
-def run_users(d: Deployment, canary: str, liked: str | None, rounds: int = 2) -> dict[str, set[str]]:
-    """Every user chats ``rounds`` times per prompt, alternating replicas; with ``liked`` (a version whose answers
-    the users like) they vote on each answer by its text. Returns each user's served versions."""
-    preferred = {p: text(chat(d.replicas[0].base_url, liked, p, None)) for p in PROMPTS} if liked else {}
+def run_users(d: Deployment, vote_on_answers: bool, rounds: int = 2) -> dict[str, set[str]]:
+    """Every user chats ``rounds`` times per prompt, alternating replicas; with ``vote_on_answers`` they like an
+    answer that states the prompt's fact and dislike any other. Returns each user's served versions."""
     served: dict[str, set[str]] = {u: set() for u in USERS}
     for r in range(rounds):
         for i, user in enumerate(USERS):
@@ -188,8 +208,8 @@ def run_users(d: Deployment, canary: str, liked: str | None, rounds: int = 2) ->
                 base_url = d.replicas[(i + j + r) % 2].base_url
                 answer = chat(base_url, ALIAS, prompt, user)
                 served[user].add(answer["system_fingerprint"])
-                if liked:
-                    vote(base_url, answer, user, "like" if text(answer) == preferred[prompt] else "dislike")
+                if vote_on_answers:
+                    vote(base_url, answer, user, "like" if PROMPTS[prompt] in text(answer) else "dislike")
     return served
 
 
@@ -221,31 +241,38 @@ def clear_interactions(d: Deployment) -> None:
         d.redis.delete(key)
 
 
-def test_the_canary_is_sticky_across_replicas_and_a_restart_and_a_good_one_is_promoted(d: Deployment) -> None:
-    active = d.publish(seed=5, std=1.0)
-    d.registry.promote(active)
-    wait_for("the active version on both replicas", lambda: all(
-        httpx.get(r.base_url + "/admin/engine", headers=ADMIN, timeout=30).json()["aliases"][ALIAS] == active
+def promote_now(d: Deployment, version: str) -> None:
+    """Make version active straight away (no canary) and wait until both replicas' alias serves it."""
+    d.registry.promote(version)
+    wait_for(f"{version} active on both replicas", lambda: all(
+        httpx.get(r.base_url + "/admin/engine", headers=ADMIN, timeout=30).json()["aliases"][ALIAS] == version
         for r in d.replicas
     ))  # fmt: skip
-    good = d.publish(seed=2, std=1.0)
+
+
+def test_the_canary_is_sticky_across_replicas_and_a_restart_and_a_good_one_is_promoted(
+    d: Deployment, trained: dict[str, TrainingResult]
+) -> None:
+    active = d.publish(seed=5, std=1.0)
+    promote_now(d, active)
+    good = d.publish_trained(trained["good"])
     start_canary(d, good)
     expected = canary_users(good)
     assert 0 < len(expected) < len(USERS)
     # a request naming a version is never rerouted
     for user in sorted(expected)[:2]:
-        assert chat(d.replicas[1].base_url, active, PROMPTS[0], user)["system_fingerprint"] == active
-    served = run_users(d, good, liked=None, rounds=1)
+        assert chat(d.replicas[1].base_url, active, next(iter(PROMPTS)), user)["system_fingerprint"] == active
+    served = run_users(d, vote_on_answers=False, rounds=1)
     d.restart(1)
     assert replicas_serving_canary(d, good)  # ready only once the canary is loaded too
-    after = run_users(d, good, liked=None, rounds=1)
+    after = run_users(d, vote_on_answers=False, rounds=1)
     for user in USERS:
         both = served[user] | after[user]
         assert both == ({good} if user in expected else {active}), (user, both)
 
     clear_interactions(d)
     started = time.time()
-    run_users(d, good, liked=good)  # the users like the canary's answers
+    run_users(d, vote_on_answers=True)
     record = wait_for(
         "the canary's promotion",
         lambda: (r := d.registry.get(good)) is not None and r.status == "active" and r,
@@ -259,14 +286,19 @@ def test_the_canary_is_sticky_across_replicas_and_a_restart_and_a_good_one_is_pr
     assert_only_its_share_saw(interaction_versions(d, record.canary_ended_at), good, active)  # type: ignore[arg-type]
 
 
-def test_a_bad_canary_is_rolled_back_and_only_its_share_saw_it(d: Deployment) -> None:
+def test_a_bad_canary_is_rolled_back_and_only_its_share_saw_it(
+    d: Deployment, trained: dict[str, TrainingResult]
+) -> None:
     active = d.registry.view().active
-    assert active is not None
-    bad = d.publish(seed=1, std=1.0)
+    record = d.registry.get(active) if active else None
+    if record is None or record.run_id != trained["good"].run_id:  # this test ran first: the users' adapter serves
+        active = d.publish_trained(trained["good"])
+        promote_now(d, active)
+    bad = d.publish_trained(trained["bad"])
     start_canary(d, bad)
     clear_interactions(d)
     started = time.time()
-    run_users(d, bad, liked=active)  # the users like what the active version answers
+    run_users(d, vote_on_answers=True)
     record = wait_for(
         "the canary's rollback",
         lambda: (r := d.registry.get(bad)) is not None and r.status == "retired" and r,
@@ -288,7 +320,7 @@ def test_a_degenerate_canary_is_rejected_without_votes(d: Deployment) -> None:
     active = d.registry.view().active
     degenerate = d.publish(seed=3, fill=0.5)
     start_canary(d, degenerate)
-    run_users(d, degenerate, liked=None, rounds=1)
+    run_users(d, vote_on_answers=False, rounds=1)
     record = wait_for(
         "the degenerate canary's rejection",
         lambda: (r := d.registry.get(degenerate)) is not None and r.status == "rejected" and r,

@@ -8,6 +8,8 @@ Starting is idempotent, because beat can run twice (two beat processes, a restar
 delivered twice. :func:`check_training` claims a run in one Lua script that
 
 * refuses while the run slot (Keys.current_run) holds a queued or running run: never two runs at once;
+  (before that, a periodic check also waits while a canary runs: a new candidate could not be promoted until
+  live votes decide the canary, so it would train on stale data for nothing);
 * sets the per-window key (Keys.trigger_window(now // check_interval_s)) with SET NX: at most one run
   per check window, however many beat processes fired in it;
 * creates the run record (queued) and takes the slot.
@@ -124,7 +126,7 @@ def stale_reason(run: dict[str, Any], lease_holder: str | None, now: float, queu
 @dataclass
 class CheckResult:
     action: str  # started | skipped
-    reason: str  # a Decision reason, run_in_progress, window_taken or backing_off_after_failure
+    reason: str  # a Decision reason, run_in_progress, canary_running, window_taken or backing_off_after_failure
     run_id: str | None = None
     decision: Decision | None = None
     recovered: list[str] = field(default_factory=list)
@@ -202,6 +204,9 @@ class Trigger:
         current = self.runs.current()
         if current is not None:
             return CheckResult("skipped", "run_in_progress", current, recovered=recovered)
+        if not force and self.redis.exists(self.keys.canary_adapter):
+            # its candidate could not be promoted (one canary at a time): train once live votes have decided
+            return CheckResult("skipped", "canary_running", None, recovered=recovered)
         if not force and (wait := backoff_remaining(self.runs.recent(STALE_SCAN), now, self.settings.training)):
             log.info("training backs off %.0fs more after failed runs", wait)
             return CheckResult("skipped", "backing_off_after_failure", None, recovered=recovered)

@@ -9,56 +9,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from services.adapters.manifest import base_model_fingerprint, base_model_id, validate_adapter
-from services.adapters.publish import publish_adapter
-from services.core.config import Settings
 from tests.support.adapter_corpus import publish_lora
-from tests.support.preference_data import FACTS, SMOKE_PROMPTS, write_dataset
+from tests.support.preference_data import FACTS, write_dataset
+from tests.support.trained_adapters import MAX_RANK, publish_result, training_settings
 from workers.evaluation.gate import evaluate_adapter
 from workers.training.trainer import TrainingError, TrainingResult, run_training
-
-MAX_RANK = 16
-
-
-def make_settings(model_dir: Path, **training: Any) -> Settings:
-    return Settings(
-        engine={"model": str(model_dir), "max_lora_rank": MAX_RANK},
-        training={
-            "epochs": 5,
-            "batch_size": 8,
-            "micro_batch_size": 8,
-            "learning_rate": 1e-2,
-            "sft_weight": 1.0,
-            "max_length": 128,
-            "lora_rank": 8,
-            "lora_alpha": 16,
-            "cpu_threads": 1,
-            **training,
-        },
-        # The random-weight base already scores ~0.6 on this split (its sentence log-probs depend weakly
-        # on the prompt): the bar sits above that, the trained adapter reaches 1.0.
-        gate={"smoke_prompts": SMOKE_PROMPTS, "min_accuracy": 0.75},
-    )
-
-
-def publish(result: TrainingResult, adapters_dir: Path, version: str) -> Path:
-    publish_adapter(
-        result.adapter_dir,
-        adapters_dir,
-        version,
-        base_model=result.base_model,
-        base_model_sha256=result.base_model_sha256,
-        dataset_version=result.dataset_version,
-        run_id=result.run_id,
-        parent=result.parent,
-        metrics=result.manifest_metrics(),
-        versions=result.versions,
-    )
-    return adapters_dir / version
 
 
 def validate(path: Path, model_dir: Path, version: str):
@@ -86,14 +45,14 @@ def first_run(tiny_model_dir: Path, workspace: Path, dataset: Path) -> tuple[Tra
     """A fresh DPO adapter, published as feedloop-v1."""
     records: list[dict] = []
     result = run_training(
-        make_settings(tiny_model_dir),
+        training_settings(tiny_model_dir),
         dataset,
         workspace / "runs" / "run-1",
         "run-1",
         "ds-1",
         progress=records.append,
     )
-    return result, publish(result, workspace / "adapters", "feedloop-v1"), records
+    return result, publish_result(result, workspace / "adapters", "feedloop-v1"), records
 
 
 def test_dpo_run_writes_a_valid_adapter_and_learns(first_run, tiny_model_dir: Path) -> None:
@@ -123,7 +82,7 @@ def test_continuing_trains_the_parent_against_itself(
 
     parent_result, parent, _ = first_run
     result = run_training(
-        make_settings(tiny_model_dir, epochs=1),
+        training_settings(tiny_model_dir, epochs=1),
         dataset,
         workspace / "runs" / "run-2",
         "run-2",
@@ -134,7 +93,7 @@ def test_continuing_trains_the_parent_against_itself(
     first = result.history[0]
     assert abs(first["rewards/margins"]) < 1e-4 and abs(first["rewards/chosen"]) < 1e-4
 
-    child = publish(result, workspace / "adapters", "feedloop-v2")
+    child = publish_result(result, workspace / "adapters", "feedloop-v2")
     manifest = validate(child, tiny_model_dir, "feedloop-v2")
     assert manifest.parent == "feedloop-v1"
     before = load_file(str(parent / "adapter_model.safetensors"))
@@ -144,17 +103,17 @@ def test_continuing_trains_the_parent_against_itself(
 
 
 def test_kto_trains_on_the_unpaired_export(tiny_model_dir: Path, workspace: Path, dataset: Path) -> None:
-    settings = make_settings(tiny_model_dir, method="kto", epochs=2, lora_rank=4, lora_alpha=8)
+    settings = training_settings(tiny_model_dir, method="kto", epochs=2, lora_rank=4, lora_alpha=8)
     result = run_training(settings, dataset, workspace / "runs" / "kto", "run-kto", "ds-1")
     assert result.method == "kto" and result.train_examples == 72 and result.rank == 4
     assert "kl" in result.history[-1] and result.history[-1]["loss"] < result.history[0]["loss"]
-    manifest = validate(publish(result, workspace / "adapters", "feedloop-kto"), tiny_model_dir, "feedloop-kto")
+    manifest = validate(publish_result(result, workspace / "adapters", "feedloop-kto"), tiny_model_dir, "feedloop-kto")
     assert manifest.metrics["method"] == "kto" and manifest.rank == 4
 
 
 def test_gate_passes_the_trained_adapter(first_run, tiny_model_dir: Path, dataset: Path) -> None:
     _, adapter, _ = first_run
-    gate = evaluate_adapter(make_settings(tiny_model_dir), adapter, dataset / "eval.jsonl")
+    gate = evaluate_adapter(training_settings(tiny_model_dir), adapter, dataset / "eval.jsonl")
     assert gate.passed, gate.reasons
     metrics = gate.to_dict()["metrics"]
     assert metrics["reference"] == "base" and metrics["eval_pairs"] == 24
@@ -173,7 +132,7 @@ def test_an_adapter_that_ties_the_active_one_passes_unless_it_must_beat_it(
     first_run, tiny_model_dir: Path, dataset: Path
 ) -> None:
     _, adapter, _ = first_run
-    settings = make_settings(tiny_model_dir)
+    settings = training_settings(tiny_model_dir)
     gate = evaluate_adapter(settings, adapter, dataset / "eval.jsonl", active_adapter_dir=adapter)
     # not_worse (default): not worse within the interval, so it passes and live votes decide.
     assert gate.passed, gate.reasons
@@ -187,7 +146,7 @@ def test_an_adapter_that_ties_the_active_one_passes_unless_it_must_beat_it(
 
 
 def test_gate_fails_flipped_and_random_adapters(tiny_model_dir: Path, workspace: Path, dataset: Path) -> None:
-    settings = make_settings(tiny_model_dir)
+    settings = training_settings(tiny_model_dir)
     flipped_data = write_dataset(workspace / "datasets" / "flipped", flip=True)
     flipped = run_training(settings, flipped_data, workspace / "runs" / "flipped", "run-flip", "flipped")
     random_lora = publish_lora(tiny_model_dir, workspace / "adapters", "feedloop-random", seed=3)
@@ -218,7 +177,7 @@ def test_retention_fails_a_candidate_that_forgets_what_the_reference_answers(
     ]
     rows.append({"messages": [{"role": "user", "content": "What do you know about Mars?"}], "expected": ["Olympus"]})
     cases.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    settings = make_settings(tiny_model_dir)
+    settings = training_settings(tiny_model_dir)
     settings.gate.retention_file = cases
 
     same = evaluate_adapter(settings, adapter, dataset / "eval.jsonl", active_adapter_dir=adapter)
@@ -257,9 +216,9 @@ def test_pairs_are_rendered_with_the_model_chat_template(tiny_model_dir: Path, d
 
 def test_rank_above_the_engine_maximum_is_refused_before_any_work(tiny_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="max_lora_rank 16"):
-        run_training(make_settings(tiny_model_dir, lora_rank=32), tmp_path / "none", tmp_path / "out", "r", "d")
+        run_training(training_settings(tiny_model_dir, lora_rank=32), tmp_path / "none", tmp_path / "out", "r", "d")
     with pytest.raises(TrainingError, match=r"not in gate\.supported_target_modules"):
-        settings = make_settings(tiny_model_dir, target_modules=["q_proj", "lm_head"])
+        settings = training_settings(tiny_model_dir, target_modules=["q_proj", "lm_head"])
         run_training(settings, tmp_path / "none", tmp_path / "out", "r", "d")
     assert not (tmp_path / "out").exists()
 
@@ -270,7 +229,7 @@ def test_qlora_without_cuda_is_a_clear_error(tiny_model_dir: Path, workspace: Pa
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: QLoRA is allowed")
     with pytest.raises(TrainingError, match="qlora needs a CUDA GPU"):
-        run_training(make_settings(tiny_model_dir, qlora=True), dataset, workspace / "runs" / "q", "r", "d")
+        run_training(training_settings(tiny_model_dir, qlora=True), dataset, workspace / "runs" / "q", "r", "d")
 
 
 def test_progress_callback_can_abort_a_run(tiny_model_dir: Path, workspace: Path, dataset: Path) -> None:
@@ -281,13 +240,15 @@ def test_progress_callback_can_abort_a_run(tiny_model_dir: Path, workspace: Path
         raise LeaseLost(f"lease lost at step {record['step']}")
 
     with pytest.raises(LeaseLost, match="step 1"):
-        run_training(make_settings(tiny_model_dir), dataset, workspace / "runs" / "abort", "r", "d", progress=progress)
+        run_training(
+            training_settings(tiny_model_dir), dataset, workspace / "runs" / "abort", "r", "d", progress=progress
+        )
     assert not (workspace / "runs" / "abort" / "adapter").exists()
 
 
 def test_max_steps_replaces_epochs(tiny_model_dir: Path, workspace: Path, dataset: Path) -> None:
     records: list[dict] = []
-    settings = make_settings(tiny_model_dir, max_steps=3, lora_rank=4, lora_alpha=8)  # 5 epochs would be 20+
+    settings = training_settings(tiny_model_dir, max_steps=3, lora_rank=4, lora_alpha=8)  # 5 epochs would be 20+
     result = run_training(settings, dataset, workspace / "runs" / "steps", "run-steps", "ds-1", progress=records.append)
     assert result.steps == len(result.history) == 3
     assert records[-1]["step"] == records[-1]["total_steps"] == 3

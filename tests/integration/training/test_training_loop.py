@@ -159,6 +159,18 @@ def test_not_enough_new_pairs_starts_nothing(loop_env: LoopEnv) -> None:
     assert loop_env.trigger().check(enqueue=lambda run_id: None, now=later).reason == "interval_elapsed"
 
 
+def test_no_run_starts_while_a_canary_is_deciding(loop_env: LoopEnv) -> None:
+    """A candidate trained now could not be promoted before live votes decide the running canary."""
+    loop_env.seed_pair_ids(50)
+    loop_env.redis.set(loop_env.keys.canary_adapter, "feedloop-v7")
+    sent: list[str] = []
+    result = loop_env.trigger().check(enqueue=sent.append)
+    assert (result.action, result.reason, sent) == ("skipped", "canary_running", [])
+    assert loop_env.trigger().check(enqueue=sent.append, force=True).action == "started"  # an operator may
+    loop_env.redis.delete(loop_env.keys.canary_adapter)
+    assert loop_env.runs().current() is not None  # the forced run holds the slot
+
+
 def test_two_beat_processes_start_one_run(loop_env: LoopEnv) -> None:
     env = {**loop_env.env, "FEEDLOOP_TRAINING__CHECK_INTERVAL_S": "1"}
     loop_env.seed_pair_ids(12)

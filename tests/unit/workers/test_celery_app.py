@@ -64,7 +64,7 @@ def test_split_by_pair_id_is_deterministic_and_near_the_fraction():
 
 
 def test_the_canary_check_runs_only_with_a_canary_share():
-    settings = Settings()
+    settings = Settings(canary={"share": 0.0})
     assert "check-canary" not in celery_app.beat_schedule(settings)  # share 0: straight promotion
     settings.canary.share, settings.canary.check_interval_s = 0.1, 7
     entry = celery_app.beat_schedule(settings)["check-canary"]
