@@ -26,9 +26,10 @@ on it). Corrections still carry the users' intent.
 
 Corrections are exempt from both rules above: their chosen side is what a user wrote, not a rated answer.
 
-Voters who disagree with the crowd (``min_agreement`` > 0). Each vote in a prompt group is compared with the
-other voters' votes in that group: it agrees when it goes the way most of them voted (their like rate above
-or below one half; a tie, or fewer than two other votes, says nothing). A voter's agreement is
+Voters who disagree with the crowd (``min_agreement`` > 0). Each vote is compared with the other voters'
+votes on the same answer to the same prompt when there are at least two, else with the other votes in its
+prompt group: it agrees when it goes the way most of them voted (their like rate above or below one half; a
+tie, or fewer than two other votes, says nothing). A voter's agreement is
 (agreements + 1) / (informative votes + 2) over every group in the snapshot, judged from MIN_JUDGED_VOTES
 informative votes on. An honest user disagrees where
 an answer is better or worse than most answers to its prompt (a minority of their votes, even while a
@@ -40,7 +41,7 @@ price: a real minority taste that the rest of the users vote against is left out
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -122,22 +123,41 @@ class PromptGroupAnswers:
         return counts[other] > counts[label]
 
 
-def voter_agreement(group_votes: Iterable[Sequence[tuple[str, str]]]) -> dict[str, tuple[int, int]]:
-    """identity -> (agreements, informative votes), from each prompt group's votes as (identity, rating)."""
+class _Votes:
+    """Likes and votes per identity in a set of votes, to read the others' like rate of each voter."""
+
+    __slots__ = ("likes", "total")
+
+    def __init__(self) -> None:
+        self.likes: Counter[str] = Counter()
+        self.total: Counter[str] = Counter()
+
+    def add(self, identity: str, rating: str) -> None:
+        self.total[identity] += 1
+        self.likes[identity] += rating == "like"
+
+    def others_like_rate(self, identity: str) -> float | None:
+        """The like rate of everyone else's votes here (None: fewer than two)."""
+        others = self.total.total() - self.total[identity]
+        return (self.likes.total() - self.likes[identity]) / others if others >= 2 else None
+
+
+def voter_agreement(group_votes: Iterable[Sequence[tuple[str, str, str]]]) -> dict[str, tuple[int, int]]:
+    """identity -> (agreements, informative votes), from each prompt group's votes as (identity, rating,
+    answer text). A vote is compared with the other voters' votes on the same answer when there are at least
+    two, else with the other votes on the prompt."""
     agree: Counter[str] = Counter()
     informative: Counter[str] = Counter()
     for votes in group_votes:
-        likes, total = Counter[str](), Counter[str]()
-        for identity, rating in votes:
-            total[identity] += 1
-            likes[identity] += rating == "like"
-        all_likes, all_votes = sum(likes.values()), sum(total.values())
-        for identity, rating in votes:
-            others = all_votes - total[identity]  # the voter's own votes in the group are left out
-            if others < 2:
-                continue
-            others_like = (all_likes - likes[identity]) / others
-            if others_like == 0.5:
+        group, by_answer = _Votes(), defaultdict(_Votes)
+        for identity, rating, text in votes:
+            group.add(identity, rating)
+            by_answer[answer_key(text)].add(identity, rating)
+        for identity, rating, text in votes:
+            others_like = by_answer[answer_key(text)].others_like_rate(identity)
+            if others_like is None:
+                others_like = group.others_like_rate(identity)
+            if others_like is None or others_like == 0.5:
                 continue
             informative[identity] += 1
             agree[identity] += (rating == "like") == (others_like > 0.5)

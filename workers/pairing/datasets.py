@@ -130,11 +130,12 @@ def dpo_row(pair: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def kto_rows(
-    store: PairsStore, fits: Any, settings: Settings | None = None
+    store: PairsStore, fits: Any, settings: Settings | None = None, unreliable: frozenset[str] = frozenset()
 ) -> tuple[list[dict[str, Any]], Counter[tuple[str, str]]]:
     """One unpaired example per completion whose majority is currently like or dislike, with the same
-    guards as the pairs: PII masked, exact and near duplicates dropped, the per-user and per-app caps
-    (settings None: PII and length checks only). Each row carries "users" (dropped when written)."""
+    guards as the pairs: PII masked, the unreliable voters' labels left out, exact and near duplicates
+    dropped, the per-user and per-app caps (settings None: PII and length checks only). Each row carries
+    "users" (dropped when written)."""
     rows: list[dict[str, Any]] = []
     dropped: Counter[tuple[str, str]] = Counter()
     labeled = [(record, label) for record, label in store.labeled_completions() if label is not None]
@@ -143,6 +144,9 @@ def kto_rows(
         chunk = labeled[start : start + 2000]
         voters += store.labeled_voters([r["completion_id"] for r, _ in chunk], [label for _, label in chunk])
     for (record, label), users in zip(labeled, voters, strict=True):
+        if unreliable and not unreliable.isdisjoint(users):
+            dropped[(consensus.FILTER, "unreliable_voter")] += 1
+            continue
         pii: Counter[str] = Counter()
         prompt = scrub_messages(record["prompt"], pii)
         answer = answer_message(record["response"], record.get("tool_calls"), record.get("content"))
@@ -217,22 +221,23 @@ def snapshot(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
 
 def consensus_filter(
     store: PairsStore, pairs: list[pairing.PairRecord], cfg: PairsSettings
-) -> tuple[quality.FilterResult, int]:
+) -> tuple[quality.FilterResult, frozenset[str]]:
     """consensus.apply_consensus with the prompt groups the pairs come from, read from the store; also the
-    number of voters left out as unreliable."""
+    voters left out as unreliable."""
     labels = store.prompt_group_labels({p["prompt_hash"] for p in pairs})
     cids = [cid for group in labels.values() for cid in group]
     records: dict[str, dict[str, Any]] = {}
-    group_votes: dict[str, list[tuple[str, str]]] = {}
+    group_votes: dict[str, list[tuple[str, str, str]]] = {}
     for start in range(0, len(cids), 5000):
         for cid, (record, votes) in store.completions_with_votes(cids[start : start + 5000]).items():
             records[cid] = record
+            text = str(record.get("response") or "")
             group_votes.setdefault(record.get("prompt_hash") or "", []).extend(
-                (identity, rating) for identity, rating in pairs_store.ratings(votes)
+                (identity, rating, text) for identity, rating in pairs_store.ratings(votes)
             )
     unreliable = consensus.unreliable_voters(consensus.voter_agreement(group_votes.values()), cfg.min_voter_agreement)
     groups = {ph: consensus.group_answers(group, records, cfg.consensus_similarity) for ph, group in labels.items()}
-    return consensus.apply_consensus(pairs, groups, cfg.label_noise_rate, unreliable), len(unreliable)
+    return consensus.apply_consensus(pairs, groups, cfg.label_noise_rate, unreliable), unreliable
 
 
 def _snapshot(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
@@ -250,9 +255,9 @@ def _snapshot(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
     filters: Counter[tuple[str, str]] = Counter()
     if len(live) < len(pairs):
         filters[("superseded", "votes_changed")] = len(pairs) - len(live)
-    agreed, unreliable_voters = live, 0
+    agreed, unreliable = live, frozenset[str]()
     if cfg.consensus:
-        checked, unreliable_voters = consensus_filter(store, live, cfg)
+        checked, unreliable = consensus_filter(store, live, cfg)
         filters.update(checked.dropped)
         agreed = checked.kept
     deduped = quality.dedupe(agreed, cfg.near_duplicate_threshold)
@@ -263,7 +268,7 @@ def _snapshot(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
     filters.update(by_app.dropped)
     capped = by_app
     kept = capped.kept
-    kto, kto_dropped = kto_rows(store, fits, settings)
+    kto, kto_dropped = kto_rows(store, fits, settings, unreliable)
     if not kept and not kto:
         raise SnapshotError(f"nothing to snapshot ({len(pairs)} pairs stored, none kept)")
 
@@ -308,7 +313,7 @@ def _snapshot(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
                 },
                 "strategies": dict(Counter(p["strategy"] for p in kept)),
                 "filters": {f"{name}:{reason}": n for (name, reason), n in sorted(filters.items())},
-                "unreliable_voters": unreliable_voters,
+                "unreliable_voters": len(unreliable),
                 "kto_filters": {f"{name}:{reason}": n for (name, reason), n in sorted(kto_dropped.items())},
                 "user_cap": cap,
                 "app_cap": app_cap if cfg.app_cap_fraction < 1 else None,

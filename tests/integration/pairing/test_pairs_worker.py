@@ -701,6 +701,46 @@ def test_a_like_that_the_other_votes_on_the_same_answer_contradict_makes_no_pair
     assert unfiltered["counts"]["kept"] > manifest["counts"]["kept"]
 
 
+def test_a_voter_who_goes_against_the_crowd_contributes_nothing_to_the_version(pairs_env: PairsEnv):
+    """Three honest users like the right answer and dislike the wrong one on four prompts; one user votes the
+    other way on every prompt and corrects towards the wrong answer: none of that user's pairs or KTO rows
+    reach the dataset version (consensus:unreliable_voter), every honest pair does."""
+    events = []
+    for i in range(4):
+        prompt, right, wrong = f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.", f"{i} plus {i} is {2 * i + 1}."
+        for u in ("h1", "h2", "h3"):
+            events.append(feedback_event(f"r{i}{u}", "like", u, prompt=prompt, response=right))
+            events.append(feedback_event(f"w{i}{u}", "dislike", u, prompt=prompt, response=wrong))
+        events.append(feedback_event(f"r{i}adv", "dislike", "adv", prompt=prompt, response=right, correction=wrong))
+        events.append(feedback_event(f"w{i}adv", "like", "adv", prompt=prompt, response=wrong))
+    for event in events:
+        xadd(pairs_env.redis, pairs_env.keys.feedback_stream, event)
+    pairs_env.consumer().consume(100, until_drained=True)
+    stored = [pairs_env.pair(pid) for pid in pairs_env.pair_ids()]
+    by_adversary = {p["pair_id"] for p in stored if "adv" in p["users"]}
+    assert by_adversary and len(by_adversary) < len(stored)
+
+    manifest = datasets.snapshot(pairs_env.redis, pairs_env.keys, pairs_env.settings)
+    assert manifest["unreliable_voters"] == 1
+    assert manifest["filters"]["consensus:unreliable_voter"] == len(by_adversary)
+    assert manifest["kto_filters"]["consensus:unreliable_voter"] == 8  # its own 8 rated answers
+    folder = Path(manifest["path"])
+    rows = [orjson.loads(line) for name in ("train.jsonl", "eval.jsonl") for line in (folder / name).open("rb")]
+    kept = {row["pair_id"] for row in rows}
+    assert kept and not kept & by_adversary  # (identical honest pairs are deduplicated)
+
+    def is_right(answer: str) -> bool:
+        return int(answer.split()[-1].rstrip(".")) % 2 == 0
+
+    assert all(is_right(row["chosen"][0]["content"]) and not is_right(row["rejected"][0]["content"]) for row in rows)
+    kto = [orjson.loads(line) for line in (folder / "kto.jsonl").open("rb")]
+    assert kto and all(row["label"] == is_right(row["completion"][0]["content"]) for row in kto)
+
+    pairs_env.settings.pairs.min_voter_agreement = 0.0  # the switch: nobody is left out
+    everyone = datasets.snapshot(pairs_env.redis, pairs_env.keys, pairs_env.settings)
+    assert everyone["unreliable_voters"] == 0 and "consensus:unreliable_voter" not in everyone["filters"]
+
+
 def test_drop_markers_expire_with_the_pairing_state(pairs_env: PairsEnv):
     from workers.pairing.retention import retention_s
 

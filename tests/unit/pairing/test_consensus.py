@@ -111,10 +111,13 @@ def test_pairs_standing_on_an_untrusted_like_are_dropped_as_noisy() -> None:
 def test_voter_agreement_compares_each_vote_with_the_other_voters_on_the_prompt() -> None:
     from workers.pairing.consensus import voter_agreement
 
-    identity = [("honest-1", "dislike"), ("honest-2", "dislike"), ("honest-3", "dislike"), ("contrarian", "like")]
-    facts = [("honest-1", "like"), ("honest-2", "like"), ("contrarian", "dislike"), ("contrarian", "dislike")]
-    sparse = [("honest-1", "like"), ("honest-2", "dislike")]  # one other vote each: says nothing
-    tie = [("honest-3", "like"), ("honest-1", "like"), ("honest-2", "dislike")]  # honest-3's others tie
+    # every answer differs: each vote is compared with the other votes on the prompt
+    identity = [("honest-1", "dislike", "a"), ("honest-2", "dislike", "b"), ("honest-3", "dislike", "c"),
+                ("contrarian", "like", "d")]  # fmt: skip
+    facts = [("honest-1", "like", "e"), ("honest-2", "like", "f"), ("contrarian", "dislike", "g"),
+             ("contrarian", "dislike", "h")]  # fmt: skip
+    sparse = [("honest-1", "like", "i"), ("honest-2", "dislike", "j")]  # one other vote each: says nothing
+    tie = [("honest-3", "like", "k"), ("honest-1", "like", "l"), ("honest-2", "dislike", "m")]  # honest-3's tie
     agreement = voter_agreement([identity, facts, sparse, tie])
     # honest-1 agrees on identity; on facts its others are 1 like and the contrarian's 2 dislikes, so its like
     # disagrees there; in "sparse" it has one other vote and in "tie" its others tie: no information.
@@ -122,6 +125,18 @@ def test_voter_agreement_compares_each_vote_with_the_other_voters_on_the_prompt(
     assert agreement["honest-1"] == (1, 2)
     assert agreement["honest-2"] == (1, 3)  # in "tie" its others are two likes
     assert agreement["honest-3"] == (1, 1)
+
+
+def test_votes_on_the_same_answer_outweigh_the_prompt_as_a_whole() -> None:
+    from workers.pairing.consensus import voter_agreement
+
+    # a prompt with a right and a wrong answer, each rated by three users: the prompt's like rate is one half,
+    # the answer's own votes say who agrees
+    votes = [(u, "like", "Four.") for u in ("h1", "h2", "h3")] + [(u, "dislike", "Five.") for u in ("h1", "h2", "h3")]
+    votes += [("adv", "dislike", "four. "), ("adv", "like", "Five.")]
+    agreement = voter_agreement([votes])
+    assert agreement["adv"] == (0, 2)
+    assert agreement["h1"] == (2, 2)  # its like: 2 of the 3 other votes on "Four." are likes
 
 
 def test_pairs_of_voters_who_mostly_go_against_the_crowd_are_dropped_corrections_too() -> None:
