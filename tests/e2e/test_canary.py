@@ -9,8 +9,9 @@ swapped); the first active version and the stickiness and hard-failure cases use
 (tests/support/adapter_corpus.py). A candidate enters the canary the way training's auto-promotion starts it
 (``registry.promote(V, auto=True, canary_share=...)``).
 
-The tests run in order on one deployment: stickiness (two replicas, a restart), a good canary promoted, a bad
-one rolled back, a degenerate one rejected without a vote.
+The tests share one deployment: stickiness (two replicas, a restart) and a good canary promoted, a bad one
+rolled back, a degenerate one rejected without a vote, operators' overrides. Each makes the active version it
+needs when it runs first (`pytest -p randomly` shuffles them).
 """
 
 from __future__ import annotations
@@ -250,6 +251,15 @@ def promote_now(d: Deployment, version: str) -> None:
     ))  # fmt: skip
 
 
+def current_active(d: Deployment) -> str:
+    """The active version, after making one active when this test runs first (the tests run in any order)."""
+    active = d.registry.view().active
+    if active is None:
+        active = d.publish(seed=5, std=1.0)
+        promote_now(d, active)
+    return active
+
+
 def test_the_canary_is_sticky_across_replicas_and_a_restart_and_a_good_one_is_promoted(
     d: Deployment, trained: dict[str, TrainingResult]
 ) -> None:
@@ -317,7 +327,7 @@ def test_a_bad_canary_is_rolled_back_and_only_its_share_saw_it(
 
 
 def test_a_degenerate_canary_is_rejected_without_votes(d: Deployment) -> None:
-    active = d.registry.view().active
+    active = current_active(d)
     degenerate = d.publish(seed=3, fill=0.5)
     start_canary(d, degenerate)
     run_users(d, vote_on_answers=False, rounds=1)
@@ -334,7 +344,7 @@ def test_a_degenerate_canary_is_rejected_without_votes(d: Deployment) -> None:
 def test_operators_abort_through_the_admin_api_and_a_replica_that_cannot_load_the_canary_ends_it(
     d: Deployment,
 ) -> None:
-    active = d.registry.view().active
+    active = current_active(d)
     api = d.replicas[0].base_url + "/admin/adapters/canary"
     version = d.publish(seed=7, std=1.0)
     start_canary(d, version)
