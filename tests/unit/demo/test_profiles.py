@@ -67,3 +67,14 @@ def test_training_progress_shows_step_rate_and_eta() -> None:
     line = training_progress([{"step": 12, "total_steps": 40, "examples_per_s": 1.94, "eta_s": 185.0}])
     assert line == "step 12/40 · 1.9 examples/s · ETA 3m05s · "
     assert "ETA ?" in training_progress([{"step": 0, "total_steps": 40, "eta_s": float("inf")}])
+
+
+def test_the_demo_promotes_straight_away_unless_a_canary_share_is_asked_for() -> None:
+    from demo.run import canary_env
+
+    assert canary_env(0.0) == {"FEEDLOOP_CANARY__SHARE": "0"}  # the product's default (0.1) is not the demo's
+    env = canary_env(0.5)
+    assert env["FEEDLOOP_CANARY__SHARE"] == "0.5"
+    canary = Settings(canary={name.removeprefix("FEEDLOOP_CANARY__").lower(): v for name, v in env.items()}).canary
+    # decidable within a demo: fewer users per arm than in production, and an end well before the demo's wait
+    assert canary.min_users < Settings().canary.min_users and canary.max_duration_s < 900
