@@ -20,15 +20,22 @@ structured outputs; no ignore_eos, the grammar ends the answer) or `logprobs` (`
 on every token). The warm-up checks that both servers did what the kind asks (every answer a JSON object, or
 logprobs on its chunks), so a server that ignored the parameter is never measured against one that honoured it.
 
-Writes bench/results/chat_vs_vllm.json (chat_vs_vllm-<kind>.json for the other kinds) and prints a markdown
-table.
+`--model FOLDER` serves another model (e.g. data/models/smollm2-135m-instruct) on both servers. `--adapter FOLDER`
+(a published adapter of that model, manifest.json included) measures the adapter's cost instead: one
+`feedloop serve` with the adapter active, the alias (through the adapter) against `feedloop-base` (the same
+engine, no adapter), in the same alternating rounds.
+
+Writes bench/results/chat_vs_vllm.json (chat_vs_vllm-<kind>.json for the other kinds, ...-adapter.json for the
+adapter's cost) and prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -43,7 +50,9 @@ from bench import harness
 from services.core.config import Settings
 from services.engine.engine import serving_dtype
 
-OURS, VLLM = "feedloop", "vllm"
+OURS, VLLM, BASE = "feedloop", "vllm", "feedloop-base"
+LABELS = {OURS: "feedloop (ours)", VLLM: "vLLM OpenAI server", BASE: "feedloop, base model"}
+ADAPTER_VERSION = "feedloop-v1"
 
 
 @dataclass
@@ -121,7 +130,7 @@ def engine_argv(settings: Settings, model: str, port: int) -> list[str]:
 
 
 def start_servers(args: argparse.Namespace, prefix: str) -> tuple[harness.Server, harness.Server, Settings]:
-    model = str(harness.tiny_model())
+    model = args.model or str(harness.tiny_model())
     settings = Settings(engine={"model": model, "max_model_len": 1024})
     common = {"VLLM_CPU_KVCACHE_SPACE": str(settings.engine.cpu_kvcache_gib)}
     env = {**common, "FEEDLOOP_ENGINE__MAX_MODEL_LEN": "1024"}
@@ -133,6 +142,47 @@ def start_servers(args: argparse.Namespace, prefix: str) -> tuple[harness.Server
     vllm.wait_ready("/health")
     vllm.wait_ready("/v1/models")
     return ours, vllm, settings
+
+
+def start_adapter_server(args: argparse.Namespace, prefix: str) -> tuple[harness.Server, Settings, str]:
+    """`feedloop serve` with args.adapter (a published adapter folder, manifest.json included) active."""
+    from redis import Redis
+
+    from services.adapters.registry import AdapterRegistry
+    from services.core.keys import Keys
+
+    model = args.model or str(harness.tiny_model())
+    settings = Settings(engine={"model": model, "max_model_len": 1024})
+    manifest = json.loads((args.adapter / "manifest.json").read_text())
+    version = manifest["version"]
+    data_dir = harness.LOGS.parent / prefix
+    shutil.copytree(args.adapter, data_dir / "adapters" / version)
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": str(settings.engine.cpu_kvcache_gib),
+        "FEEDLOOP_ENGINE__MAX_MODEL_LEN": "1024",
+        "FEEDLOOP_GATE__RECONCILE_INTERVAL_S": "1",
+    }
+    ours = harness.feedloop_server(
+        "chat-feedloop-adapter", redis_url=args.redis_url, prefix=prefix, model=model, data_dir=data_dir, env=env
+    )
+    print(f"starting feedloop serve on :{ours.port} with adapter {version} (~1 min)", flush=True)
+    ours.wait_ready("/readyz")
+    registry = AdapterRegistry(Redis.from_url(args.redis_url), Keys(prefix))
+    registry.register(version, str(data_dir / "adapters" / version), run_id=manifest["run_id"])
+    registry.promote(version, by="bench")
+    deadline = time.monotonic() + 120
+    while alias_parent(ours.base_url, settings.engine.alias) != version:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the API did not serve {version} within 120 s (log: {ours.log_text()[-2000:]})")
+        time.sleep(0.5)
+    return ours, settings, version
+
+
+def alias_parent(base_url: str, alias: str) -> str | None:
+    import httpx
+
+    models = httpx.get(base_url + "/v1/models", timeout=10).json()["data"]
+    return next((m.get("parent") for m in models if m["id"] == alias), None)
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
@@ -250,11 +300,11 @@ async def run_round(session: Any, target: Target, n: int, concurrency: int, max_
     return time.perf_counter() - start, samples
 
 
-def order(rounds: int) -> list[str]:
-    """A B B A A B ...: each server goes first in half of the pairs."""
+def order(rounds: int, a: str, b: str) -> list[str]:
+    """A B B A A B ...: each target goes first in half of the pairs."""
     out: list[str] = []
     for r in range(rounds):
-        out += [OURS, VLLM] if r % 2 == 0 else [VLLM, OURS]
+        out += [a, b] if r % 2 == 0 else [b, a]
     return out
 
 
@@ -300,7 +350,7 @@ async def measure(targets: dict[str, Target], args: argparse.Namespace) -> None:
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        for name in (OURS, VLLM):
+        for name in targets:
             wall, samples = await run_round(session, targets[name], args.warmup, args.concurrency, args.max_tokens, seq)
             errors = [s.error for s in samples if s.error]
             print(f"warm-up {name}: {len(samples)} requests in {wall:.1f}s, {len(errors)} errors", flush=True)
@@ -309,7 +359,7 @@ async def measure(targets: dict[str, Target], args: argparse.Namespace) -> None:
             problem = kind_problem(args.kind, samples)
             if problem:
                 raise RuntimeError(f"{name} in the {args.kind} warm-up: {problem}")
-        plan = order(args.rounds)
+        plan = order(args.rounds, *targets)
         deadline = time.monotonic() + args.time_budget
         for i, name in enumerate(plan, 1):
             if i % 2 == 1 and i > 1 and time.monotonic() > deadline:
@@ -359,7 +409,8 @@ def start_profiler(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
 
 
 def report(targets: dict[str, Target], extra: dict[str, Any]) -> dict[str, Any]:
-    ours, vllm = summarize(targets[OURS].rounds), summarize(targets[VLLM].rounds)
+    first, second = targets
+    ours, vllm = summarize(targets[first].rounds), summarize(targets[second].rounds)
 
     def ratio(key: str) -> float:
         return round(ours[key] / vllm[key], 3) if vllm[key] else float("nan")
@@ -382,13 +433,19 @@ def report(targets: dict[str, Target], extra: dict[str, Any]) -> dict[str, Any]:
         "throughput_ratio_at_least_1": ratios["output_tokens_per_s"] >= 1.0,
         "ttft_p50_within_2ms": ours["ttft_p50_ms"] - vllm["ttft_p50_ms"] <= 2.0,
     }
-    return {**extra, "results": {OURS: ours, VLLM: vllm}, "ratio_ours_over_vllm": ratios, "targets": targets_met}
+    if second == BASE:  # the adapter's cost, not a comparison with vLLM
+        return {**extra, "results": {first: ours, second: vllm}, "ratio_adapter_over_base": ratios}
+    return {**extra, "results": {first: ours, second: vllm}, "ratio_ours_over_vllm": ratios, "targets": targets_met}
 
 
 def table(result: dict[str, Any]) -> str:
-    r, q = result["results"], result["ratio_ours_over_vllm"]
+    r = result["results"]
+    first, second = r
+    adapter = "ratio_adapter_over_base" in result
+    q = result["ratio_adapter_over_base" if adapter else "ratio_ours_over_vllm"]
     rows = []
-    for label, key in ((f"{OURS} (ours)", OURS), ("vLLM OpenAI server", VLLM)):
+    labels = {**LABELS, OURS: "feedloop, LoRA adapter" if adapter else LABELS[OURS]}
+    for label, key in ((labels[first], first), (labels[second], second)):
         s = r[key]
         rows.append(
             [
@@ -404,7 +461,7 @@ def table(result: dict[str, Any]) -> str:
         )
     rows.append(
         [
-            "ratio ours/vLLM",
+            "ratio adapter/base" if adapter else "ratio ours/vLLM",
             "",
             "",
             f"{q['requests_per_s']:.3f}",
@@ -440,29 +497,47 @@ def main() -> None:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--profile", type=Path, help="py-spy (raw, collapsed stacks) of our API process")
     parser.add_argument("--kind", choices=KINDS, default="plain", help="plain chat, json_schema or logprobs")
-    parser.add_argument("--output", type=Path, help="default: bench/results/chat_vs_vllm[-KIND].json")
+    parser.add_argument("--output", type=Path, help="default: bench/results/chat_vs_vllm[-KIND][-adapter].json")
+    parser.add_argument("--model", help="a model folder to serve (default: the tiny test model)")
+    parser.add_argument(
+        "--adapter",
+        type=Path,
+        help="a published adapter folder of --model: measure ours through it against ours on the base model "
+        "(the adapter's cost) instead of ours against vLLM",
+    )
     args = parser.parse_args()
     if args.output is None:
-        args.output = harness.RESULTS / (
-            "chat_vs_vllm.json" if args.kind == "plain" else f"chat_vs_vllm-{args.kind}.json"
-        )
+        name = "chat_vs_vllm" + ("" if args.kind == "plain" else f"-{args.kind}") + ("-adapter" if args.adapter else "")
+        args.output = harness.RESULTS / f"{name}.json"
 
     harness.install_cleanup()
     started = time.time()
     load_start = harness.load_average()
     prefix = f"flbench-chat-{uuid.uuid4().hex[:8]}"
-    ours_server, vllm_server, settings = start_servers(args, prefix)
-    targets = {
-        OURS: Target(
-            OURS, ours_server, ours_server.base_url + "/v1/chat/completions", settings.engine.alias, args.kind
-        ),
-        VLLM: Target(
+    vllm_server: harness.Server | None = None
+    if args.adapter:
+        ours_server, settings, _ = start_adapter_server(args, prefix)
+        other = Target(
+            BASE,
+            ours_server,
+            ours_server.base_url + "/v1/chat/completions",
+            settings.engine.served_model_name,
+            args.kind,
+        )
+    else:
+        ours_server, vllm_server, settings = start_servers(args, prefix)
+        other = Target(
             VLLM,
             vllm_server,
             vllm_server.base_url + "/v1/chat/completions",
             settings.engine.served_model_name,
             args.kind,
+        )
+    targets = {
+        OURS: Target(
+            OURS, ours_server, ours_server.base_url + "/v1/chat/completions", settings.engine.alias, args.kind
         ),
+        other.name: other,
     }
     profiler = start_profiler(ours_server.proc.pid, args.profile) if args.profile else None
     try:
@@ -474,9 +549,10 @@ def main() -> None:
             profiler.send_signal(2)  # py-spy writes its output on SIGINT
             profiler.wait(timeout=60)
         ours_config = engine_config_line(ours_server.log_text())
-        vllm_config = engine_config_line(vllm_server.log_text())
+        vllm_config = engine_config_line(vllm_server.log_text()) if vllm_server else ours_config
         ours_server.stop()
-        vllm_server.stop()
+        if vllm_server:
+            vllm_server.stop()
         deleted = harness.delete_prefix(args.redis_url, prefix)
     e = settings.engine
     result = report(
@@ -494,6 +570,8 @@ def main() -> None:
                 "warmup_requests_per_server": args.warmup,
                 "order": "A B B A A B ... (alternating, each server first in half of the pairs)",
             },
+            "model": settings.engine.model,
+            "adapter": str(args.adapter) if args.adapter else None,
             "engine_args": {
                 "max_model_len": e.max_model_len,
                 "enable_lora": True,
