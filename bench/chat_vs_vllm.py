@@ -515,24 +515,19 @@ def main() -> None:
     load_start = harness.load_average()
     prefix = f"flbench-chat-{uuid.uuid4().hex[:8]}"
     vllm_server: harness.Server | None = None
-    if args.adapter:
+    if args.adapter:  # the same server on the base model's name
         ours_server, settings, _ = start_adapter_server(args, prefix)
-        other = Target(
-            BASE,
-            ours_server,
-            ours_server.base_url + "/v1/chat/completions",
-            settings.engine.served_model_name,
-            args.kind,
-        )
+        other_name, other_server = BASE, ours_server
     else:
         ours_server, vllm_server, settings = start_servers(args, prefix)
-        other = Target(
-            VLLM,
-            vllm_server,
-            vllm_server.base_url + "/v1/chat/completions",
-            settings.engine.served_model_name,
-            args.kind,
-        )
+        other_name, other_server = VLLM, vllm_server
+    other = Target(
+        other_name,
+        other_server,
+        other_server.base_url + "/v1/chat/completions",
+        settings.engine.served_model_name,
+        args.kind,
+    )
     targets = {
         OURS: Target(
             OURS, ours_server, ours_server.base_url + "/v1/chat/completions", settings.engine.alias, args.kind
