@@ -55,8 +55,6 @@ def embedded_secret(data_dir: Path) -> str:
 def _refuse_weak_secret(settings: Settings) -> None:
     """Outside the embedded default, the feedback secret must be set: anyone who read the README knows the
     default, and could forge feedback tokens and reverse the keyed IP hashes."""
-    if "FEEDLOOP_CANARY__SHARE" not in os.environ:
-        settings.canary.share = 0.0  # a handful of local users can never decide a canary: promote straight away
     if not settings.feedback.secret or settings.feedback.secret == DEFAULT_FEEDBACK_SECRET:
         raise fail(
             "FEEDLOOP_FEEDBACK__SECRET is empty or the documented default: set a random secret (e.g. "
@@ -165,6 +163,8 @@ def up(
     settings.api.demo_page = True  # the embedded default shows the demo chat page at /
     if "FEEDLOOP_API__AUTH" not in os.environ:
         settings.api.auth = False  # one machine, the demo page chats without a key; the banner says so
+    if "FEEDLOOP_CANARY__SHARE" not in os.environ:
+        settings.canary.share = 0.0  # a handful of local users can never decide a canary: promote straight away
     if not settings.feedback.secret or settings.feedback.secret == DEFAULT_FEEDBACK_SECRET:
         settings.feedback.secret = embedded_secret(settings.data_dir)
     ensure_model(settings)
