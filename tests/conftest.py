@@ -125,14 +125,16 @@ class ServerProcess:
 
 def start_feedloop(
     args: list[str],
-    env: dict[str, str],
+    env: dict[str, str | None],
     port: int,
     log_path: Path,
     ready_path: str = "/readyz",
     timeout: float = 300,
 ) -> ServerProcess:
+    """`feedloop ARGS` with this process's environment updated by env (a None value removes the variable)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+    merged: dict[str, str | None] = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+    full_env = {name: value for name, value in merged.items() if value is not None}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "services.cli", *args],

@@ -25,6 +25,7 @@ def test_up_starts_private_redis_serves_and_stops_cleanly(tiny_model_dir, tmp_pa
         "FEEDLOOP_DATA_DIR": str(tmp_path / "data"),
         "FEEDLOOP_API__PORT": str(port),
         "FEEDLOOP_METRICS_PORT": str(free_port()),
+        "FEEDLOOP_CANARY__SHARE": None,  # as on a user's machine: the product's default (a canary share of 0.1)
     }
     server = start_feedloop(["up"], env, port, ARTIFACTS / "logs" / "feedloop-up.log")
     try:
@@ -37,6 +38,8 @@ def test_up_starts_private_redis_serves_and_stops_cleanly(tiny_model_dir, tmp_pa
         children = psutil.Process(server.proc.pid).children(recursive=True)
         names = " ".join(" ".join(c.cmdline()) for c in children)
         assert "redis-server" in names and "worker" in names and "beat" in names
+        # one machine has too few users to decide a canary: `up` promotes straight away, and says so
+        assert "serve everyone at once" in log
 
         client = OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
         r = client.chat.completions.create(model="feedloop", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
