@@ -149,7 +149,8 @@ def voter_agreement(group_votes: Iterable[Sequence[tuple[str, str, str]]]) -> di
     agree: Counter[str] = Counter()
     informative: Counter[str] = Counter()
     for votes in group_votes:
-        group, by_answer = _Votes(), defaultdict(_Votes)
+        group = _Votes()
+        by_answer: defaultdict[str, _Votes] = defaultdict(_Votes)
         for identity, rating, text in votes:
             group.add(identity, rating)
             by_answer[answer_key(text)].add(identity, rating)
