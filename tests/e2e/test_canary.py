@@ -282,7 +282,7 @@ def test_the_canary_is_sticky_across_replicas_and_a_restart_and_a_good_one_is_pr
 
     clear_interactions(d)
     started = time.time()
-    run_users(d, vote_on_answers=True)
+    run_users(d, vote_on_answers=True, rounds=1)
     record = wait_for(
         "the canary's promotion",
         lambda: (r := d.registry.get(good)) is not None and r.status == "active" and r,
@@ -308,7 +308,7 @@ def test_a_bad_canary_is_rolled_back_and_only_its_share_saw_it(
     start_canary(d, bad)
     clear_interactions(d)
     started = time.time()
-    run_users(d, vote_on_answers=True)
+    run_users(d, vote_on_answers=True, rounds=1)
     record = wait_for(
         "the canary's rollback",
         lambda: (r := d.registry.get(bad)) is not None and r.status == "retired" and r,
