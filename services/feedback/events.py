@@ -17,6 +17,10 @@ import orjson
 RATINGS = ("like", "dislike", "withdrawn")
 ROLES = ("system", "user", "assistant", "tool", "developer")
 EVENT_FIELD = "event"
+# Where the one vote on a completion made without a user is kept, in the API's votes hash and in pairing's:
+# one vote per completion (per token), whoever casts it. The voter's identity (their address's keyed hash)
+# still goes with the vote, for rate buckets, caps and voter agreement.
+ANONYMOUS_VOTE_FIELD = "~anonymous"
 # A chat message: role and content, and where the conversation had them an assistant turn's "tool_calls"
 # (OpenAI's shape: id, type "function", function {name, arguments}) and a tool turn's "tool_call_id".
 Message = dict[str, Any]
@@ -107,10 +111,17 @@ class FeedbackEvent:
     tool_calls: list[dict[str, Any]] | None = None  # the answer's tool calls as vLLM's parser read them
     content: str | None = None  # with tool_calls: the answer's text outside its calls (the parser's content)
     tools: list[dict[str, Any]] | None = None  # the request's tool definitions (part of the prompt)
+    anonymous: bool = False  # the completion was made without a user (its interaction says user: null)
 
     @property
     def identity(self) -> str:
         return voter_identity(self.user, self.ip_hash)
+
+    @property
+    def vote_field(self) -> str:
+        """Where this vote is kept among the completion's votes: its voter's, or the completion's one
+        anonymous vote (a later vote from another address replaces it, as in the API)."""
+        return ANONYMOUS_VOTE_FIELD if self.anonymous else self.identity
 
     @property
     def answer(self) -> Message:
@@ -248,6 +259,8 @@ def parse_event(fields: Mapping[bytes, bytes] | Mapping[str, Any]) -> FeedbackEv
         tool_calls = _tool_calls(raw_calls) if raw_calls else None
         content = interaction.get("content")
         tools = interaction.get("tools")
+        # an interaction without the field (written before it existed) keeps one vote per identity
+        anonymous = "user" in interaction and interaction["user"] is None
         ok = (
             type(feedback_id) is str
             and type(completion_id) is str
@@ -288,4 +301,5 @@ def parse_event(fields: Mapping[bytes, bytes] | Mapping[str, Any]) -> FeedbackEv
         tool_calls,
         content if tool_calls else None,
         tools or None,
+        anonymous,
     )

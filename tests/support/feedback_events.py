@@ -25,7 +25,11 @@ def feedback_event(
     adapter: str | None = None,
     feedback_id: str | None = None,
     ip_hash: str = "iphash0000000000",
+    anonymous: bool = False,
 ) -> dict[str, Any]:
+    """anonymous: the completion was made without a user (as the API records it: interaction user null, the
+    vote cast by the address's identity); user must then be None."""
+    assert not (anonymous and user), "an anonymous completion's voter is its address"
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     return {
         "feedback_id": feedback_id or uuid.uuid4().hex,
@@ -43,6 +47,7 @@ def feedback_event(
             "model": "feedloop",
             "adapter": adapter,
             "sampling": {"temperature": 0.7},
+            **({"user": None} if anonymous else {}),
         },
     }
 

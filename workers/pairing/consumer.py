@@ -365,8 +365,8 @@ class FeedbackConsumer:
             correction_hash = text_hash(event.correction) if event.correction else ""
             votes.event_args += (
                 slot,
-                event.user if event.user else f"ip:{event.ip_hash}",
-                vote_value(event.created_at, event.feedback_id, event.rating, correction_hash),
+                event.vote_field,
+                vote_value(event.created_at, event.feedback_id, event.rating, correction_hash, event.identity),
             )
         if len(votes):
             calls.append(votes)

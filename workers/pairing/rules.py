@@ -2,7 +2,8 @@
 
 The rules (mirrored by the vote script in workers/pairing/store.py, which applies them atomically in Redis):
 - one identity (the user, else the hashed client IP) has one current vote per completion: the one with the
-  latest ``created_at`` counts (ties: the larger feedback id), a withdrawal removes it;
+  latest ``created_at`` counts (ties: the larger feedback id), a withdrawal removes it; a completion made
+  without a user has one vote, whichever address casts it (``FeedbackEvent.vote_field``);
 - a completion's label is the majority of its current votes (like / dislike; a tie is no label);
 - ``same_prompt``: for one normalized prompt, each liked response is preferred to each disliked one;
 - ``correction``: a user's correction is preferred to the response it corrects;
@@ -127,11 +128,11 @@ def resolve_labels(events: Iterable[FeedbackEvent]) -> dict[str, str | None]:
     """Reference model of the vote script: completion id -> label after all events, in any order."""
     votes: dict[str, dict[str, Vote]] = {}
     for event in events:
-        by_identity = votes.setdefault(event.completion_id, {})
+        by_field = votes.setdefault(event.completion_id, {})
         vote = Vote(event.created_at, event.feedback_id, event.rating)
-        if supersedes(vote, by_identity.get(event.identity)):
-            by_identity[event.identity] = vote
-    return {cid: majority_label(by_identity.values()) for cid, by_identity in votes.items()}
+        if supersedes(vote, by_field.get(event.vote_field)):
+            by_field[event.vote_field] = vote
+    return {cid: majority_label(by_field.values()) for cid, by_field in votes.items()}
 
 
 # --- pair records ---------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ vote's Redis CPU, so a call reads each completion's votes once and keeps them fo
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,9 +30,12 @@ from workers.pairing.rules import PairRecord
 # KEYS: 1 labeled_completions, then 5 per slot (one slot per distinct completion and prompt hash in the
 #       batch): votes(cid) prompt_group(ph) prompt_liked(ph) prompt_disliked(ph) pairing_completion(cid)
 # ARGV: 1 most counterparts returned 2 number of slots, then 2 per slot: cid, completion JSON ('' when the
-#       caller knows it is stored), then 3 per event in stream order: slot (1-based), identity, vote
-# A vote is stored as "created_at|feedback_id|rating|correction_hash" (no field may hold "|"; identities are
-# hash fields, never inside values). The group hash maps completion id -> its majority label; it only ever
+#       caller knows it is stored), then 3 per event in stream order: slot (1-based), vote field, vote
+# A vote is stored as "created_at|feedback_id|rating|correction_hash|voter" under its vote field: the voter's
+# identity, or the one field of a completion made without a user (FeedbackEvent.vote_field), so a later
+# vote from another address replaces the earlier one there as it does in the API. Only the voter may hold
+# "|" (it is last). Values written before the voter was added have four parts: their field is the voter.
+# The group hash maps completion id -> its majority label; it only ever
 # changes here, together with the votes, so the label before a vote is the majority of the votes read.
 # Returns per event either its label (when it has no counterparts) or {label, counterparts, votes}: the
 # completion's label after the vote, the newest responses to the same prompt currently labelled the other
@@ -43,9 +47,9 @@ local nslots = tonumber(ARGV[2])
 for s = 1, nslots do
   if ARGV[2 + 2 * s] ~= '' then redis.call('SET', KEYS[1 + 5 * s], ARGV[2 + 2 * s], 'NX') end
 end
-local function rating(vote)  -- +1 like, -1 dislike, 0 other ('|' delimits the rating field alone)
-  if string.find(vote, '|like|', 1, true) then return 1 end
-  if string.find(vote, '|dislike|', 1, true) then return -1 end
+local function rating(vote)  -- +1 like, -1 dislike, 0 other
+  local r = string.match(vote, '^[^|]*|[^|]*|([^|]*)')
+  if r == 'like' then return 1 elseif r == 'dislike' then return -1 end
   return 0
 end
 local function majority(state)
@@ -231,48 +235,51 @@ def _flat(reply: Any) -> list[Any]:
     return list(reply)
 
 
-def parse_vote(raw: bytes | str) -> tuple[float, str, str, str]:
-    """(created_at, feedback_id, rating, correction_hash) from a stored vote."""
-    ts, fid, rating, correction = _text(raw).split("|", 3)
-    return float(ts), fid, rating, correction
+@dataclass(frozen=True, slots=True)
+class StoredVote:
+    created_at: float
+    feedback_id: str
+    rating: str
+    correction_hash: str
+    voter: str
+
+
+def parse_vote(field: bytes | str, raw: bytes | str) -> StoredVote:
+    """A stored vote (see VOTE_BATCH_SCRIPT) from its hash field and value."""
+    parts = _text(raw).split("|", 4)
+    voter = parts[4] if len(parts) == 5 else _text(field)
+    return StoredVote(float(parts[0]), parts[1], parts[2], parts[3], voter)
+
+
+def parse_votes(votes: Sequence[bytes | str]) -> Iterator[StoredVote]:
+    """The votes of a completion's votes hash (a flat HGETALL list)."""
+    for i in range(0, len(votes), 2):
+        yield parse_vote(votes[i], votes[i + 1])
 
 
 def tally(votes: Sequence[bytes | str], limit: int = 20) -> tuple[str | None, list[str], list[str]]:
     """From a completion's votes (flat HGETALL list): its majority label and the feedback ids and
     identities of the votes behind that label, oldest first (at most limit)."""
-    likes: list[tuple[str, str, str]] = []
-    dislikes: list[tuple[str, str, str]] = []
-    for i in range(0, len(votes), 2):
-        ts, fid, rating, _ = _text(votes[i + 1]).split("|", 3)
-        if rating == "like":
-            likes.append((ts, fid, _text(votes[i])))
-        elif rating == "dislike":
-            dislikes.append((ts, fid, _text(votes[i])))
-    if len(likes) > len(dislikes):
-        label, rows = "like", likes
-    elif len(dislikes) > len(likes):
-        label, rows = "dislike", dislikes
+    counts = Counter(vote.rating for vote in parse_votes(votes))
+    if counts["like"] > counts["dislike"]:
+        label = "like"
+    elif counts["dislike"] > counts["like"]:
+        label = "dislike"
     else:
         return None, [], []
-    rows.sort(key=lambda row: (float(row[0]), row[1]))
-    rows = rows[:limit]
-    return label, [fid for _, fid, _ in rows], [who for _, _, who in rows]
+    fids, voters = supporters(votes, label, limit)
+    return label, fids, voters
 
 
 def ratings(votes: Sequence[bytes | str]) -> Iterator[tuple[str, str]]:
     """(identity, rating) of each vote in a completion's votes (flat HGETALL list)."""
-    for i in range(0, len(votes), 2):
-        yield _text(votes[i]), _text(votes[i + 1]).split("|", 3)[2]
+    for vote in parse_votes(votes):
+        yield vote.voter, vote.rating
 
 
 def supporters(votes: Sequence[bytes | str], rating: str | None, limit: int = 20) -> tuple[list[str], list[str]]:
     """(feedback ids, identities) of the votes with this rating, oldest first (at most limit)."""
-    rows = []
-    for i in range(0, len(votes), 2):
-        ts, fid, vote, _ = _text(votes[i + 1]).split("|", 3)
-        if vote == rating:
-            rows.append((float(ts), fid, _text(votes[i])))
-    rows.sort()
+    rows = sorted((v.created_at, v.feedback_id, v.voter) for v in parse_votes(votes) if v.rating == rating)
     return [fid for _, fid, _ in rows[:limit]], [who for _, _, who in rows[:limit]]
 
 
@@ -327,13 +334,13 @@ class VoteBatch:
         slot = self.slots[(completion_id, phash)] = len(self.slots) + 1
         return slot
 
-    def add(self, slot: int, identity: str, vote: str) -> None:
-        """One vote, vote_value() formatted."""
-        self.event_args += (slot, identity, vote)
+    def add(self, slot: int, field: str, vote: str) -> None:
+        """One vote, vote_value() formatted, kept under field (FeedbackEvent.vote_field)."""
+        self.event_args += (slot, field, vote)
 
 
-def vote_value(created_at: float, feedback_id: str, rating: str, correction_hash: str) -> str:
-    return f"{created_at!r}|{feedback_id}|{rating}|{correction_hash}"
+def vote_value(created_at: float, feedback_id: str, rating: str, correction_hash: str, voter: str) -> str:
+    return f"{created_at!r}|{feedback_id}|{rating}|{correction_hash}|{voter}"
 
 
 class RecordBatch:
@@ -525,16 +532,16 @@ class PairsStore:
             pipe = self.redis.pipeline(transaction=False)
             for cid, phash in label_items[start : start + 5000]:
                 pipe.hget(self.keys.prompt_group(phash), cid)
-            for cid, who in correction_items[start : start + 5000]:
-                pipe.hget(self.keys.pairing_votes(cid), who)
+            for cid, _ in correction_items[start : start + 5000]:
+                pipe.hgetall(self.keys.pairing_votes(cid))  # the voter's vote may sit under the anonymous field
             replies = pipe.execute()
             n_labels = len(label_items[start : start + 5000])
             for (cid, _), raw in zip(label_items[start : start + 5000], replies[:n_labels], strict=True):
                 labels[cid] = parse_label(raw)
             for key, raw in zip(correction_items[start : start + 5000], replies[n_labels:], strict=True):
-                if raw:
-                    _, _, rating, correction = parse_vote(raw)
-                    corrections[key] = correction if rating != "withdrawn" else ""
+                for vote in parse_votes(_flat(raw)):
+                    if vote.voter == key[1]:
+                        corrections[key] = vote.correction_hash if vote.rating != "withdrawn" else ""
         return labels, corrections
 
     def prompt_group_labels(self, phashes: Iterable[str], chunk: int = 500) -> dict[str, dict[str, str]]:
@@ -556,8 +563,7 @@ class PairsStore:
             pipe.hgetall(self.keys.pairing_votes(cid))
         out = []
         for raw, label in zip(pipe.execute(), labels, strict=True):
-            flat = [x for kv in raw.items() for x in kv]
-            out.append(supporters(flat, label)[1] if label else [])
+            out.append(supporters(_flat(raw), label)[1] if label else [])
         return out
 
     def labeled_completions(self, chunk: int = 2000) -> Iterator[tuple[dict[str, Any], str | None]]:

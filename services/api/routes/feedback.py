@@ -19,7 +19,7 @@ from services.api.errors import ApiError, json_body, parse_json_body
 from services.api.schemas import FeedbackRequest, FeedbackWithdrawal
 from services.core import metrics
 from services.core.config import Settings
-from services.feedback.events import event_head, voter_identity
+from services.feedback.events import ANONYMOUS_VOTE_FIELD, event_head, voter_identity
 from services.feedback.interactions import InteractionLog
 from services.feedback.signing import TokenExpired, TokenInvalid, token_expiry, verify
 from services.feedback.votes import FeedbackStore, VoteOutcome
@@ -37,11 +37,6 @@ StoreDep = Annotated[FeedbackStore, Depends(_store)]
 def _refuse(reason: str, status: int, message: str, **kw: Any) -> ApiError:
     metrics.refuse_feedback(reason)
     return ApiError(status, message, **kw)
-
-
-# The votes-hash field of a completion made without a user: one vote per completion (per token), whatever
-# user the voter claims. The voter's identity (rate bucket, pairing) is still their address's hash.
-ANONYMOUS_FIELD = "~anonymous"
 
 
 def forwarded_ip(socket_ip: str, forwarded_for: str | None, hops: int) -> str:
@@ -152,7 +147,7 @@ async def _vote(
         record = await stored_record(completion_id, token, user, interactions, settings)
         owner = record.get("user")
     # Claimed users count only when the token was issued for them: a completion without a user takes one
-    # vote (field ANONYMOUS_FIELD), cast by the address's identity.
+    # vote (field ANONYMOUS_VOTE_FIELD), cast by the address's identity.
     voter = voter_identity(owner, ip_hash)
     now = time.time()
     head = event_head(uuid.uuid4().hex, completion_id, voter, ip_hash, rating, comment, correction, now)
@@ -165,7 +160,7 @@ async def _vote(
         now,
         token_user=owner,
         record=orjson.dumps(record) if record is not None else None,
-        field=owner or ANONYMOUS_FIELD,
+        field=owner or ANONYMOUS_VOTE_FIELD,
     )
     if outcome.status == "missing":
         raise _missing(completion_id)
@@ -223,7 +218,7 @@ async def get_feedback(
     """The current vote on a completion; the completion's token is required (its comment and correction
     are the voter's own)."""
     record = await stored_record(completion_id, token, user, interactions, settings)
-    vote = await store.current(completion_id, record.get("user") or ANONYMOUS_FIELD) or {}
+    vote = await store.current(completion_id, record.get("user") or ANONYMOUS_VOTE_FIELD) or {}
     return {
         "completion_id": completion_id,
         "rating": vote.get("rating"),

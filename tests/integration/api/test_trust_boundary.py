@@ -359,6 +359,41 @@ def test_a_completion_without_a_user_takes_one_vote_whatever_the_claimed_users(a
     assert all(not (e["user"] or "").startswith("claimed") for e in events)
 
 
+def test_a_completion_without_a_user_counts_once_in_pairing_whichever_addresses_vote(
+    auth_api: AuthApi, tiny_model_dir: Path, tmp_path: Path
+):
+    """Two addresses vote on one completion made without a user: the API keeps one vote and pairing counts
+    one, the latest, under that address's identity (not one vote per address)."""
+    from services.core.config import Settings
+    from workers.pairing.consumer import FeedbackConsumer
+    from workers.pairing.store import parse_votes, tally
+
+    secret, _ = ApiKeyStore(auth_api.redis, auth_api.keys).create("anon-votes")
+    r = auth_api.chat(key=secret)
+    fb = r.json()["feedback"]
+    cid = fb["completion_id"]
+    assert auth_api.flush(cid)["user"] is None
+    base = {"completion_id": cid, "token": fb["token"]}
+    for rating, address in (("like", "198.51.100.1"), ("dislike", "198.51.100.2")):
+        assert auth_api.vote({**base, "rating": rating}, headers={"X-Forwarded-For": address}).status_code == 202
+    assert len(auth_api.redis.hgetall(auth_api.keys.votes(cid))) == 1
+    voters = [e["user"] for e in auth_api.events(cid)]
+    assert len(set(voters)) == 2  # each vote was cast by its own address's identity
+
+    settings = Settings(
+        redis_url=auth_api.redis_server.url,
+        redis_prefix=auth_api.keys.prefix,
+        data_dir=tmp_path,
+        engine={"model": str(tiny_model_dir)},
+        pairs={"data_dir": tmp_path / "datasets"},
+    )
+    FeedbackConsumer(auth_api.redis, auth_api.keys, settings, name="anon-test").consume(60, until_drained=True)
+    raw = auth_api.redis.hgetall(auth_api.keys.pairing_votes(cid))
+    flat = [part for item in raw.items() for part in item]
+    assert [v.voter for v in parse_votes(flat)] == [voters[1]]
+    assert tally(flat)[0] == "dislike"  # before, the two addresses tied and the completion had no label
+
+
 # --- forwarded addresses -------------------------------------------------------------------------------
 
 

@@ -360,9 +360,18 @@ def test_vote_state_matches_the_reference_rules_for_shuffled_events(pairs_env: P
     rng = random.Random(3)
     events = []
     for _ in range(400):
-        cid = f"k{rng.randrange(20)}"
+        k = rng.randrange(24)
+        cid = f"k{k}"
         rating = rng.choice(["like", "like", "dislike", "withdrawn"])
         user, created_at = f"user{rng.randrange(6)}", 1000.0 + rng.randrange(300)
+        if k >= 20:  # completions made without a user: one vote each, whichever address casts it
+            ip_hash = f"{rng.randrange(6):016x}"
+            events.append(
+                feedback_event(
+                    cid, rating, None, ip_hash=ip_hash, anonymous=True, response=f"Answer {cid}.", created_at=created_at
+                )
+            )
+            continue
         events.append(feedback_event(cid, rating, user, response=f"Answer {cid}.", created_at=created_at))
     rng.shuffle(events)  # arrival order differs from created_at order
     for event in events:
@@ -381,6 +390,42 @@ def test_vote_state_matches_the_reference_rules_for_shuffled_events(pairs_env: P
     pairs = [pairs_env.pair(pid) for pid in pairs_env.pair_ids()]
     live = {tuple(p["completion_ids"]) for p in pairs if pairing.pair_is_live(p, labels, {})}
     assert live == {(a, b) for a in liked for b in disliked}
+
+
+def test_an_anonymous_completion_counts_one_vote_whichever_addresses_vote(pairs_env: PairsEnv):
+    """The API keeps one vote per completion made without a user; pairing counts it once too, under the
+    latest voter's identity: two addresses liking it are one supporter, a like then another address's
+    dislike is a dislike (not a tie), and the first address's correction no longer stands."""
+    prompt = "What is the capital of Italy?"
+    a, b = "aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb"
+    events = [
+        feedback_event("both", "like", None, ip_hash=a, anonymous=True, prompt=prompt, response="Rome."),
+        feedback_event("both", "like", None, ip_hash=b, anonymous=True, prompt=prompt, response="Rome."),
+        feedback_event("flip", "like", None, ip_hash=a, anonymous=True, prompt=prompt, response="Milan."),
+        feedback_event("flip", "dislike", None, ip_hash=b, anonymous=True, prompt=prompt, response="Milan."),
+        feedback_event(
+            "fix", "dislike", None, ip_hash=a, anonymous=True, prompt=prompt, response="Turin.", correction="Rome."
+        ),
+        feedback_event("fix", "dislike", None, ip_hash=b, anonymous=True, prompt=prompt, response="Turin."),
+    ]
+    for event in events:
+        xadd(pairs_env.redis, pairs_env.keys.feedback_stream, event)
+    pairs_env.consumer().consume(10, until_drained=True)
+
+    liked_over_flip = pairs_env.pair(pairing.pair_id("same_prompt", "both", "flip"))
+    assert liked_over_flip["users"] == [f"ip:{b}"]  # one supporter on each side: the latest voter
+    correction = pairing.pair_id("correction", "fix", f"ip:{a}", pairing.text_hash("Rome."))
+    assert correction in pairs_env.pair_ids()  # stored when it was cast
+    store = PairsStore(pairs_env.redis, pairs_env.keys)
+    labels, corrections = store.live_state([pairs_env.pair(correction), liked_over_flip])
+    assert labels == {"both": "like", "flip": "dislike"}
+    assert not pairing.pair_is_live(pairs_env.pair(correction), labels, corrections)  # b's vote replaced it
+    assert pairing.pair_is_live(liked_over_flip, labels, corrections)
+    assert pairing.resolve_labels(parse_event(entry(e)) for e in events) == {
+        "both": "like",
+        "flip": "dislike",
+        "fix": "dislike",
+    }
 
 
 # --- no loss, no duplicates under SIGKILL ------------------------------------------------------------------
