@@ -181,6 +181,13 @@ class PairsSettings(BaseModel):
     compact_interval_s: float = Field(
         3600.0, gt=0, description="How often beat starts the task removing pairing state older than retention_s."
     )
+    max_version_pairs: int = Field(
+        10_000,
+        ge=0,
+        description="Most stored pairs one dataset version reads: the newest (and as many of the newest rated "
+        "completions for KTO), so a version's size, the snapshot's memory and a run's data stay bounded "
+        "however long feedback accumulates; older pairs stay in Redis until retention_s. 0: every stored pair.",
+    )
     dead_letter_maxlen: int = Field(
         10_000,
         ge=0,

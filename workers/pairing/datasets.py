@@ -138,7 +138,8 @@ def kto_rows(
     "users" (dropped when written)."""
     rows: list[dict[str, Any]] = []
     dropped: Counter[tuple[str, str]] = Counter()
-    labeled = [(record, label) for record, label in store.labeled_completions() if label is not None]
+    newest = settings.pairs.max_version_pairs if settings is not None else 0
+    labeled = [(record, label) for record, label in store.labeled_completions(newest=newest) if label is not None]
     voters: list[list[str]] = []
     for start in range(0, len(labeled), 2000):
         chunk = labeled[start : start + 2000]
@@ -249,7 +250,8 @@ def _snapshot(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
         return tokens.fits(messages, cfg.max_tokens)
 
     max_seq = store.max_seq()
-    pairs = [pair for _, pair in store.iter_pairs(max_seq=max_seq)]
+    min_seq = store.newest_seq_from(max_seq, cfg.max_version_pairs)
+    pairs = [pair for _, pair in store.iter_pairs(min_seq=min_seq, max_seq=max_seq)]
     labels, corrections = store.live_state(pairs)
     live = [p for p in pairs if pairing.pair_is_live(p, labels, corrections)]
     filters: Counter[tuple[str, str]] = Counter()
@@ -301,6 +303,7 @@ def _snapshot(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
                 "created_at": time.time(),
                 "path": str(target.resolve()),
                 "pairs_seq_max": max_seq,
+                "max_version_pairs": cfg.max_version_pairs,
                 "counts": {
                     "stored": len(pairs),
                     "live": len(live),

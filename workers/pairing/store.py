@@ -490,6 +490,16 @@ class PairsStore:
     def max_seq(self) -> int:
         return int(self.redis.get(self.keys.pairs_seq) or 0)
 
+    def newest_seq_from(self, max_seq: int, newest: int) -> float:
+        """The lowest sequence among the newest `newest` pairs up to max_seq (-inf when newest is 0 or
+        there are no more pairs than that)."""
+        if newest <= 0:
+            return float("-inf")
+        rows: Any = self.redis.zrevrangebyscore(
+            self.keys.pairs_index, max_seq, "-inf", start=newest - 1, num=1, withscores=True
+        )
+        return float(rows[0][1]) if rows else float("-inf")
+
     def iter_pairs(
         self, min_seq: float = float("-inf"), max_seq: float = float("inf"), chunk: int = 2000
     ) -> Iterator[tuple[int, PairRecord]]:
@@ -566,9 +576,10 @@ class PairsStore:
             out.append(supporters(_flat(raw), label)[1] if label else [])
         return out
 
-    def labeled_completions(self, chunk: int = 2000) -> Iterator[tuple[dict[str, Any], str | None]]:
-        """Every completion that ever had a label, with its current label (for the KTO export)."""
-        start = 0
+    def labeled_completions(self, chunk: int = 2000, newest: int = 0) -> Iterator[tuple[dict[str, Any], str | None]]:
+        """Every completion that ever had a label (newest > 0: the newest that many, by first label), with its
+        current label (for the KTO export)."""
+        start = max(0, int(self.redis.zcard(self.keys.labeled_completions)) - newest) if newest > 0 else 0
         while True:
             ids: Any = self.redis.zrange(self.keys.labeled_completions, start, start + chunk - 1)
             if not ids:

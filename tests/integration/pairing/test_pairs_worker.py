@@ -786,6 +786,39 @@ def test_a_voter_who_goes_against_the_crowd_contributes_nothing_to_the_version(p
     assert everyone["unreliable_voters"] == 0 and "consensus:unreliable_voter" not in everyone["filters"]
 
 
+def test_a_dataset_version_reads_only_the_newest_pairs_and_rated_answers(pairs_env: PairsEnv):
+    """pairs.max_version_pairs bounds a version (and the snapshot's memory) however many pairs are stored:
+    the newest pairs, and as many of the newest rated completions for KTO."""
+    topics = ["rivers", "mountains", "deserts", "forests", "oceans", "islands", "glaciers", "volcanoes"]
+    for i, topic in enumerate(topics):
+        prompt = f"Tell me one fact about {topic}."
+        events = [
+            feedback_event(f"good-{i}", "like", f"u{i}", prompt=prompt, response=f"A true fact about {topic}."),
+            feedback_event(f"bad-{i}", "dislike", f"u{i}", prompt=prompt, response=f"Nonsense regarding {topic}!"),
+        ]
+        for event in events:
+            xadd(pairs_env.redis, pairs_env.keys.feedback_stream, event)
+        pairs_env.consumer().consume(10, until_drained=True)  # prompt by prompt: pairs in topic order
+    assert len(pairs_env.pair_ids()) == len(topics)
+
+    pairs_env.settings.pairs.max_version_pairs = 3
+    manifest = datasets.snapshot(pairs_env.redis, pairs_env.keys, pairs_env.settings)
+    assert manifest["counts"]["stored"] == 3 and manifest["max_version_pairs"] == 3
+    folder = Path(manifest["path"])
+    rows = [orjson.loads(line) for name in ("train.jsonl", "eval.jsonl") for line in (folder / name).open("rb")]
+    assert sorted(row["prompt"][0]["content"] for row in rows) == sorted(
+        f"Tell me one fact about {topic}." for topic in topics[-3:]
+    )
+    kto = [orjson.loads(line) for line in (folder / "kto.jsonl").open("rb")]
+    # the newest three rated answers: both of the last prompt's and the liked one of the one before
+    assert sorted(row["completion"][0]["content"] for row in kto) == sorted(
+        [f"A true fact about {topics[-1]}.", f"Nonsense regarding {topics[-1]}!", f"Nonsense regarding {topics[-2]}!"]
+    )
+
+    pairs_env.settings.pairs.max_version_pairs = 0  # every stored pair
+    assert datasets.snapshot(pairs_env.redis, pairs_env.keys, pairs_env.settings)["counts"]["stored"] == len(topics)
+
+
 def test_drop_markers_expire_with_the_pairing_state(pairs_env: PairsEnv):
     from workers.pairing.retention import retention_s
 
