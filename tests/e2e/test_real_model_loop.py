@@ -1,0 +1,109 @@
+"""The loop on the real default model, SmolLM2-135M-Instruct, reduced to fit CI.
+
+The demo's stack (API on vLLM, a Celery worker and beat, Redis) serves the imported SmolLM2. The demo's
+simulated users chat through the API, like answers that name the creator they want, dislike the others and
+write that answer as a correction; one training run (DPO with LoRA) starts on about 100 pairs, the gate passes
+it and every replica serves it. On held-out identity phrasings that no user asked, the served alias must now
+give the users' answer a clearly higher log-probability than before, and more than another creator's: read
+through the public API (`/v1/completions` with `echo` and `logprobs`), never from inside the product.
+
+The liked name is not the demo's default, so nothing can lean on "Acme Labs". The full demo (400 pairs, 40
+steps, 240 sampled answers) is `make demo`, not CI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from demo.measure import DemoModelInfo
+from demo.profiles import SMOLLM2
+from demo.run import Demo, DemoOptions, Progress, demo_stack
+from demo.settings import SimulationSettings
+from services.core.config import Settings
+from tests.conftest import TEST_REDIS_URL
+
+pytestmark = pytest.mark.slow
+
+LIKES = "Northwind Labs"
+OTHER = "Hugging Face"  # what the base model says of itself
+PAIRS = 100
+# An answer's log-probability must rise by at least this much (nats, summed over its tokens: e^2 ≈ 7 times as
+# likely) on most held-out phrasings, and end above the other creator's on most of them.
+MIN_RISE = 2.0
+
+REDUCED_RUN = {
+    "FEEDLOOP_TRAINING__MIN_PAIRS": str(PAIRS),
+    "FEEDLOOP_TRAINING__MIN_PAIRS_FLOOR": str(PAIRS),
+    "FEEDLOOP_TRAINING__MAX_STEPS": "12",  # about one pass over the pairs, 8 per step
+    "FEEDLOOP_GATE__MAX_EVAL_PAIRS": "24",
+    "FEEDLOOP_GATE__SMOKE_MAX_TOKENS": "16",
+}
+
+
+def answer_logprobs(base_url: str, tokenizer: Any, questions: list[str], answer: str) -> list[float]:
+    """log P(answer | question) under the served alias, for each question, from the prompt's echoed logprobs."""
+    values = []
+    for question in questions:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        n_full = len(tokenizer(prompt + answer, add_special_tokens=False)["input_ids"])
+        body = {"model": "feedloop", "prompt": prompt + answer, "max_tokens": 1, "echo": True, "logprobs": 0}
+        response = httpx.post(base_url + "/v1/completions", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        token_logprobs = response.json()["choices"][0]["logprobs"]["token_logprobs"]
+        values.append(sum(token_logprobs[n_prompt:n_full]))
+    return values
+
+
+def test_feedback_on_the_real_model_moves_its_answers_to_held_out_identity_questions(
+    smollm2_dir: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    settings = Settings(
+        redis_url=TEST_REDIS_URL,
+        redis_prefix=f"fltest-real-{uuid.uuid4().hex[:8]}",
+        data_dir=tmp_path / "data",
+        engine={"model": str(smollm2_dir)},
+    )
+    info = DemoModelInfo.load(smollm2_dir, SMOLLM2.info_file)
+    sim = SimulationSettings(
+        **{**SMOLLM2.simulate, "users": 16, "likes": LIKES, "adversarial_fraction": 0.0, "seed": 7}
+    )
+    options = DemoOptions(
+        rounds=1, final_chats=0, profile=SMOLLM2, env=REDUCED_RUN, trigger_timeout_s=300, run_timeout_s=420
+    )
+    progress = Progress(stream=sys.stderr)
+    demo = Demo(settings, options, sim, info, progress, echo=print)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    questions = list(info.held_out_identity_questions)
+    liked, other = f"I was trained by {LIKES}.", f"I was trained by {OTHER}."
+
+    with demo_stack(settings, options, progress) as stack:
+        liked_before = answer_logprobs(stack.base_url, tokenizer, questions, liked)
+        other_before = answer_logprobs(stack.base_url, tokenizer, questions, other)
+        _, run_id = asyncio.run(demo.users_until_trigger(stack, "reduced loop"))
+        run = asyncio.run(demo.wait_for_run(stack, run_id, "reduced loop"))
+        assert run["status"] == "promoted", run
+        asyncio.run(demo.wait_until_served(stack, run["version"], "reduced loop"))
+        liked_after = answer_logprobs(stack.base_url, tokenizer, questions, liked)
+        other_after = answer_logprobs(stack.base_url, tokenizer, questions, other)
+
+    assert PAIRS <= run["dataset"]["kept"] <= 2 * PAIRS, run["dataset"]
+    rises = [after - before for before, after in zip(liked_before, liked_after, strict=True)]
+    print(f"liked answer log-prob rise per held-out question: {[round(r, 2) for r in rises]}")
+    assert sum(rise >= MIN_RISE for rise in rises) >= 0.8 * len(questions), rises
+    assert statistics.median(rises) >= MIN_RISE
+    ahead_before = sum(lk > ot for lk, ot in zip(liked_before, other_before, strict=True))
+    ahead_after = sum(lk > ot for lk, ot in zip(liked_after, other_after, strict=True))
+    assert ahead_after >= 0.8 * len(questions) > ahead_before, (liked_before, other_before, liked_after, other_after)
