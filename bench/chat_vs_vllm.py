@@ -20,7 +20,7 @@ structured outputs; no ignore_eos, the grammar ends the answer) or `logprobs` (`
 on every token). The warm-up checks that both servers did what the kind asks (every answer a JSON object, or
 logprobs on its chunks), so a server that ignored the parameter is never measured against one that honoured it.
 
-`--model FOLDER` serves another model (e.g. data/models/smollm2-135m-instruct) on both servers. `--adapter FOLDER`
+`--model smollm2` (or a model folder, or a packaged model's name) serves that model on both servers. `--adapter FOLDER`
 (a published adapter of that model, manifest.json included) measures the adapter's cost instead: one
 `feedloop serve` with the adapter active, the alias (through the adapter) against `feedloop-base` (the same
 engine, no adapter), in the same alternating rounds.
@@ -130,7 +130,7 @@ def engine_argv(settings: Settings, model: str, port: int) -> list[str]:
 
 
 def start_servers(args: argparse.Namespace, prefix: str) -> tuple[harness.Server, harness.Server, Settings]:
-    model = args.model or str(harness.tiny_model())
+    model = harness.model_folder(args.model)
     settings = Settings(engine={"model": model, "max_model_len": 1024})
     common = {"VLLM_CPU_KVCACHE_SPACE": str(settings.engine.cpu_kvcache_gib)}
     env = {**common, "FEEDLOOP_ENGINE__MAX_MODEL_LEN": "1024"}
@@ -151,7 +151,7 @@ def start_adapter_server(args: argparse.Namespace, prefix: str) -> tuple[harness
     from services.adapters.registry import AdapterRegistry
     from services.core.keys import Keys
 
-    model = args.model or str(harness.tiny_model())
+    model = harness.model_folder(args.model)
     settings = Settings(engine={"model": model, "max_model_len": 1024})
     manifest = json.loads((args.adapter / "manifest.json").read_text())
     version = manifest["version"]
@@ -498,7 +498,11 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="py-spy (raw, collapsed stacks) of our API process")
     parser.add_argument("--kind", choices=KINDS, default="plain", help="plain chat, json_schema or logprobs")
     parser.add_argument("--output", type=Path, help="default: bench/results/chat_vs_vllm[-KIND][-adapter].json")
-    parser.add_argument("--model", help="a model folder to serve (default: the tiny test model)")
+    parser.add_argument(
+        "--model",
+        help="a model folder, or a packaged model's name (smollm2: the default model), to serve "
+        "(default: the tiny test model)",
+    )
     parser.add_argument(
         "--adapter",
         type=Path,

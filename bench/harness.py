@@ -147,6 +147,25 @@ def tiny_model() -> Path:
     return build_tiny_model(TINY_MODEL)
 
 
+def model_folder(spec: str | None) -> str:
+    """A benchmark's model: a model folder; a packaged model's name (`smollm2-135m-instruct`, or `smollm2` for
+    the default one), imported into the data dir on first use as `feedloop serve` does; or (None) the tiny
+    test model."""
+    if not spec:
+        return str(tiny_model())
+    if Path(spec).is_dir():
+        return spec
+    from services.models.catalog import DEFAULT_MODEL, known_model
+    from services.models.importer import import_model
+
+    packaged = known_model(DEFAULT_MODEL if spec.strip().lower() == "smollm2" else spec)
+    if packaged is None:
+        raise SystemExit(f"--model {spec}: neither a folder nor a packaged model name")
+    from services.core.config import Settings
+
+    return str(import_model(packaged.name, Settings().models_dir, exist_ok=True).path.resolve())
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0-100) by linear interpolation; NaN for no values."""
     if not values:
