@@ -554,16 +554,22 @@ class PairsStore:
                         corrections[key] = vote.correction_hash if vote.rating != "withdrawn" else ""
         return labels, corrections
 
-    def prompt_group_labels(self, phashes: Iterable[str], chunk: int = 500) -> dict[str, dict[str, str]]:
-        """Every labelled completion of each prompt group: phash -> {completion id: label}."""
+    def prompt_group_labels(
+        self, phashes: Iterable[str], newest: int = 1000, chunk: int = 500
+    ) -> dict[str, dict[str, str]]:
+        """The labelled completions of each prompt group, at most the newest `newest` liked and as many disliked
+        ones (a prompt asked every day would otherwise grow without bound): phash -> {completion id: label}."""
         ordered = sorted(set(phashes))
         groups: dict[str, dict[str, str]] = {}
         for start in range(0, len(ordered), chunk):
             pipe = self.redis.pipeline(transaction=False)
             for phash in ordered[start : start + chunk]:
-                pipe.hgetall(self.keys.prompt_group(phash))
-            for phash, raw in zip(ordered[start : start + chunk], pipe.execute(), strict=True):
-                groups[phash] = {_text(cid): label for cid, value in raw.items() if (label := _text(value))}
+                pipe.zrevrange(self.keys.prompt_liked(phash), 0, newest - 1)
+                pipe.zrevrange(self.keys.prompt_disliked(phash), 0, newest - 1)
+            replies = pipe.execute()
+            for i, phash in enumerate(ordered[start : start + chunk]):
+                liked, disliked = replies[2 * i], replies[2 * i + 1]
+                groups[phash] = {_text(cid): "like" for cid in liked} | {_text(cid): "dislike" for cid in disliked}
         return groups
 
     def labeled_voters(self, completion_ids: Sequence[str], labels: Sequence[str | None]) -> list[list[str]]:

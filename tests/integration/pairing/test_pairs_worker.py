@@ -819,6 +819,30 @@ def test_a_dataset_version_reads_only_the_newest_pairs_and_rated_answers(pairs_e
     assert datasets.snapshot(pairs_env.redis, pairs_env.keys, pairs_env.settings)["counts"]["stored"] == len(topics)
 
 
+def test_consensus_reads_at_most_the_newest_labelled_answers_of_a_prompt(pairs_env: PairsEnv):
+    """A prompt asked every day gathers labelled answers without end; the consensus filter reads the newest of
+    each label only, so a snapshot's reads stay bounded."""
+    prompt = "Name a primary colour."
+    for i in range(5):
+        xadd(
+            pairs_env.redis,
+            pairs_env.keys.feedback_stream,
+            feedback_event(f"l{i}", "like", f"u{i}", prompt=prompt, response=f"Red {i}."),
+        )
+        xadd(
+            pairs_env.redis,
+            pairs_env.keys.feedback_stream,
+            feedback_event(f"d{i}", "dislike", f"v{i}", prompt=prompt, response=f"Seven {i}."),
+        )
+    pairs_env.consumer().consume(10, until_drained=True)
+    phash = pairing.prompt_hash([{"role": "user", "content": prompt}])
+    store = PairsStore(pairs_env.redis, pairs_env.keys)
+    assert store.prompt_group_labels([phash], newest=2) == {
+        phash: {"l4": "like", "l3": "like", "d4": "dislike", "d3": "dislike"}
+    }
+    assert len(store.prompt_group_labels([phash])[phash]) == 10
+
+
 def test_drop_markers_expire_with_the_pairing_state(pairs_env: PairsEnv):
     from workers.pairing.retention import retention_s
 
