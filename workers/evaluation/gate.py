@@ -218,29 +218,46 @@ def score_preferences(model, pairs, pad_id: int, batch_size: int, device) -> Pre
     return PreferenceScore.from_margins(margins)
 
 
-def greedy_answer(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int, device) -> tuple[str, list]:
-    """The model's greedy answer to a conversation: its text and its token ids without special tokens."""
+def greedy_answers(
+    model, tokenizer, conversations: list[list[dict[str, Any]]], max_new_tokens: int, device, batch_size: int = 8
+) -> list[tuple[str, list[int]]]:
+    """The model's greedy answer to each conversation: its text and its token ids without special tokens.
+    Conversations go batch_size at a time, left-padded (a CPU generates a batch for little more than one)."""
     import torch
 
-    ids = _render_ids(tokenizer, messages, add_generation_prompt=True)
-    input_ids = torch.tensor([ids], device=device)
-    generated = model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )[0, len(ids) :].tolist()
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     special = set(tokenizer.all_special_ids)
-    content = [token for token in generated if token not in special]
-    return tokenizer.decode(content, skip_special_tokens=True), content
+    answers: list[tuple[str, list[int]]] = []
+    for start in range(0, len(conversations), batch_size):
+        rendered = [
+            _render_ids(tokenizer, c, add_generation_prompt=True) for c in conversations[start : start + batch_size]
+        ]
+        width = max(len(ids) for ids in rendered)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in rendered], device=device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in rendered], device=device)
+        generated = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )[:, width:].tolist()
+        for row in generated:
+            if eos in row:  # a finished answer is padded to the longest one in its batch
+                row = row[: row.index(eos)]
+            content = [token for token in row if token not in special]
+            answers.append((tokenizer.decode(content, skip_special_tokens=True), content))
+    return answers
 
 
 def smoke_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, min_ratio: float, device):
     outputs = []
-    for prompt in prompts:
-        text, content = greedy_answer(model, tokenizer, [{"role": "user", "content": prompt}], max_new_tokens, device)
+    conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
+    for prompt, (text, content) in zip(
+        prompts, greedy_answers(model, tokenizer, conversations, max_new_tokens, device), strict=True
+    ):
         ratio = distinct_bigram_ratio(content)
         outputs.append(
             SmokeOutput(
@@ -255,7 +272,7 @@ def smoke_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, mi
 
 
 def retention_answers(model, tokenizer, cases: list[RetentionCase], max_new_tokens: int, device) -> list[str]:
-    return [greedy_answer(model, tokenizer, case.messages, max_new_tokens, device)[0] for case in cases]
+    return [text for text, _ in greedy_answers(model, tokenizer, [c.messages for c in cases], max_new_tokens, device)]
 
 
 def _use(model, adapter: str | None):

@@ -252,3 +252,24 @@ def test_max_steps_replaces_epochs(tiny_model_dir: Path, workspace: Path, datase
     result = run_training(settings, dataset, workspace / "runs" / "steps", "run-steps", "ds-1", progress=records.append)
     assert result.steps == len(result.history) == 3
     assert records[-1]["step"] == records[-1]["total_steps"] == 3
+
+
+def test_batched_greedy_answers_are_the_one_by_one_answers(first_run, tiny_model_dir: Path) -> None:
+    """The gate generates its smoke and regression answers in left-padded batches: each answer must be the one
+    the model gives the conversation alone (prompts of different lengths, answers ending at different steps)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from services.core.runtime import served_tokenizer
+    from workers.evaluation.gate import greedy_answers
+
+    _, adapter, _ = first_run
+    settings = training_settings(tiny_model_dir)
+    tokenizer = served_tokenizer(settings)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter)).eval()
+    conversations = [[{"role": "user", "content": f"Tell me about {topic}."}] for topic in FACTS]
+    conversations += [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "What do you know? " * 6}]]
+    one_by_one = [greedy_answers(model, tokenizer, [c], 24, "cpu")[0] for c in conversations]
+    batched = greedy_answers(model, tokenizer, conversations, 24, "cpu", batch_size=4)
+    assert [text for text, _ in batched] == [text for text, _ in one_by_one]
+    assert len({len(tokens) for _, tokens in one_by_one}) > 1  # the answers really end at different lengths
