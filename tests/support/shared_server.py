@@ -34,9 +34,11 @@ def serve_base_model(live_api: LiveApi, timeout: float = 30) -> None:
 
 
 def forget_ephemeral_keys(live_api: LiveApi, max_ttl_s: float = 3600) -> int:
-    """Delete the server's keys that expire within max_ttl_s (records kept for days are left alone)."""
+    """Delete the server's keys that expire within max_ttl_s (records kept for days are left alone), but not the
+    locks of work in progress (a training run's lease, a snapshot's lock) that a worker may hold right now."""
+    held = {live_api.keys.training_lease.encode(), live_api.keys.snapshot_lock.encode()}
     deleted = 0
     for key in live_api.redis.scan_iter(match=f"{live_api.keys.prefix}:*", count=1000):
-        if 0 < live_api.redis.pttl(key) <= max_ttl_s * 1000:
+        if key not in held and 0 < live_api.redis.pttl(key) <= max_ttl_s * 1000:
             deleted += int(live_api.redis.delete(key))
     return deleted

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,11 @@ from workers.training.lease import Heartbeat, Lease, LeaseBusy, LeaseClient, Lea
 from workers.training.runs import RunStore, encode
 
 log = logging.getLogger(__name__)
+
+# One run at a time per process: TRL's trainers share process-wide state (accelerate's AcceleratorState), so two
+# runs in one worker's threads break each other. The lease keeps runs apart across workers; this covers a run
+# whose lease expired (it learns so only when it next writes) while the next run starts in the same process.
+_ONE_RUN_PER_PROCESS = threading.Lock()
 
 # GATE_RESULTS reason label: the first failed rule, from a fixed set.
 _GATE_REASONS = (
@@ -98,7 +104,14 @@ def execute(redis: Redis, keys: Keys, settings: Settings, run_id: str) -> dict[s
     with Heartbeat(leases, lease) as heartbeat:
         ctx = RunContext(redis, keys, leases, lease, heartbeat)
         try:
-            _pipeline(ctx, settings, started)
+            if not _ONE_RUN_PER_PROCESS.acquire(blocking=False):
+                log.info("training run %s waits for this process's previous run to end", run_id)
+                _ONE_RUN_PER_PROCESS.acquire()
+            try:
+                heartbeat.check()
+                _pipeline(ctx, settings, started)
+            finally:
+                _ONE_RUN_PER_PROCESS.release()
         except (LeaseLost, StaleFence) as lost:
             # Another holder owns the lease now: write nothing. The trigger marks this run failed (and
             # counts the failure in feedloop_training_runs_total).

@@ -282,3 +282,54 @@ def test_sigkill_of_a_train_worker_mid_run_fails_the_run_once(loop_env: LoopEnv)
     assert loop_env.redis.llen(loop_env.keys.run_history(run_id)) == steps
     assert int(loop_env.redis.get(loop_env.keys.fencing_counter)) == token  # no second lease was ever taken
     assert not loop_env.redis.exists(loop_env.keys.training_lease)
+
+
+def test_a_run_started_while_a_lost_one_still_trains_in_the_same_process_waits_for_it(
+    loop_env: LoopEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose lease vanished (expired, or a Redis that lost its data) trains on until it next checks; the
+    next run, started in the same worker process meanwhile, must not train beside it (TRL's trainers share
+    process-wide state, and one's teardown broke the other's step): it waits, then trains and finishes, while
+    the lost run ends failed."""
+    from workers.training import trainer
+    from workers.training.job import execute
+    from workers.training.runs import TERMINAL
+
+    loop_env.add_correction_pairs(24)
+    trigger = loop_env.trigger()
+    results: dict[str, dict] = {}
+    entered: dict[str, float] = {}  # run id -> when its run_training call began
+    left: dict[str, float] = {}  # run id -> when it returned or raised
+    original = trainer.run_training
+
+    def timed_run_training(settings, dataset_dir, output_dir, run_id, *args, **kwargs):
+        entered[run_id] = time.monotonic()
+        try:
+            return original(settings, dataset_dir, output_dir, run_id, *args, **kwargs)
+        finally:
+            left[run_id] = time.monotonic()
+
+    monkeypatch.setattr(trainer, "run_training", timed_run_training)
+
+    def run(name: str, run_id: str) -> threading.Thread:
+        def target() -> None:
+            results[name] = execute(redis.Redis.from_url(REDIS_URL), loop_env.keys, loop_env.settings, run_id)
+
+        thread = threading.Thread(target=target, name=name)
+        thread.start()
+        return thread
+
+    first = trigger.check(force=True).run_id
+    assert first is not None
+    first_thread = run("first", first)
+    loop_env.wait(lambda: first in entered, 60, "the first run to start training", 0.01)
+    loop_env.redis.delete(loop_env.keys.training_lease)
+    assert trigger.recover_stale() == [first]
+    second = trigger.check(force=True).run_id
+    assert second is not None and second != first
+    second_thread = run("second", second)
+    first_thread.join(300)
+    second_thread.join(300)
+    assert results["first"]["status"] == "failed"
+    assert results["second"]["status"] in TERMINAL - {"failed"}, results["second"]
+    assert entered[second] >= left[first]  # never two trainings at once in one process
