@@ -124,7 +124,9 @@ def test_feedback_becomes_a_promoted_adapter_that_serves(
     finally:
         for process in processes:
             process.stop()
-        request.addfinalizer(lambda: (serve_base_model(live_api), forget_ephemeral_keys(live_api)))
+        request.addfinalizer(
+            lambda: (serve_base_model(live_api), forget_ephemeral_keys(live_api, workers_stopped=True))
+        )
 
     run = next(r for r in runs if r.get("version") == new["version"])
     assert run["status"] == "promoted" and run["gate"]["passed"] is True

@@ -33,10 +33,12 @@ def serve_base_model(live_api: LiveApi, timeout: float = 30) -> None:
     raise AssertionError("the server's alias still serves an adapter")
 
 
-def forget_ephemeral_keys(live_api: LiveApi, max_ttl_s: float = 3600) -> int:
-    """Delete the server's keys that expire within max_ttl_s (records kept for days are left alone), but not the
-    locks of work in progress (a training run's lease, a snapshot's lock) that a worker may hold right now."""
-    held = {live_api.keys.training_lease.encode(), live_api.keys.snapshot_lock.encode()}
+def forget_ephemeral_keys(live_api: LiveApi, max_ttl_s: float = 3600, workers_stopped: bool = False) -> int:
+    """Delete the server's keys that expire within max_ttl_s (records kept for days are left alone). The locks of
+    work in progress (a training run's lease, a snapshot's lock) go only once the caller's workers stopped:
+    a worker may hold them right now."""
+    locks = {live_api.keys.training_lease.encode(), live_api.keys.snapshot_lock.encode()}
+    held = set() if workers_stopped else locks
     deleted = 0
     for key in live_api.redis.scan_iter(match=f"{live_api.keys.prefix}:*", count=1000):
         if key not in held and 0 < live_api.redis.pttl(key) <= max_ttl_s * 1000:
