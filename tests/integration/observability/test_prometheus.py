@@ -130,6 +130,7 @@ def worker(live_api: LiveApi) -> Iterator[Worker]:
         yield Worker(proc, url, log_path)
     finally:
         stop(proc)
+        forget_ephemeral_keys(live_api, workers_stopped=True)  # a lease its run may have left
 
 
 @pytest.fixture(scope="module")
@@ -320,9 +321,17 @@ def test_training_series(live_api: LiveApi, prometheus: Prometheus, request: pyt
     prometheus.settle()
     succeeded_before = prometheus.value('sum(feedloop_training_runs_total{outcome="success"})')
     gate_before = prometheus.value("sum(feedloop_gate_results_total)")
-    result = trigger.check(enqueue=lambda run_id: app.send_task("train.run", args=[run_id], task_id=run_id), force=True)
+    # The module's worker may have started a run of its own on earlier tests' pairs: as `train --now` does, a
+    # forced run waits for the run slot, and the checks below are about our run, not every run.
+    deadline = time.monotonic() + 300
+    while True:
+        result = trigger.check(
+            enqueue=lambda run_id: app.send_task("train.run", args=[run_id], task_id=run_id), force=True
+        )
+        if result.action == "started" or result.reason != "run_in_progress" or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert result.action == "started", result.to_dict()
-    # Our run, not every run: the module's worker may also have started one on earlier tests' pairs.
     runs = RunStore(live_api.redis, live_api.keys)
     deadline = time.monotonic() + 300
     while (runs.get(result.run_id) or {}).get("status") not in TERMINAL and time.monotonic() < deadline:
