@@ -207,6 +207,7 @@ def gpu_peak_tflops(name: str, override: float | None) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpu-shape", choices=["llama-8b"], help="benchmark a random-weight model of this shape")
+    parser.add_argument("--model", help="CPU: a model folder or packaged name (smollm2); default: the tiny test model")
     parser.add_argument("--pairs", type=int, help="training pairs (default: 128 CPU, 96 GPU)")
     parser.add_argument("--batch", type=int, help="pairs per optimizer step (default: 16)")
     parser.add_argument("--micro", type=int, help="pairs per forward (default: 16 CPU, 4 GPU)")
@@ -214,6 +215,7 @@ def main() -> None:
     parser.add_argument("--answer-tokens", type=int, help="answer tokens (default: 48 CPU, 512 GPU)")
     parser.add_argument("--rank", type=int, help="LoRA rank (default: 8 CPU, 16 GPU)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (training.cpu_threads)")
+    parser.add_argument("--cpu-bf16", action="store_true", help="CPU: bf16 autocast (training.cpu_bf16)")
     parser.add_argument("--warmup-steps", type=int, default=1)
     parser.add_argument("--no-checkpointing", action="store_true", help="GPU: no gradient checkpointing")
     parser.add_argument("--peak-tflops", type=float, help="GPU dense bf16 peak if the GPU is not in the table")
@@ -236,6 +238,10 @@ def main() -> None:
     seq_len = prompt_tokens + answer_tokens
     if gpu:
         model_dir = build_llama_8b_shaped(args.cache / "llama-8b-shaped")
+    elif args.model:
+        from bench.harness import model_folder
+
+        model_dir = Path(model_folder(args.model))
     else:
         from demo.tinymodel import build_tiny_model
 
@@ -254,6 +260,7 @@ def main() -> None:
             "learning_rate": 1e-4,
             "gradient_checkpointing": not args.no_checkpointing,
             "cpu_threads": args.threads,
+            "cpu_bf16": args.cpu_bf16,
             "logging_steps": 1,
         },
     )
@@ -279,7 +286,7 @@ def main() -> None:
     steady = steady_state(result.history, pairs_per_step, args.warmup_steps)
     tokens_per_pair = 2 * seq_len  # chosen and rejected sequences each carry the prompt
     report: dict[str, Any] = {
-        "mode": f"gpu:{args.gpu_shape}" if gpu else "cpu:tiny",
+        "mode": f"gpu:{args.gpu_shape}" if gpu else f"cpu:{args.model or 'tiny'}",
         "device": torch.cuda.get_device_name() if gpu else f"cpu ({args.threads} threads)",
         "pairs": pairs,
         "steps": result.steps,

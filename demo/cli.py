@@ -35,6 +35,20 @@ def simulation_settings(profile_defaults: Mapping[str, Any] | None = None, **ove
     return sim.model_copy(update={**defaults, **{k: v for k, v in overrides.items() if v is not None}})
 
 
+def demo_options(profile: Any, rounds: int | None, final_chats: int | None, method: str | None, **rest: Any) -> Any:
+    """`feedloop demo`'s options: the profile's rounds and final chats unless given; `method` (dpo or kto) set for
+    the children, else training.method as configured."""
+    from demo.run import DemoOptions
+
+    return DemoOptions(
+        rounds=profile.rounds if rounds is None else rounds,
+        final_chats=profile.final_chats if final_chats is None else final_chats,
+        profile=profile,
+        env={"FEEDLOOP_TRAINING__METHOD": method} if method else {},
+        **rest,
+    )
+
+
 @demo_app.command()
 def simulate(
     chats: Annotated[int | None, typer.Option(help="Stop after this many chats (200 without --duration).")] = None,
@@ -98,10 +112,22 @@ def simulate(
 
 @demo_app.command()
 def demo(
-    rounds: Annotated[int, typer.Option(help="Training rounds: users until training fires, then measure.")] = 2,
+    rounds: Annotated[
+        int | None,
+        typer.Option(
+            help="Training rounds: users until training fires, then measure (default: the model's, 1 "
+            "for smollm2, 2 for toy)."
+        ),
+    ] = None,
     samples: Annotated[int, typer.Option(help="Identity answers sampled per measurement (temperature 0.7).")] = 240,
     questions: Annotated[int, typer.Option(help="Held-out arithmetic/fact questions measured (0: all).")] = 0,
-    final_chats: Annotated[int, typer.Option(help="Chats on the final version for its like-rate (0: skip).")] = 200,
+    final_chats: Annotated[
+        int | None,
+        typer.Option(
+            help="Chats on the final version for its like-rate (0: skip; default: the model's, 100 for "
+            "smollm2, 200 for toy)."
+        ),
+    ] = None,
     users: Users = None,
     likes: Likes = None,
     rate_probability: RateProbability = None,
@@ -119,6 +145,13 @@ def demo(
     model: Annotated[
         str, typer.Option(help="smollm2 (SmolLM2-135M-Instruct, the default base model) or toy (the 2.2M demo model).")
     ] = "smollm2",
+    method: Annotated[
+        str | None,
+        typer.Option(
+            help="dpo (preference pairs) or kto (every thumb, unpaired, TRL's KTOTrainer) on the same "
+            "feedback (default: training.method)."
+        ),
+    ] = None,
     canary_share: Annotated[
         float,
         typer.Option(
@@ -131,12 +164,14 @@ def demo(
 ) -> None:
     """The whole loop on this machine: baseline, simulated feedback, training, hot-swap, measured per round."""
     from demo.profiles import PROFILES
-    from demo.run import DemoError, DemoOptions, run_demo
+    from demo.run import DemoError, run_demo
     from services.cli.common import configure_logging, fail, require_engine
     from services.core.config import get_settings
 
     if model not in PROFILES:
         raise fail(f"--model must be one of {', '.join(PROFILES)}, not {model!r}")
+    if method not in (None, "dpo", "kto"):
+        raise fail(f"--method must be dpo or kto, not {method!r}")
     profile = PROFILES[model]
     settings = get_settings()
     configure_logging(settings.model_copy(update={"log_level": "WARNING"}))
@@ -146,9 +181,9 @@ def demo(
         users=users, likes=likes, rate_probability=rate_probability, correction_probability=correction_probability,
         noise_rate=noise, adversarial_fraction=adversarial, adversarial_volume=adversarial_volume, seed=seed,
     )  # fmt: skip
-    options = DemoOptions(
-        rounds=rounds, identity_samples=samples, questions=questions, final_chats=final_chats, port=port,
-        out_dir=out, keep=keep, profile=profile, run_timeout_s=run_timeout, canary_share=canary_share,
+    options = demo_options(
+        profile, rounds, final_chats, method, identity_samples=samples, questions=questions, port=port, out_dir=out,
+        keep=keep, run_timeout_s=run_timeout, canary_share=canary_share,
     )  # fmt: skip
     try:
         report = run_demo(settings, options, sim, echo=typer.echo)

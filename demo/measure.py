@@ -132,6 +132,49 @@ def score(
     }
 
 
+async def ask_model(client: Any, model: str, messages: list[dict[str, str]], *, n: int = 1, temperature: float = 0.0,
+                    seed: int | None = None, max_tokens: int = 32) -> tuple[list[str], str]:  # fmt: skip
+    """One evaluation chat (never counted as a user's): its answers and the version that served it."""
+    response = await client.chat.completions.create(
+        model=model,
+        messages=messages,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        n=n,
+        seed=seed,
+        user=EVAL_USER,
+    )
+    return [(c.message.content or "").strip() for c in response.choices], response.system_fingerprint or "?"
+
+
+async def keep_answered_right(base_url: str, path: Path, model: str, max_tokens: int, *, api_key: str = "",
+                              concurrency: int = 32, timeout_s: float = 300.0) -> tuple[int, int]:  # fmt: skip
+    """Rewrite the gate's regression set at path (atomically) to the cases `model` answers right, greedy, as the gate
+    counts them; returns (kept, asked). The gate scores a candidate only on what its reference answered right, so
+    cases the serving model gets wrong cost the gate time and count for nothing."""
+    from openai import AsyncOpenAI
+
+    from workers.evaluation.retention import load_cases
+
+    cases = load_cases(path, limit=1_000_000)
+    client = AsyncOpenAI(base_url=base_url.rstrip("/") + "/v1", api_key=api_key or "feedloop-demo", timeout=timeout_s)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def answer(messages: list[dict[str, str]]) -> str:
+        async with gate:
+            return (await ask_model(client, model, messages, max_tokens=max_tokens))[0][0]
+
+    try:
+        answers = await asyncio.gather(*(answer(case.messages) for case in cases))
+    finally:
+        await client.close()
+    kept = [case for case, text in zip(cases, answers, strict=True) if case.answered_by(text)]
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(json.dumps({"messages": c.messages, "expected": list(c.expected)}) + "\n" for c in kept))
+    partial.replace(path)
+    return len(kept), len(cases)
+
+
 async def measure(
     base_url: str,
     info: DemoModelInfo,
@@ -141,9 +184,9 @@ async def measure(
     questions: int = 0,
     temperature: float = 0.7,
     model: str = "feedloop",
-    concurrency: int = 16,
+    concurrency: int = 32,
     seed: int = 0,
-    timeout_s: float = 120.0,
+    timeout_s: float = 300.0,
     api_key: str = "",
 ) -> Measurement:
     """Sample identity answers and answer the held-out questions (all, or the first `questions`)."""
@@ -156,27 +199,21 @@ async def measure(
 
     async def ask(prompt: str, n: int, temp: float, request_seed: int | None) -> list[str]:
         async with gate:
-            response = await client.chat.completions.create(
-                model=model,
-                messages=[{"role": "user", "content": prompt}],
-                temperature=temp,
-                max_tokens=32,
-                n=n,
-                seed=request_seed,
-                user=EVAL_USER,
+            answers, fingerprint = await ask_model(
+                client, model, [{"role": "user", "content": prompt}], n=n, temperature=temp, seed=request_seed
             )
-        fingerprints.add(response.system_fingerprint or "?")
-        return [(c.message.content or "").strip() for c in response.choices]
+        fingerprints.add(fingerprint)
+        return answers
 
     qas = list(info.held_out_questions[:questions] if questions else info.held_out_questions)
     try:
-        sampled = await asyncio.gather(
-            *(
-                ask(p, n, temperature, seed * 100_003 + i)
-                for i, (p, n) in enumerate(identity_requests(info.held_out_identity, identity_samples))
-            )
+        # identity samples and questions in flight together: wide batches amortise each decode step
+        requests = identity_requests(info.held_out_identity, identity_samples)
+        results = await asyncio.gather(
+            *(ask(p, n, temperature, seed * 100_003 + i) for i, (p, n) in enumerate(requests)),
+            *(ask(q.question, 1, 0.0, None) for q in qas),
         )
-        greedy = await asyncio.gather(*(ask(q.question, 1, 0.0, None) for q in qas))
+        sampled, greedy = results[: len(requests)], results[len(requests) :]
     finally:
         await client.close()
     identity_answers = [a for answers in sampled for a in answers]

@@ -35,7 +35,7 @@ from typing import IO, Any, TypeVar
 import httpx
 from redis import exceptions as redis_errors
 
-from demo.measure import DemoModelInfo, Measurement, measure, write_retention_cases
+from demo.measure import DemoModelInfo, Measurement, keep_answered_right, measure, write_retention_cases
 from demo.profiles import SMOLLM2, DemoProfile
 from demo.settings import SimulationSettings
 from demo.simulate import PromptPool, Rubric, SimulationStats, format_progress, run_simulation
@@ -72,6 +72,8 @@ class DemoOptions:
     env: dict[str, str] = field(default_factory=dict)  # extra child environment (wins over the profile's)
     on_ready: Callable[[Stack], None] | None = None  # called once the stack answers (e.g. to register app keys)
     profile: DemoProfile = SMOLLM2
+    # the gate's regression set the demo wrote: cut to what the base model answers right once it serves
+    gate_retention_file: Path | None = None
 
 
 class Progress:
@@ -517,6 +519,15 @@ class Demo:
     async def run(self, stack: Stack) -> dict[str, Any]:
         started = time.monotonic()
         baseline = await self.measure(stack, "baseline")
+        if self.options.gate_retention_file is not None:
+            kept, asked = await keep_answered_right(
+                stack.base_url,
+                self.options.gate_retention_file,
+                self.alias,
+                self.settings.gate.retention_max_tokens,
+                api_key=self.sim.api_keys[0] if self.sim.api_keys else "",
+            )
+            self.progress.done(f"gate regression set: the {kept} of {asked} questions the base model answers right")
         rounds: list[dict[str, Any]] = []
         current = baseline
         for number in range(1, self.options.rounds + 1):
@@ -602,6 +613,7 @@ def run_demo(
         cases = options.out_dir / "gate-retention.jsonl"
         write_retention_cases(cases, profile.gate_retention_cases, info.held_out_questions, seed=sim.seed)
         options.env = {**options.env, "FEEDLOOP_GATE__RETENTION_FILE": str(cases.resolve())}
+        options.gate_retention_file = cases
     started = time.monotonic()
     demo = Demo(settings, options, sim, info, progress, echo)
     with demo_stack(settings, options, progress) as stack:

@@ -329,6 +329,11 @@ class TrainingSettings(BaseModel):
         description="torch threads for training and gate scoring on CPU (0: torch's default). More than 1 "
         "only pays on idle cores: OpenMP threads competing with the engine for cores run many times slower.",
     )
+    cpu_bf16: bool = Field(
+        False,
+        description="Train on CPU in bf16 mixed precision (autocast; the weights and the adapter stay float32). "
+        "Pays on CPUs with bf16 matrix instructions (avx512_bf16, AMX): about twice the matmul rate of float32.",
+    )
     max_length: int = Field(512, description="Longest prompt+completion in tokens during training.")
     qlora: bool = Field(False, description="Load the base in 4 bit (GPU only, needs bitsandbytes).")
     lease_ttl_s: int = Field(600, description="Training lease time-to-live; renewed while a run is alive.")

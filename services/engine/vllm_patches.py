@@ -13,6 +13,8 @@ CPU generators refuse ("CPU Generator does not use offset"). Any client could ta
 few seeded requests. On CPU the rewind is skipped: the
 seeded request's sample from the discarded partial step is drawn and thrown away, so its stream stays
 deterministic for a given schedule, as vLLM's CPU path is anyway.
+
+3. On CPU, LoRA ops multiply per adapter instead of copying each token's adapter weights (services/engine/cpu_lora.py).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ def register() -> None:
 
     if not current_platform.is_cpu():
         return
+    from services.engine.cpu_lora import use_grouped_lora_ops
+
+    use_grouped_lora_ops()
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     original = GPUModelRunner._bookkeeping_sync

@@ -323,7 +323,7 @@ def run_training(
         "save_strategy": "no",
         "report_to": "none",
         "disable_tqdm": True,
-        "bf16": on_gpu,
+        "bf16": on_gpu or cfg.cpu_bf16,
         "fp16": False,
         "use_cpu": not on_gpu,
         "gradient_checkpointing": on_gpu and cfg.gradient_checkpointing,
@@ -372,7 +372,7 @@ def run_training(
         alpha,
         micro_batch,
         accumulation,
-        "cuda bf16" if on_gpu else "cpu fp32",
+        "cuda bf16" if on_gpu else ("cpu bf16 autocast" if cfg.cpu_bf16 else "cpu fp32"),
         parent_dir,
     )
     started = time.monotonic()
@@ -413,7 +413,7 @@ def run_training(
         runtime_s=runtime,
         examples_per_s=examples_seen / runtime if runtime > 0 else 0.0,
         device="cuda" if on_gpu else "cpu",
-        dtype="bfloat16" if on_gpu else "float32",
+        dtype="bfloat16" if on_gpu else ("float32 (bf16 autocast)" if cfg.cpu_bf16 else "float32"),
         metrics=metrics,
         history=history,
         versions=trainer_versions(),

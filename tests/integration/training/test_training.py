@@ -102,6 +102,22 @@ def test_continuing_trains_the_parent_against_itself(
     assert any(not (before[name] == after[name]).all() for name in before)
 
 
+def test_cpu_bf16_mixed_precision_learns_and_ships_float32_weights(
+    tiny_model_dir: Path, workspace: Path, dataset: Path
+) -> None:
+    from safetensors import safe_open
+
+    settings = training_settings(tiny_model_dir, cpu_bf16=True)
+    result = run_training(settings, dataset, workspace / "runs" / "bf16", "run-bf16", "ds-1")
+    assert result.dtype == "float32 (bf16 autocast)"
+    accuracies = [record["rewards/accuracies"] for record in result.history]
+    assert sum(accuracies[:3]) / 3 < 0.6 < 0.9 <= sum(accuracies[-3:]) / 3
+    adapter = publish_result(result, workspace / "adapters", "feedloop-bf16")
+    validate(adapter, tiny_model_dir, "feedloop-bf16")
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as weights:
+        assert {str(weights.get_tensor(name).dtype) for name in weights.keys()} == {"torch.float32"}  # noqa: SIM118
+
+
 def test_kto_trains_on_the_unpaired_export(tiny_model_dir: Path, workspace: Path, dataset: Path) -> None:
     settings = training_settings(tiny_model_dir, method="kto", epochs=2, lora_rank=4, lora_alpha=8)
     result = run_training(settings, dataset, workspace / "runs" / "kto", "run-kto", "ds-1")

@@ -78,3 +78,24 @@ def test_the_demo_promotes_straight_away_unless_a_canary_share_is_asked_for() ->
     canary = Settings(canary={name.removeprefix("FEEDLOOP_CANARY__").lower(): v for name, v in env.items()}).canary
     # decidable within a demo: fewer users per arm than in production, and an end well before the demo's wait
     assert canary.min_users < Settings().canary.min_users and canary.max_duration_s < 900
+
+
+def test_demo_options_take_the_model_rounds_unless_given_and_the_method_only_when_given() -> None:
+    from demo.cli import demo_options
+
+    smollm2 = demo_options(SMOLLM2, None, None, "kto")
+    assert (smollm2.rounds, smollm2.final_chats) == (SMOLLM2.rounds, SMOLLM2.final_chats)
+    assert smollm2.env == {"FEEDLOOP_TRAINING__METHOD": "kto"}
+    toy = demo_options(TOY, 3, 0, None, identity_samples=50)
+    assert (toy.rounds, toy.final_chats, toy.identity_samples, toy.profile) == (3, 0, 50, TOY)
+    assert toy.env == {}  # training.method from the environment stays in force
+    assert SMOLLM2.rounds < TOY.rounds  # one round of SmolLM2 fits the demo's 20 minutes on 2 cores
+
+
+def test_demo_refuses_an_unknown_method_before_starting_anything() -> None:
+    from typer.testing import CliRunner
+
+    from services.cli.main import app
+
+    result = CliRunner().invoke(app, ["demo", "--method", "sft"])
+    assert result.exit_code != 0 and "--method must be dpo or kto" in result.output
