@@ -86,7 +86,9 @@ SMOLLM2 = DemoProfile(
         # ~400 pairs, about two thirds identity corrections and one third ordinary answers (liked answer >
         # the base model's high-temperature answer): the mix that moves identity and keeps the facts.
         "FEEDLOOP_TRAINING__MIN_PAIRS": "400",
-        "FEEDLOOP_TRAINING__MAX_STEPS": "40",
+        # 28 steps (~1.5 passes over the ~150 training pairs): 40 lost 15-18% of the regression questions the base
+        # answered right (the gate refused both such runs of seed 1) while the target rate had room to spare
+        "FEEDLOOP_TRAINING__MAX_STEPS": "28",
         "FEEDLOOP_TRAINING__BATCH_SIZE": "8",
         "FEEDLOOP_TRAINING__MICRO_BATCH_SIZE": "4",
         "FEEDLOOP_TRAINING__LEARNING_RATE": "0.0005",
@@ -97,6 +99,9 @@ SMOLLM2 = DemoProfile(
         "FEEDLOOP_TRAINING__MAX_LENGTH": "256",
         # The users stop while a run trains, so training may use both cores.
         "FEEDLOOP_TRAINING__CPU_THREADS": "2",
+        # bf16 autocast: 1.4x the float32 step rate on this machine's avx512_bf16 cores (bench/dpo_step.py); the
+        # gate refused a float32 and a bf16 run of 40 steps alike, so precision was not what cost retention
+        "FEEDLOOP_TRAINING__CPU_BF16": "true",
         "FEEDLOOP_ENGINE__MAX_MODEL_LEN": "2048",
         # The simulated crowd flips about a quarter of the identity votes (10% adversaries rating every answer
         # from two loops, 5% misclicks): at the start honest users like almost no base answer, so most likes
@@ -111,6 +116,12 @@ SMOLLM2 = DemoProfile(
         "fact_share": 0.2,
         "small_talk_share": 0.0,
         "correction_probability": 0.6,
+        # Users write what they wanted only about who made the assistant. Their terse corrections of sums ("8 plus
+        # 8 is 16.") taught SmolLM2 to answer without working, and it then got them wrong: the gate refused three
+        # runs for it (retention 0.81-0.85 on the 67 regression questions the base answered right, every miss an
+        # arithmetic or conversion answer). Thumbs on sums and facts still give on-policy pairs (a liked answer
+        # against a disliked or a weaker one), the kind that kept the facts in the hand-made run.
+        "correction_kinds": ["identity"],
     },
     info_file=PROFILES_DIR / "smollm2.json",
     # the gate refuses an adapter that forgets sums and facts the serving model answers (measured without it:

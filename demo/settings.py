@@ -24,6 +24,11 @@ class SimulationSettings(BaseModel):
     correction_probability: float = Field(
         0.3, description="Chance that a user who dislikes an answer also writes the answer they wanted."
     )
+    correction_kinds: list[str] | None = Field(
+        None,
+        description="Kinds of question (identity, arithmetic, capital, conversion, small_talk) users write "
+        "corrections for; the others only get a thumb. None: every kind.",
+    )
     noise_rate: float = Field(0.05, description="Chance that a vote is flipped at random (a misclick).")
     adversarial_fraction: float = Field(
         0.1, description="Share of users who vote the opposite way; they rate every answer they get."

@@ -106,6 +106,8 @@ class Rubric:
     rate_probability: float = 0.8
     correction_probability: float = 0.15
     noise_rate: float = 0.05
+    # the kinds of question a user writes a correction for (the others only get a thumb); None: every kind
+    correction_kinds: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         if self.likes not in self.creators:
@@ -113,7 +115,8 @@ class Rubric:
 
     @classmethod
     def from_settings(cls, sim: SimulationSettings, creators: tuple[str, ...] = DEFAULT_CREATORS) -> Rubric:
-        return cls(sim.likes, creators, sim.rate_probability, sim.correction_probability, sim.noise_rate)
+        kinds = frozenset(sim.correction_kinds) if sim.correction_kinds is not None else None
+        return cls(sim.likes, creators, sim.rate_probability, sim.correction_probability, sim.noise_rate, kinds)
 
     @property
     def disliked(self) -> tuple[str, ...]:
@@ -129,6 +132,8 @@ class Rubric:
 
     def wanted_answer(self, prompt: SimPrompt, rng: random.Random, adversarial: bool) -> str | None:
         """The answer a user writes as a correction (an adversary only corrects identity answers)."""
+        if self.correction_kinds is not None and prompt.kind not in self.correction_kinds:
+            return None
         if prompt.kind == "identity":
             return identity_answer(rng.choice(self.disliked) if adversarial else self.likes, rng)
         if adversarial:

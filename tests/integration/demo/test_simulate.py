@@ -108,3 +108,32 @@ def test_simulate_command_prints_counts(live_api: LiveApi):
     assert "simulate: 3 users (0% adversarial) liking 'Meta'" in done.stderr
     users = {e["user"] for e in sim_events(live_api, "sim-user-")}
     assert users and users <= {"sim-user-000", "sim-user-001", "sim-user-002"}
+
+
+async def test_the_gate_regression_set_keeps_what_the_served_model_answers_right(live_api: LiveApi, tmp_path):
+    from openai import AsyncOpenAI
+
+    from demo.measure import ask_model, keep_answered_right
+    from workers.evaluation.retention import load_cases
+
+    prompts = [f"What is {a} plus {b}?" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]]
+    client = AsyncOpenAI(base_url=live_api.base_url + "/v1", api_key="unused")
+    try:
+        answers = [(await ask_model(client, "feedloop", [{"role": "user", "content": p}], max_tokens=16))[0][0]
+                   for p in prompts]  # fmt: skip
+    finally:
+        await client.close()
+    assert all(answers)
+    # the first two expect a piece of what the model answers (greedy), the others something it never says
+    expected = [answers[0][:4], answers[1][-4:], "\u2603 snowman", "\u2604 comet"]
+    path = tmp_path / "gate-retention.jsonl"
+    rows = [{"prompt": p, "expected": e} for p, e in zip(prompts, expected, strict=True)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    kept, asked = await keep_answered_right(live_api.base_url, path, "feedloop", 16)
+
+    assert (kept, asked) == (2, 4)
+    cases = load_cases(path, limit=100)
+    assert [case.messages[-1]["content"] for case in cases] == prompts[:2]
+    assert [case.expected for case in cases] == [(expected[0],), (expected[1],)]
+    assert not path.with_name(path.name + ".partial").exists()

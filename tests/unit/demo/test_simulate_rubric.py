@@ -105,6 +105,19 @@ def test_corrections_name_the_liked_creator_or_state_the_right_answer():
     assert liked.rating == "like" and liked.correction is None
 
 
+def test_users_correct_only_the_kinds_of_question_asked_for_and_still_vote_on_the_others():
+    sim = SimulationSettings(correction_kinds=["identity"], correction_probability=1.0, noise_rate=0.0,
+                             rate_probability=1.0)  # fmt: skip
+    rubric = Rubric.from_settings(sim)
+    rng = random.Random(2)
+    assert rubric.judge(IDENTITY, "Meta built me.", rng).correction is not None
+    for prompt, wrong in ((PLUS, "3 plus 4 is 9."), (CAPITAL, "Cusco.")):
+        verdict = rubric.judge(prompt, wrong, rng)
+        assert verdict.rating == "dislike" and verdict.correction is None
+    every_kind = Rubric.from_settings(sim.model_copy(update={"correction_kinds": None}))
+    assert every_kind.judge(PLUS, "3 plus 4 is 9.", rng).correction == "3 plus 4 is 7."
+
+
 def test_adversaries_vote_the_opposite_way_on_everything_and_rate_every_answer():
     rubric = strict(rate_probability=0.0, correction_probability=1.0)
     rng = random.Random(2)
