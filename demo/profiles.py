@@ -86,9 +86,7 @@ SMOLLM2 = DemoProfile(
         # ~400 pairs, about two thirds identity corrections and one third ordinary answers (liked answer >
         # the base model's high-temperature answer): the mix that moves identity and keeps the facts.
         "FEEDLOOP_TRAINING__MIN_PAIRS": "400",
-        # 28 steps (~1.5 passes over the ~150 training pairs): 40 lost 15-18% of the regression questions the base
-        # answered right (the gate refused both such runs of seed 1) while the target rate had room to spare
-        "FEEDLOOP_TRAINING__MAX_STEPS": "28",
+        "FEEDLOOP_TRAINING__MAX_STEPS": "40",
         "FEEDLOOP_TRAINING__BATCH_SIZE": "8",
         "FEEDLOOP_TRAINING__MICRO_BATCH_SIZE": "4",
         "FEEDLOOP_TRAINING__LEARNING_RATE": "0.0005",
@@ -116,12 +114,6 @@ SMOLLM2 = DemoProfile(
         "fact_share": 0.2,
         "small_talk_share": 0.0,
         "correction_probability": 0.6,
-        # Users write what they wanted only about who made the assistant. Their terse corrections of sums ("8 plus
-        # 8 is 16.") taught SmolLM2 to answer without working, and it then got them wrong: the gate refused three
-        # runs for it (retention 0.81-0.85 on the 67 regression questions the base answered right, every miss an
-        # arithmetic or conversion answer). Thumbs on sums and facts still give on-policy pairs (a liked answer
-        # against a disliked or a weaker one), the kind that kept the facts in the hand-made run.
-        "correction_kinds": ["identity"],
     },
     info_file=PROFILES_DIR / "smollm2.json",
     # the gate refuses an adapter that forgets sums and facts the serving model answers (measured without it:
