@@ -99,11 +99,15 @@ def use_grouped_lora_ops() -> None:
     """Replace vLLM's CPU LoRA ops where they are defined and where vLLM's CPU punica wrapper imported them."""
     import importlib
 
-    from vllm.lora.ops.torch_ops import lora_ops
+    try:
+        from vllm.lora.ops.torch_ops import lora_ops
 
+        originals = {name: getattr(lora_ops, name) for name in FACTORIES}
+    except (ImportError, AttributeError) as error:  # another vLLM: keep its own ops rather than fail to start
+        logger.warning("feedloop: vLLM's CPU LoRA ops were not replaced (%s)", error)
+        return
     if getattr(lora_ops, PATCHED, False):
         return
-    originals = {name: getattr(lora_ops, name) for name in FACTORIES}
     replacements = {name: factory(originals[name]) for name, factory in FACTORIES.items()}
     for module_name in ("vllm.lora.ops.torch_ops.lora_ops", "vllm.lora.ops.torch_ops",
                         "vllm.lora.punica_wrapper.punica_cpu"):  # fmt: skip
