@@ -119,7 +119,7 @@ SMOLLM2 = DemoProfile(
     # held-out retention 100% -> 78% on one round). Of 150 questions users may ask, the demo keeps the ~65 the base
     # answers right (the gate counts no other): with 40 drawn at random only 18 counted, a coin toss of a check
     gate_retention_cases=150,
-    # one round moves the identity target on 2 cores within the demo's 20 minutes; each round costs ~10
+    # one round fits the demo's 20 minutes on 2 cores (a round: ~4 min of users, ~10 of training and gate)
     rounds=1,
     final_chats=100,
 )
