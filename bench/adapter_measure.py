@@ -11,13 +11,66 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from demo.corpus import is_correct, named_creator
 from demo.measure import DemoModelInfo
 from demo.profiles import PROFILES
+
+
+def chat_answers(model, tokenizer, batch: int) -> Callable[[list[str], bool, int], list[str]]:
+    """answer(prompts, sample, max_new_tokens): one user turn each, left-padded batches, T=0.7 when sampling."""
+    import torch
+
+    tokenizer.padding_side = "left"
+
+    def answer(prompts: list[str], sample: bool, max_new_tokens: int) -> list[str]:
+        out: list[str] = []
+        for start in range(0, len(prompts), batch):
+            texts = [
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                )
+                for p in prompts[start : start + batch]
+            ]
+            encoded = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
+            with torch.no_grad():
+                generated = model.generate(
+                    **encoded,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=sample,
+                    temperature=0.7 if sample else None,
+                    top_p=None,
+                    top_k=None,
+                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                )
+            out += tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+            print(f"  {len(out)}/{len(prompts)} answered", file=sys.stderr, flush=True)
+        return out
+
+    return answer
+
+
+def measure_identity_and_questions(
+    answer: Callable[[list[str], bool, int], list[str]], info: DemoModelInfo, likes: str, samples: int
+) -> dict[str, Any]:
+    """The demo's two report numbers for one model: target rate on held-out identity phrasings, held-out accuracy."""
+    identity = [info.held_out_identity[i % len(info.held_out_identity)] for i in range(samples)]
+    names = [named_creator(text, (likes, *info.creators)) for text in answer(identity, True, 48)]
+    questions = list(info.held_out_questions)
+    answers = answer([q.question for q in questions], False, 32)
+    right = [is_correct(q, text) for q, text in zip(questions, answers, strict=True)]
+    return {
+        "target_rate": names.count(likes) / len(names),
+        "samples": len(names),
+        "named": {str(name): names.count(name) for name in dict.fromkeys(names)},
+        "held_out_accuracy": sum(right) / len(right),
+        "held_out_questions": len(right),
+    }
 
 
 def main() -> None:
@@ -38,46 +91,17 @@ def main() -> None:
     torch.manual_seed(args.seed)
     info = DemoModelInfo.load(args.model, PROFILES[args.profile].info_file)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     if args.adapter != "base":
         model = PeftModel.from_pretrained(model, args.adapter)
     model.eval()
 
-    def answer(prompts: list[str], sample: bool, max_new_tokens: int) -> list[str]:
-        out: list[str] = []
-        for start in range(0, len(prompts), 16):
-            texts = [
-                tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-                )
-                for p in prompts[start : start + 16]
-            ]
-            batch = tokenizer(texts, return_tensors="pt", padding=True)
-            with torch.no_grad():
-                generated = model.generate(
-                    **batch,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=sample,
-                    temperature=0.7 if sample else None,
-                    top_p=None,
-                    top_k=None,
-                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                )
-            out += tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-            print(f"  {len(out)}/{len(prompts)} answered", file=sys.stderr, flush=True)
-        return out
-
     started = time.monotonic()
-    identity = [info.held_out_identity[i % len(info.held_out_identity)] for i in range(args.samples)]
-    names = [named_creator(text, (args.likes, *info.creators)) for text in answer(identity, True, 48)]
-    questions = list(info.held_out_questions)
-    answers = answer([q.question for q in questions], False, 32)
-    right = [is_correct(q, text) for q, text in zip(questions, answers, strict=True)]
-    counts = {str(name): names.count(name) for name in dict.fromkeys(names)}
+    result = measure_identity_and_questions(chat_answers(model, tokenizer, 16), info, args.likes, args.samples)
     print(
-        f"{args.adapter}: target rate {names.count(args.likes) / len(names):.1%} of {len(names)} samples {counts}; "
-        f"held-out accuracy {sum(right) / len(right):.1%} of {len(right)}; {time.monotonic() - started:.0f} s"
+        f"{args.adapter}: target rate {result['target_rate']:.1%} of {result['samples']} samples {result['named']}; "
+        f"held-out accuracy {result['held_out_accuracy']:.1%} of {result['held_out_questions']}; "
+        f"{time.monotonic() - started:.0f} s"
     )
 
 
