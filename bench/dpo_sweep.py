@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -119,6 +120,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="append one JSON record per variant here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the job's per-step progress lines
 
     import torch
     from peft import PeftModel

@@ -1,7 +1,9 @@
 """Choose a base model's held-out question set: questions it answers correctly (greedy), never asked by users.
 
 Retention is measured on these: after training, the share still answered correctly. Run against a served
-base model; writes the profile file the demo reads (held-out identity phrasings, questions, creators).
+base model; writes the profile file the demo reads (held-out identity phrasings, questions, creators). A question
+is kept only if the base answers it right in every pass (--passes, each in another order): on a CPU engine the
+batch a request lands in can flip a borderline greedy answer, and the baseline should not start below 100%.
 
     python -m demo.select_questions --api http://127.0.0.1:8000 --out demo/profiles/smollm2.json
 """
@@ -13,6 +15,7 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from demo.corpus import HELD_OUT_IDENTITY_QUESTIONS, QA, all_questions, is_corre
 
 # How many candidates are tried and kept per kind; the kept ones are the profile's held-out questions.
 CANDIDATES = {"arithmetic": 240, "capital": 120, "conversion": 120}
-KEEP = {"arithmetic": 50, "capital": 40, "conversion": 40}
+KEEP = {"arithmetic": 55, "capital": 45, "conversion": 40}
 MAX_TOKENS = 32  # what demo.measure asks with
 
 
@@ -60,6 +63,21 @@ async def answers(api: str, model: str, questions: list[QA]) -> list[str]:
         await client.close()
 
 
+def right_in_every_pass(
+    questions: list[QA], passes: int, answer: Callable[[list[QA]], list[str]], seed: int = 0
+) -> list[bool]:
+    """Per question: answered right in each of `passes` passes, the first in the given order, the others shuffled."""
+    right = [True] * len(questions)
+    for index in range(max(1, passes)):
+        order = list(range(len(questions)))
+        if index:
+            random.Random(f"pass-{seed}-{index}").shuffle(order)
+        got = answer([questions[i] for i in order])
+        for i, text in zip(order, got, strict=True):
+            right[i] = right[i] and is_correct(questions[i], text)
+    return right
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--api", default="http://127.0.0.1:8000")
@@ -67,21 +85,28 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--creators", default="Hugging Face,OpenAI,Meta,Google,Microsoft,Anthropic,Mistral AI")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--passes", type=int, default=2, help="keep a question answered right in every pass")
     args = parser.parse_args()
     questions = candidates(args.seed)
-    got = asyncio.run(answers(args.api, args.model, questions))
+    right = right_in_every_pass(questions, args.passes, lambda qs: asyncio.run(answers(args.api, args.model, qs)))
     kept: list[QA] = []
     for kind, count in KEEP.items():
-        kept += [q for q, a in zip(questions, got, strict=True) if q.kind == kind and is_correct(q, a)][:count]
+        kept += [q for q, ok in zip(questions, right, strict=True) if q.kind == kind and ok][:count]
     by_kind = {k: sum(q.kind == k for q in kept) for k in KEEP}
     tried = {k: sum(q.kind == k for q in questions) for k in KEEP}
-    correct = {k: sum(q.kind == k and is_correct(q, a) for q, a in zip(questions, got, strict=True)) for k in KEEP}
+    correct = {k: sum(q.kind == k and ok for q, ok in zip(questions, right, strict=True)) for k in KEEP}
     print(f"base correct: {correct} of {tried}; kept {by_kind}")
     profile = {
         "creators": [c.strip() for c in args.creators.split(",") if c.strip()],
         "held_out_identity_questions": list(HELD_OUT_IDENTITY_QUESTIONS),
         "held_out_questions": [asdict(q) for q in kept],
-        "selection": {"model": args.model, "max_tokens": MAX_TOKENS, "tried": tried, "correct": correct},
+        "selection": {
+            "model": args.model,
+            "max_tokens": MAX_TOKENS,
+            "passes": args.passes,
+            "tried": tried,
+            "correct": correct,
+        },
     }
     args.out.write_text(json.dumps(profile, indent=1) + "\n")
 
