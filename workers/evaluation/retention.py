@@ -11,7 +11,8 @@ while the gate passed on preference accuracy).
     {"prompt": "Name the capital of Peru.", "expected": ["Lima"]}
 
 The gate answers every case greedily with the reference (the active adapter, or the base model) and with
-the candidate. An answer is right when it contains one of the expected strings (case-insensitive). Of the
+the candidate. An answer is right when it contains one of the expected strings as a whole word
+(case-insensitive; "5" is not found in "15", and "8,000" reads as "8000"). Of the
 cases the reference answers right, the share the candidate still answers right is the retention; below
 ``gate.min_retention`` the candidate fails. Cases the reference gets wrong are reported, not counted: the
 check guards what serves today, it does not grade the model.
@@ -19,6 +20,7 @@ check guards what serves today, it does not grade the model.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,8 +37,16 @@ class RetentionCase:
     expected: tuple[str, ...]
 
     def answered_by(self, text: str) -> bool:
-        folded = text.casefold()
-        return any(item.casefold() in folded for item in self.expected)
+        folded = _folded(text)
+        return any(re.search(rf"(?<!\w){re.escape(_folded(item))}(?!\w)", folded) for item in self.expected)
+
+
+def _folded(text: str) -> str:
+    """Case-folded, with digit groups joined: "8,000" and "8 000" (thin or no-break space) read as "8000"."""
+    return _DIGIT_GROUP.sub("", text).casefold()
+
+
+_DIGIT_GROUP = re.compile(r"(?<=\d)[,\u00a0\u202f](?=\d{3}(?!\d))")
 
 
 def parse_case(row: Any, where: str) -> RetentionCase:

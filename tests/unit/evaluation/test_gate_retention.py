@@ -19,6 +19,17 @@ def test_an_answer_is_right_when_it_contains_an_expected_string() -> None:
     assert not case("56").answered_by("It is 65.")
 
 
+def test_an_expected_answer_counts_only_as_a_whole_word_and_digit_groups_read_as_one_number() -> None:
+    assert not case("5").answered_by("7 plus 8 is 15.")  # not a substring of another number
+    assert not case("Lima").answered_by("Limassol is in Cyprus.")
+    assert case("8000").answered_by("8 kilograms is 8,000 grams.")
+    assert case("1000000").answered_by("A million: 1,000,000.")
+    assert case("8000").answered_by("It is 8\u202f000 grams.")
+    assert not case("8000").answered_by("The numbers 8, 000 and 7.")
+    assert case("5").answered_by("The answer is 5.")
+    assert case("New York").answered_by("That is new york, surely.")
+
+
 def test_only_what_the_reference_answers_right_is_counted() -> None:
     cases = [case("a"), case("b"), case("c"), case("d")]
     reference = ["a", "b", "c", "wrong"]
