@@ -119,7 +119,8 @@ SMOLLM2 = DemoProfile(
     # held-out retention 100% -> 78% on one round). Of 150 questions users may ask, the demo keeps the ~65 the base
     # answers right (the gate counts no other): with 40 drawn at random only 18 counted, a coin toss of a check
     gate_retention_cases=150,
-    # one round fits the demo's 20 minutes on 2 cores (a round: ~4 min of users, ~10 of training and gate)
+    # one round: ~4 min of users and ~10 of training and gate on 2 idle cores (13-16 min measured; 33 min on an evening
+    # when the same DPO step ran at half the rate)
     rounds=1,
     final_chats=100,
 )

@@ -2,8 +2,8 @@
 
 Retention is measured on these: after training, the share still answered correctly. Run against a served
 base model; writes the profile file the demo reads (held-out identity phrasings, questions, creators). A question
-is kept only if the base answers it right in every pass (--passes, each in another order): on a CPU engine the
-batch a request lands in can flip a borderline greedy answer, and the baseline should not start below 100%.
+is kept only if the base answers it right in every pass (--passes, each in another order), so that a borderline
+greedy answer that may differ with the batch it lands in does not start the baseline below 100%.
 
     python -m demo.select_questions --api http://127.0.0.1:8000 --out demo/profiles/smollm2.json
 """
