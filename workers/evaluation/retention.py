@@ -97,7 +97,7 @@ def score_retention(
     reference_answers: Sequence[str],
     candidate_answers: Sequence[str],
     confidence: float,
-    show: int = 5,
+    show: int = 20,
 ) -> RetentionScore:
     right_before = [case.answered_by(text) for case, text in zip(cases, reference_answers, strict=True)]
     right_after = [case.answered_by(text) for case, text in zip(cases, candidate_answers, strict=True)]
