@@ -22,8 +22,9 @@ from demo.measure import DemoModelInfo
 from demo.profiles import PROFILES
 
 
-def chat_answers(model, tokenizer, batch: int) -> Callable[[list[str], bool, int], list[str]]:
-    """answer(prompts, sample, max_new_tokens): one user turn each, left-padded batches, T=0.7 when sampling."""
+def chat_answers(model, tokenizer, batch: int, temperature: float = 0.7) -> Callable[[list[str], bool, int], list[str]]:
+    """answer(prompts, sample, max_new_tokens): one user turn each, left-padded batches, `temperature` when
+    sampling."""
     import torch
 
     tokenizer.padding_side = "left"
@@ -43,7 +44,7 @@ def chat_answers(model, tokenizer, batch: int) -> Callable[[list[str], bool, int
                     **encoded,
                     max_new_tokens=max_new_tokens,
                     do_sample=sample,
-                    temperature=0.7 if sample else None,
+                    temperature=temperature if sample else None,
                     top_p=None,
                     top_k=None,
                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,

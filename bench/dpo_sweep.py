@@ -197,6 +197,7 @@ def main() -> None:
             "retention": round(retention.rate, 4),
             "retention_kept": f"{retention.kept}/{retention.reference_right}",
             "passes_gate_retention": retention.rate >= settings.gate.min_retention,
+            "retention_lost": retention.lost,  # the regression cases it lost: question, base answer, its answer
         }
         rows.append(row)
         if args.out:
