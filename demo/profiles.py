@@ -71,6 +71,10 @@ TOY = DemoProfile(
         # A fixed budget of optimizer steps, not epochs: how many pairs the trigger's snapshot holds varies with
         # timing, and 6 epochs over the larger sets overtrained the model into wrong arithmetic.
         "FEEDLOOP_TRAINING__MAX_STEPS": "80",
+        # ... but at most 10 passes: a CI run whose snapshot kept only 78 training pairs (13 voters judged unreliable)
+        # trained 16 passes and lost 12.5 points of arithmetic; retrained at 10 passes (49 steps) it lost 7.5 and
+        # still reached 87.5%. Snapshots of 128 training pairs or more keep all 80 steps.
+        "FEEDLOOP_TRAINING__MAX_EPOCHS": "10",
         "FEEDLOOP_TRAINING__LEARNING_RATE": "0.002",
         # beta 0.5 stops pushing once a pair is clearly separated, which spares arithmetic and facts; a little
         # SFT on the chosen answers keeps the small model's greedy answers intact.

@@ -315,6 +315,12 @@ class TrainingSettings(BaseModel):
         description="Optimizer steps per run instead of epochs (0: train for `epochs`). A fixed step budget "
         "trains a small and a large dataset equally hard; epochs train a dataset twice the size twice as long.",
     )
+    max_epochs: float = Field(
+        0.0,
+        ge=0,
+        description="With max_steps: at most this many passes over the training split (0: no cap), so that a "
+        "snapshot smaller than the step budget expects is not trained over and over.",
+    )
     batch_size: int = Field(16, description="Pairs per optimizer step.")
     micro_batch_size: int = Field(
         4, description="Pairs per forward pass; gradient accumulation makes up batch_size (0: batch_size)."

@@ -136,6 +136,14 @@ def check_lora_shape(settings: Settings, rank: int, target_modules: list[str]) -
         raise TrainingError(f"target modules {unsupported} are not in gate.supported_target_modules")
 
 
+def step_budget(max_steps: int, max_epochs: float, train_examples: int, batch_size: int) -> int:
+    """Optimizer steps of a run with a step budget (0: train by epochs): max_steps, cut to max_epochs passes
+    over the training split when that cap is set."""
+    if not max_steps or not max_epochs:
+        return max_steps
+    return max(1, min(max_steps, math.ceil(max_epochs * train_examples / max(1, batch_size))))
+
+
 def _make_progress_callback(
     run_id: str, examples_per_step: int, history: list[dict[str, float]], progress: ProgressCallback | None
 ):
@@ -309,13 +317,19 @@ def run_training(
     if cfg.method == "kto":
         micro_batch = max(micro_batch, 2)  # the KL estimate pairs each prompt with a neighbour's completion
     accumulation = max(1, math.ceil(cfg.batch_size / micro_batch))
+    max_steps = step_budget(cfg.max_steps, cfg.max_epochs, len(train_rows), micro_batch * accumulation)
+    if max_steps < cfg.max_steps:
+        logger.info(
+            "train run=%s %d steps, not %d: training.max_epochs %g over %d pairs",
+            run_id, max_steps, cfg.max_steps, cfg.max_epochs, len(train_rows),
+        )  # fmt: skip
     common_args: dict[str, Any] = {
         "output_dir": str(output_dir / "trainer"),
         "per_device_train_batch_size": micro_batch,
         "per_device_eval_batch_size": micro_batch,
         "gradient_accumulation_steps": accumulation,
         "num_train_epochs": cfg.epochs,
-        "max_steps": cfg.max_steps or -1,  # transformers: a positive max_steps overrides num_train_epochs
+        "max_steps": max_steps or -1,  # transformers: a positive max_steps overrides num_train_epochs
         "learning_rate": cfg.learning_rate,
         "beta": cfg.beta,
         "max_length": cfg.max_length,
@@ -395,7 +409,7 @@ def run_training(
     adapter_dir = output_dir / ADAPTER_SUBDIR
     # With a parent, the model also holds TRL's frozen "ref" copy; only the trained adapter ships.
     trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
-    examples_seen = cfg.max_steps * micro_batch * accumulation if cfg.max_steps else len(train_rows) * cfg.epochs
+    examples_seen = max_steps * micro_batch * accumulation if max_steps else len(train_rows) * cfg.epochs
     result = TrainingResult(
         run_id=run_id,
         dataset_version=dataset_version,
