@@ -8,6 +8,7 @@ generation stays clean enough for the smoke check.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -268,6 +269,15 @@ def test_max_steps_replaces_epochs(tiny_model_dir: Path, workspace: Path, datase
     result = run_training(settings, dataset, workspace / "runs" / "steps", "run-steps", "ds-1", progress=records.append)
     assert result.steps == len(result.history) == 3
     assert records[-1]["step"] == records[-1]["total_steps"] == 3
+
+
+def test_max_epochs_cuts_a_step_budget_to_passes_over_a_small_dataset(
+    tiny_model_dir: Path, workspace: Path, dataset: Path
+) -> None:
+    train_pairs = len((dataset / "train.jsonl").read_text().splitlines())
+    settings = training_settings(tiny_model_dir, max_steps=1000, max_epochs=1, lora_rank=4, lora_alpha=8)
+    result = run_training(settings, dataset, workspace / "runs" / "passes", "run-passes", "ds-1")
+    assert result.steps == len(result.history) == math.ceil(train_pairs / 8) < 1000  # batch_size 8: one pass
 
 
 def test_batched_greedy_answers_are_the_one_by_one_answers(first_run, tiny_model_dir: Path) -> None:
