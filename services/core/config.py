@@ -227,14 +227,15 @@ class PairsSettings(BaseModel):
         "like rate at 0.1, 32% at 0.2), a dislike likewise; pairs standing on an untrusted label are dropped at "
         "snapshot time. 0: trust every label.",
     )
-    min_voter_agreement: float = Field(
-        0.5,
+    voter_flip_odds: float = Field(
+        9.0,
         ge=0,
-        lt=1,
         description="For `pairs.consensus`: every pair a voter contributed to is dropped at snapshot time when "
-        "that voter's votes agree with the other voters on the same prompts less often than this (smoothed: "
-        "(agreements + 1) / (informative votes + 2)). 0.5: voters who go against the crowd more often than with "
-        "it (adversaries, random clickers). 0: no voter is left out.",
+        "that voter's votes are at least this many times likelier from someone voting opposite to the other "
+        "voters on the same answers and prompts than from someone voting with them (adversaries). Each vote "
+        "weighs by how clear the others' verdict is: going against a split vote is weak evidence, against 9 of 10 "
+        "strong (workers/pairing/consensus.py). 9: a voter is left out once the odds are above even for a prior "
+        "of 1 in 10 voters voting against. 0: no voter is left out.",
     )
     consensus_similarity: float = Field(
         1.0,

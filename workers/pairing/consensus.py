@@ -26,21 +26,29 @@ on it). Corrections still carry the users' intent.
 
 Corrections are exempt from both rules above: their chosen side is what a user wrote, not a rated answer.
 
-Voters who disagree with the crowd (``min_agreement`` > 0). Each vote is compared with the other voters'
-votes on the same answer to the same prompt when there are at least two, else with the other votes in its
-prompt group: it agrees when it goes the way most of them voted (their like rate above or below one half; a
-tie, or fewer than two other votes, says nothing). A voter's agreement is
-(agreements + 1) / (informative votes + 2) over every group in the snapshot, judged from MIN_JUDGED_VOTES
-informative votes on. An honest user disagrees where
-an answer is better or worse than most answers to its prompt (a minority of their votes, even while a
-behaviour is changing); a user voting against the crowd on purpose, or at random, disagrees on most. Every
-pair a voter below ``min_agreement`` contributed to (a vote on either side, or a correction) is dropped
-(``consensus:unreliable_voter``), corrections included: an adversary's correction names what they want. The
-price: a real minority taste that the rest of the users vote against is left out of training too.
+Voters who vote against the crowd (``flip_odds`` > 0). Each vote is compared with the other voters' votes
+on the same answer to the same prompt when there are any, else with the other votes in its prompt group (at
+least two; fewer say nothing). From those others' like rate q a vote is weighed as evidence between two
+hypotheses: the voter votes as the others do (a like has probability q) or the opposite way on purpose (a
+like has probability 1 - q). q is smoothed towards one half: by one like and one dislike on the same answer,
+by four of each on the prompt's other answers, which differ from this one. A voter's evidence is the sum over
+their votes of log P(vote | opposite) - log P(vote | with the others), judged from MIN_JUDGED_VOTES
+informative votes on; a voter whose votes are at least ``flip_odds`` times likelier under "opposite" is
+unreliable. Every pair an unreliable voter contributed to (a vote on either side, or a correction) is dropped
+(``consensus:unreliable_voter``), corrections included: an adversary's correction names what they want.
+
+Why weighed evidence and not the share of votes that agree with the others' majority (the rule before
+2026-12-05): where a prompt's answers are mixed, as while a behaviour is changing (40% of the toy model's
+answers name the wanted creator), an honest like of a good answer goes against the prompt's majority as often
+as an adversary's like of a bad one. Replayed on a CI-sized toy demo (40 users, 4 adversaries), the share rule
+left out 17 of 36 honest users and 3 of 4 adversaries, kept 73 of 418 pairs, and the round moved the target
+by 22 points instead of 40-70; the weighed rule leaves out 3 adversaries and no honest user on the same votes.
+The price of any such rule: a real minority taste that the rest of the users vote against is left out too.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -55,6 +63,11 @@ FILTER = "consensus"
 # A voter is judged on at least this many informative votes: one vote that goes against the crowd is as
 # likely the one right answer among wrong ones as a misclick (the rules above weigh single votes).
 MIN_JUDGED_VOTES = 3
+# How many likes and as many dislikes smooth the others' like rate a vote is weighed against: the other votes
+# on the same answer are direct evidence; the prompt's other answers differ from this one (while a behaviour
+# changes, some name the wanted creator and some do not), so their like rate is pulled harder towards one half.
+ANSWER_PRIOR_VOTES = 1.0
+PROMPT_PRIOR_VOTES = 4.0
 
 # strategy -> the label each of its completion ids carries (completion_ids order)
 SIDES: dict[str, tuple[str, ...]] = {
@@ -136,17 +149,30 @@ class _Votes:
         self.total[identity] += 1
         self.likes[identity] += rating == "like"
 
-    def others_like_rate(self, identity: str) -> float | None:
-        """The like rate of everyone else's votes here (None: fewer than two)."""
-        others = self.total.total() - self.total[identity]
-        return (self.likes.total() - self.likes[identity]) / others if others >= 2 else None
+    def others(self, identity: str) -> tuple[int, int]:
+        """(likes, votes) of everyone else's votes here."""
+        return self.likes.total() - self.likes[identity], self.total.total() - self.total[identity]
 
 
-def voter_agreement(group_votes: Iterable[Sequence[tuple[str, str, str]]]) -> dict[str, tuple[int, int]]:
-    """identity -> (agreements, informative votes), from each prompt group's votes as (identity, rating,
-    answer text). A vote is compared with the other voters' votes on the same answer when there are at least
-    two, else with the other votes on the prompt."""
-    agree: Counter[str] = Counter()
+@dataclass(frozen=True, slots=True)
+class VoterEvidence:
+    votes: int  # informative votes: those with others to compare with
+    log_odds: float  # log P(votes | voting opposite to the others) - log P(votes | voting with them)
+
+
+def vote_log_odds(rating: str, other_likes: int, others: int, prior_votes: float = 1.0) -> float:
+    """log P(this vote | the voter votes opposite to the others) - log P(this vote | with them), the others' like
+    rate smoothed by prior_votes likes and as many dislikes."""
+    like_rate = (other_likes + prior_votes) / (others + 2 * prior_votes)
+    evidence = math.log((1 - like_rate) / like_rate)
+    return evidence if rating == "like" else -evidence
+
+
+def voter_evidence(group_votes: Iterable[Sequence[tuple[str, str, str]]]) -> dict[str, VoterEvidence]:
+    """identity -> VoterEvidence, from each prompt group's votes as (identity, rating, answer text). A vote is
+    compared with the other voters' votes on the same answer when there are any, else with the other votes on
+    the prompt (at least two)."""
+    log_odds: defaultdict[str, float] = defaultdict(float)
     informative: Counter[str] = Counter()
     for votes in group_votes:
         group = _Votes()
@@ -155,26 +181,25 @@ def voter_agreement(group_votes: Iterable[Sequence[tuple[str, str, str]]]) -> di
             group.add(identity, rating)
             by_answer[answer_key(text)].add(identity, rating)
         for identity, rating, text in votes:
-            others_like = by_answer[answer_key(text)].others_like_rate(identity)
-            if others_like is None:
-                others_like = group.others_like_rate(identity)
-            if others_like is None or others_like == 0.5:
-                continue
+            other_likes, others = by_answer[answer_key(text)].others(identity)
+            prior = ANSWER_PRIOR_VOTES
+            if not others:
+                other_likes, others = group.others(identity)
+                prior = PROMPT_PRIOR_VOTES
+                if others < 2:
+                    continue
             informative[identity] += 1
-            agree[identity] += (rating == "like") == (others_like > 0.5)
-    return {identity: (agree[identity], n) for identity, n in informative.items()}
+            log_odds[identity] += vote_log_odds(rating, other_likes, others, prior)
+    return {who: VoterEvidence(n, log_odds[who]) for who, n in informative.items()}
 
 
-def unreliable_voters(agreement: Mapping[str, tuple[int, int]], min_agreement: float) -> frozenset[str]:
-    """The identities with at least MIN_JUDGED_VOTES informative votes whose smoothed agreement
-    (agreements + 1) / (informative votes + 2) is below min_agreement."""
-    if min_agreement <= 0:
+def unreliable_voters(evidence: Mapping[str, VoterEvidence], flip_odds: float) -> frozenset[str]:
+    """The identities with at least MIN_JUDGED_VOTES informative votes that are at least flip_odds times
+    likelier from a voter voting opposite to the others than from one voting with them (0: nobody)."""
+    if flip_odds <= 0:
         return frozenset()
-    return frozenset(
-        who
-        for who, (agreed, n) in agreement.items()
-        if n >= MIN_JUDGED_VOTES and (agreed + 1) / (n + 2) < min_agreement
-    )
+    threshold = math.log(flip_odds)
+    return frozenset(who for who, e in evidence.items() if e.votes >= MIN_JUDGED_VOTES and e.log_odds >= threshold)
 
 
 def apply_consensus(

@@ -236,7 +236,7 @@ def consensus_filter(
             group_votes.setdefault(record.get("prompt_hash") or "", []).extend(
                 (identity, rating, text) for identity, rating in pairs_store.ratings(votes)
             )
-    unreliable = consensus.unreliable_voters(consensus.voter_agreement(group_votes.values()), cfg.min_voter_agreement)
+    unreliable = consensus.unreliable_voters(consensus.voter_evidence(group_votes.values()), cfg.voter_flip_odds)
     groups = {ph: consensus.group_answers(group, records, cfg.consensus_similarity) for ph, group in labels.items()}
     return consensus.apply_consensus(pairs, groups, cfg.label_noise_rate, unreliable), unreliable
 

@@ -781,7 +781,7 @@ def test_a_voter_who_goes_against_the_crowd_contributes_nothing_to_the_version(p
     kto = [orjson.loads(line) for line in (folder / "kto.jsonl").open("rb")]
     assert kto and all(row["label"] == is_right(row["completion"][0]["content"]) for row in kto)
 
-    pairs_env.settings.pairs.min_voter_agreement = 0.0  # the switch: nobody is left out
+    pairs_env.settings.pairs.voter_flip_odds = 0.0  # the switch: nobody is left out
     everyone = datasets.snapshot(pairs_env.redis, pairs_env.keys, pairs_env.settings)
     assert everyone["unreliable_voters"] == 0 and "consensus:unreliable_voter" not in everyone["filters"]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from workers.pairing.consensus import PromptGroupAnswers, RatedAnswer, apply_consensus, group_answers
@@ -108,45 +110,74 @@ def test_pairs_standing_on_an_untrusted_like_are_dropped_as_noisy() -> None:
     assert result.dropped == {("consensus", "noisy_group"): 2}
 
 
-def test_voter_agreement_compares_each_vote_with_the_other_voters_on_the_prompt() -> None:
-    from workers.pairing.consensus import voter_agreement
+def test_a_vote_is_weighed_against_the_same_answer_directly_and_the_prompts_other_answers_weakly() -> None:
+    from workers.pairing.consensus import ANSWER_PRIOR_VOTES, PROMPT_PRIOR_VOTES, vote_log_odds, voter_evidence
 
     # every answer differs: each vote is compared with the other votes on the prompt
     identity = [("honest-1", "dislike", "a"), ("honest-2", "dislike", "b"), ("honest-3", "dislike", "c"),
                 ("contrarian", "like", "d")]  # fmt: skip
-    facts = [("honest-1", "like", "e"), ("honest-2", "like", "f"), ("contrarian", "dislike", "g"),
-             ("contrarian", "dislike", "h")]  # fmt: skip
-    sparse = [("honest-1", "like", "i"), ("honest-2", "dislike", "j")]  # one other vote each: says nothing
-    tie = [("honest-3", "like", "k"), ("honest-1", "like", "l"), ("honest-2", "dislike", "m")]  # honest-3's tie
-    agreement = voter_agreement([identity, facts, sparse, tie])
-    # honest-1 agrees on identity; on facts its others are 1 like and the contrarian's 2 dislikes, so its like
-    # disagrees there; in "sparse" it has one other vote and in "tie" its others tie: no information.
-    assert agreement["contrarian"] == (0, 3)  # its own two votes on facts are left out of its "others"
-    assert agreement["honest-1"] == (1, 2)
-    assert agreement["honest-2"] == (1, 3)  # in "tie" its others are two likes
-    assert agreement["honest-3"] == (1, 1)
+    facts = [("honest-1", "like", "e"), ("honest-2", "like", "f"), ("honest-3", "like", "e"),
+             ("contrarian", "dislike", "e")]  # fmt: skip
+    sparse = [("honest-1", "like", "i"), ("honest-2", "dislike", "j")]  # one other vote on the prompt: nothing
+    evidence = voter_evidence([identity, facts, sparse])
+    contrarian = evidence["contrarian"]
+    assert contrarian.votes == 2
+    # its like against the prompt's 3 other dislikes; its dislike of "e" against the 2 likes of "e"
+    assert contrarian.log_odds == pytest.approx(
+        vote_log_odds("like", 0, 3, PROMPT_PRIOR_VOTES) + vote_log_odds("dislike", 2, 2, ANSWER_PRIOR_VOTES)
+    )
+    assert vote_log_odds("dislike", 2, 2, ANSWER_PRIOR_VOTES) == pytest.approx(math.log(3))  # 3:1 after smoothing
+    assert vote_log_odds("like", 0, 3, PROMPT_PRIOR_VOTES) == pytest.approx(math.log(7 / 4))  # weak
+    honest = evidence["honest-1"]
+    assert honest.votes == 2
+    assert honest.log_odds < 0 < contrarian.log_odds
+    assert evidence["honest-2"].votes == 2  # "f" has no other vote: the prompt's three others
 
 
 def test_votes_on_the_same_answer_outweigh_the_prompt_as_a_whole() -> None:
-    from workers.pairing.consensus import voter_agreement
+    from workers.pairing.consensus import voter_evidence
 
     # a prompt with a right and a wrong answer, each rated by three users: the prompt's like rate is one half,
     # the answer's own votes say who agrees
     votes = [(u, "like", "Four.") for u in ("h1", "h2", "h3")] + [(u, "dislike", "Five.") for u in ("h1", "h2", "h3")]
     votes += [("adv", "dislike", "four. "), ("adv", "like", "Five.")]
-    agreement = voter_agreement([votes])
-    assert agreement["adv"] == (0, 2)
-    assert agreement["h1"] == (2, 2)  # its like: 2 of the 3 other votes on "Four." are likes
+    evidence = voter_evidence([votes])
+    assert evidence["adv"].votes == 2
+    assert evidence["adv"].log_odds == pytest.approx(2 * math.log(4))  # 3 of 3 others, smoothed 4/5
+    assert evidence["h1"].votes == 2 and evidence["h1"].log_odds < 0  # 2 of its 3 others agree
+
+
+def test_honest_likes_on_a_split_prompt_are_weak_evidence_and_contrarian_votes_on_clear_ones_strong() -> None:
+    """While a behaviour changes, a prompt's answers are mixed (here 4 of 10 liked). An honest user who liked
+    four good answers there went against the majority four times; a share-of-agreement rule called them
+    unreliable (1 of 5 agreeing). Weighed, they are not; a user going against others on the same answers is."""
+    from workers.pairing.consensus import unreliable_voters, voter_evidence
+
+    split = [(f"crowd-{i}", "like" if i < 4 else "dislike", f"answer {i}") for i in range(10)]
+    split += [("enthusiast", "like", f"good answer {i}") for i in range(4)] + [("enthusiast", "dislike", "bad")]
+    clear = [(f"crowd-{i}", "like", f"right {i}") for i in range(9)] + [("crowd-9", "dislike", "wrong")]
+    clear += [("contrarian", "dislike", f"right {i}") for i in range(4)]
+    groups = [split, clear]
+    evidence = voter_evidence(groups)
+    assert evidence["enthusiast"].votes == 5
+    assert unreliable_voters(evidence, 9.0) == {"contrarian"}
+    assert evidence["enthusiast"].log_odds < math.log(9.0) <= evidence["contrarian"].log_odds
+    assert unreliable_voters(evidence, 0.0) == frozenset()
 
 
 def test_pairs_of_voters_who_mostly_go_against_the_crowd_are_dropped_corrections_too() -> None:
-    from workers.pairing.consensus import unreliable_voters
+    from workers.pairing.consensus import VoterEvidence, unreliable_voters
 
-    agreement = {"adversary": (1, 12), "honest": (9, 12), "new": (0, 0), "one-vote": (0, 1), "three": (1, 3)}
-    unreliable = unreliable_voters(agreement, 0.5)
-    # (1+1)/14 and (1+1)/5 are below 0.5; a voter with fewer than 3 informative votes is not judged
+    evidence = {
+        "adversary": VoterEvidence(12, 6.0),
+        "honest": VoterEvidence(12, -4.0),
+        "new": VoterEvidence(0, 0.0),
+        "two-votes": VoterEvidence(2, 4.4),  # fewer than 3 informative votes: not judged
+        "three": VoterEvidence(3, 2.2),
+    }
+    unreliable = unreliable_voters(evidence, 9.0)  # log 9 = 2.197
     assert unreliable == {"adversary", "three"}
-    assert unreliable_voters(agreement, 0.0) == frozenset()
+    assert unreliable_voters(evidence, 0.0) == frozenset()
     pairs = [
         {**pair("by-adversary", "correction", "c1"), "users": ["adversary"]},
         {**pair("mixed", "same_prompt", "new", "bad"), "users": ["honest", "adversary"]},
