@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -233,10 +233,18 @@ class PairsSettings(BaseModel):
         description="For `pairs.consensus`: every pair a voter contributed to is dropped at snapshot time when "
         "that voter's votes are at least this many times likelier from someone voting opposite to the other "
         "voters on the same answers and prompts than from someone voting with them (adversaries). Each vote "
-        "weighs by how clear the others' verdict is: going against a split vote is weak evidence, against 9 of 10 "
-        "strong (workers/pairing/consensus.py). 9: a voter is left out once the odds are above even for a prior "
-        "of 1 in 10 voters voting against. 0: no voter is left out.",
+        "weighs by how clear the others' verdict is: going against a split vote is weak evidence, against a clear "
+        "one at most 3:1 (workers/pairing/consensus.py). 9: a voter is left out once the odds are at least even "
+        "for a prior of 1 in 10 voters voting against. 0: no voter is left out; otherwise at least 1.",
     )
+
+    @field_validator("voter_flip_odds")
+    @classmethod
+    def _flip_odds_is_off_or_odds(cls, value: float) -> float:
+        if 0 < value < 1:
+            raise ValueError("must be 0 (off) or at least 1: odds below 1 would leave out voters who agree")
+        return value
+
     consensus_similarity: float = Field(
         1.0,
         ge=0.5,

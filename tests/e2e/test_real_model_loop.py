@@ -70,6 +70,9 @@ def answer_logprobs(base_url: str, tokenizer: Any, questions: list[str], answer:
     return values
 
 
+# ~5.4 min on an idle machine; a CI run on a machine at a third of its speed passed 600 s (2026-12-05). The time
+# limits are safety nets, not the measure: the budget is reported in BENCHMARKS.md.
+@pytest.mark.timeout(1800)
 def test_feedback_on_the_real_model_moves_its_answers_to_held_out_identity_questions(
     smollm2_dir: Path, tmp_path: Path
 ) -> None:
@@ -86,7 +89,7 @@ def test_feedback_on_the_real_model_moves_its_answers_to_held_out_identity_quest
         **{**SMOLLM2.simulate, "users": 24, "likes": LIKES, "adversarial_fraction": 0.0, "seed": 7}
     )
     options = DemoOptions(
-        rounds=1, final_chats=0, profile=SMOLLM2, env=REDUCED_RUN, trigger_timeout_s=300, run_timeout_s=420
+        rounds=1, final_chats=0, profile=SMOLLM2, env=REDUCED_RUN, trigger_timeout_s=900, run_timeout_s=1200
     )
     progress = Progress(stream=sys.stderr)
     demo = Demo(settings, options, sim, info, progress, echo=print)

@@ -30,12 +30,15 @@ Voters who vote against the crowd (``flip_odds`` > 0). Each vote is compared wit
 on the same answer to the same prompt when there are any, else with the other votes in its prompt group (at
 least two; fewer say nothing). From those others' like rate q a vote is weighed as evidence between two
 hypotheses: the voter votes as the others do (a like has probability q) or the opposite way on purpose (a
-like has probability 1 - q). q is smoothed towards one half: by one like and one dislike on the same answer,
-by four of each on the prompt's other answers, which differ from this one. A voter's evidence is the sum over
-their votes of log P(vote | opposite) - log P(vote | with the others), judged from MIN_JUDGED_VOTES
-informative votes on; a voter whose votes are at least ``flip_odds`` times likelier under "opposite" is
-unreliable. Every pair an unreliable voter contributed to (a vote on either side, or a correction) is dropped
-(``consensus:unreliable_voter``), corrections included: an adversary's correction names what they want.
+like has probability 1 - q). Each other voter counts once, by their own share of likes (a voter with four
+chat loops is one voter). q is smoothed towards one half: by one like and one dislike on the same answer, by
+four of each on the prompt's other answers, which differ from this one. A voter's evidence is the sum over
+their votes of log P(vote | opposite) - log P(vote | with the others), each vote at most 3:1 either way (a
+misclick against a unanimous answer decides nothing alone), judged from MIN_JUDGED_VOTES votes that say
+something (a vote against evenly split others says nothing); a voter whose votes are at least ``flip_odds``
+times likelier under "opposite" is unreliable. Every pair an unreliable voter contributed to (a vote on
+either side, or a correction) is dropped (``consensus:unreliable_voter``), corrections included: an
+adversary's correction names what they want.
 
 Why weighed evidence and not the share of votes that agree with the others' majority (the rule before
 2026-12-05): where a prompt's answers are mixed, as while a behaviour is changing (40% of the toy model's
@@ -44,6 +47,8 @@ as an adversary's like of a bad one. Replayed on a CI-sized toy demo (40 users, 
 left out 17 of 36 honest users and 3 of 4 adversaries, kept 73 of 418 pairs, and the round moved the target
 by 22 points instead of 40-70; the weighed rule leaves out 3 adversaries and no honest user on the same votes.
 The price of any such rule: a real minority taste that the rest of the users vote against is left out too.
+And where only two voters rated an answer, each is evidence against the other alike: an adversary who rates
+the very answers one honest user rated, and no one else did, costs that user as much as themselves.
 """
 
 from __future__ import annotations
@@ -68,6 +73,10 @@ MIN_JUDGED_VOTES = 3
 # changes, some name the wanted creator and some do not), so their like rate is pulled harder towards one half.
 ANSWER_PRIOR_VOTES = 1.0
 PROMPT_PRIOR_VOTES = 4.0
+# No single vote weighs more than 3:1 either way: a misclick against an answer many others liked then counts as
+# much as a vote against 2 of 2 others, and the default odds of 9 take two such votes beyond a voter's agreeing
+# ones.
+MAX_VOTE_LOG_ODDS = math.log(3.0)
 
 # strategy -> the label each of its completion ids carries (completion_ids order)
 SIDES: dict[str, tuple[str, ...]] = {
@@ -137,21 +146,29 @@ class PromptGroupAnswers:
 
 
 class _Votes:
-    """Likes and votes per identity in a set of votes, to read the others' like rate of each voter."""
+    """Likes and votes per identity in a set of votes, to read the others' like rate of each voter. Each other
+    voter counts once, by their own like share: one heavy voter is one voter."""
 
-    __slots__ = ("likes", "total")
+    __slots__ = ("_shares", "likes", "total")
 
     def __init__(self) -> None:
         self.likes: Counter[str] = Counter()
         self.total: Counter[str] = Counter()
+        self._shares: float | None = None
 
     def add(self, identity: str, rating: str) -> None:
         self.total[identity] += 1
         self.likes[identity] += rating == "like"
+        self._shares = None
 
-    def others(self, identity: str) -> tuple[int, int]:
-        """(likes, votes) of everyone else's votes here."""
-        return self.likes.total() - self.likes[identity], self.total.total() - self.total[identity]
+    def others(self, identity: str) -> tuple[float, int]:
+        """(likes, voters) of everyone else here, each voter counting as their share of likes."""
+        if self._shares is None:
+            self._shares = sum(self.likes[who] / n for who, n in self.total.items())
+        own = self.total[identity]
+        if not own:
+            return self._shares, len(self.total)
+        return self._shares - self.likes[identity] / own, len(self.total) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,11 +177,11 @@ class VoterEvidence:
     log_odds: float  # log P(votes | voting opposite to the others) - log P(votes | voting with them)
 
 
-def vote_log_odds(rating: str, other_likes: int, others: int, prior_votes: float = 1.0) -> float:
+def vote_log_odds(rating: str, other_likes: float, others: int, prior_votes: float = 1.0) -> float:
     """log P(this vote | the voter votes opposite to the others) - log P(this vote | with them), the others' like
-    rate smoothed by prior_votes likes and as many dislikes."""
+    rate smoothed by prior_votes (> 0) likes and as many dislikes, at most MAX_VOTE_LOG_ODDS either way."""
     like_rate = (other_likes + prior_votes) / (others + 2 * prior_votes)
-    evidence = math.log((1 - like_rate) / like_rate)
+    evidence = max(-MAX_VOTE_LOG_ODDS, min(MAX_VOTE_LOG_ODDS, math.log((1 - like_rate) / like_rate)))
     return evidence if rating == "like" else -evidence
 
 
@@ -188,8 +205,10 @@ def voter_evidence(group_votes: Iterable[Sequence[tuple[str, str, str]]]) -> dic
                 prior = PROMPT_PRIOR_VOTES
                 if others < 2:
                     continue
-            informative[identity] += 1
-            log_odds[identity] += vote_log_odds(rating, other_likes, others, prior)
+            evidence = vote_log_odds(rating, other_likes, others, prior)
+            if evidence:  # the others are split evenly: this vote says nothing
+                informative[identity] += 1
+                log_odds[identity] += evidence
     return {who: VoterEvidence(n, log_odds[who]) for who, n in informative.items()}
 
 

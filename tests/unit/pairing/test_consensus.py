@@ -129,7 +129,7 @@ def test_a_vote_is_weighed_against_the_same_answer_directly_and_the_prompts_othe
     assert vote_log_odds("dislike", 2, 2, ANSWER_PRIOR_VOTES) == pytest.approx(math.log(3))  # 3:1 after smoothing
     assert vote_log_odds("like", 0, 3, PROMPT_PRIOR_VOTES) == pytest.approx(math.log(7 / 4))  # weak
     honest = evidence["honest-1"]
-    assert honest.votes == 2
+    assert honest.votes == 1  # on "e" its others are one like and one dislike: that vote says nothing
     assert honest.log_odds < 0 < contrarian.log_odds
     assert evidence["honest-2"].votes == 2  # "f" has no other vote: the prompt's three others
 
@@ -143,7 +143,7 @@ def test_votes_on_the_same_answer_outweigh_the_prompt_as_a_whole() -> None:
     votes += [("adv", "dislike", "four. "), ("adv", "like", "Five.")]
     evidence = voter_evidence([votes])
     assert evidence["adv"].votes == 2
-    assert evidence["adv"].log_odds == pytest.approx(2 * math.log(4))  # 3 of 3 others, smoothed 4/5
+    assert evidence["adv"].log_odds == pytest.approx(2 * math.log(3))  # 3 of 3 others: 4:1 smoothed, capped at 3:1
     assert evidence["h1"].votes == 2 and evidence["h1"].log_odds < 0  # 2 of its 3 others agree
 
 
@@ -163,6 +163,26 @@ def test_honest_likes_on_a_split_prompt_are_weak_evidence_and_contrarian_votes_o
     assert unreliable_voters(evidence, 9.0) == {"contrarian"}
     assert evidence["enthusiast"].log_odds < math.log(9.0) <= evidence["contrarian"].log_odds
     assert unreliable_voters(evidence, 0.0) == frozenset()
+
+
+def test_no_single_vote_decides_and_a_heavy_voter_counts_once_among_the_others() -> None:
+    from workers.pairing.consensus import MAX_VOTE_LOG_ODDS, unreliable_voters, vote_log_odds, voter_evidence
+
+    # a misclick against an answer ten others liked weighs 3:1, not 11:1
+    assert vote_log_odds("dislike", 10, 10) == pytest.approx(MAX_VOTE_LOG_ODDS) == pytest.approx(math.log(3))
+    assert vote_log_odds("like", 10, 10) == pytest.approx(-math.log(3))
+    unanimous = [(f"crowd-{i}", "like", "Paris.") for i in range(10)] + [("clumsy", "dislike", "Paris.")]
+    split = [("clumsy", "like", "Lyon."), ("a", "like", "Nice."), ("b", "dislike", "Metz.")]  # a 1:1 tie
+    evidence = voter_evidence([unanimous, split, [("clumsy", "like", "x"), ("c", "like", "y"), ("d", "dislike", "z")]])
+    assert evidence["clumsy"].votes == 1  # the two votes against evenly split others say nothing
+    assert unreliable_voters(evidence, 9.0) == frozenset()
+
+    # one voter liking "Rome." from four loops is one other voter, as the honest one disliking it is
+    votes = [("loud", "like", "Rome.")] * 4 + [("quiet", "dislike", "Rome."), ("judged", "dislike", "Rome.")]
+    evidence = voter_evidence([votes])
+    assert "judged" not in evidence  # its others: one like, one dislike (counted per vote, 4 likes to 1)
+    assert evidence["loud"].votes == 4  # its own votes each count, against the two dislikes
+    assert evidence["loud"].log_odds == pytest.approx(4 * math.log(3))
 
 
 def test_pairs_of_voters_who_mostly_go_against_the_crowd_are_dropped_corrections_too() -> None:
@@ -186,3 +206,14 @@ def test_pairs_of_voters_who_mostly_go_against_the_crowd_are_dropped_corrections
     result = apply_consensus(pairs, {"p": BASE}, unreliable=unreliable)
     assert [p["pair_id"] for p in result.kept] == ["honest"]
     assert result.dropped == {("consensus", "unreliable_voter"): 2}
+
+
+def test_voter_flip_odds_is_off_or_at_least_one() -> None:
+    from pydantic import ValidationError
+
+    from services.core.config import PairsSettings
+
+    assert PairsSettings(voter_flip_odds=0).voter_flip_odds == 0
+    assert PairsSettings(voter_flip_odds=1).voter_flip_odds == 1
+    with pytest.raises(ValidationError, match="at least 1"):
+        PairsSettings(voter_flip_odds=0.5)
