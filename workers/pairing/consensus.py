@@ -206,7 +206,7 @@ def voter_evidence(group_votes: Iterable[Sequence[tuple[str, str, str]]]) -> dic
                 if others < 2:
                     continue
             evidence = vote_log_odds(rating, other_likes, others, prior)
-            if evidence:  # the others are split evenly: this vote says nothing
+            if abs(evidence) > 1e-9:  # the others are split evenly (up to rounding of their like shares)
                 informative[identity] += 1
                 log_odds[identity] += evidence
     return {who: VoterEvidence(n, log_odds[who]) for who, n in informative.items()}
