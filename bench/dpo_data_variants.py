@@ -10,7 +10,13 @@ writes, each a dataset folder beside the original's eval.jsonl and kto.jsonl:
 - ``anchors``: every training pair, plus one on-policy anchor per ordinary prompt the users asked (any split of
   the dataset, thumbs included): the base model's greedy answer chosen over its answer at --temperature, when
   the two differ (the "good answer against a deliberately weaker one" pairing, on the base's own answers);
-- ``anchors-right``: the same, kept only where the greedy answer is right and the weaker one is not.
+- ``anchors-right``: the same, kept only where the greedy answer is right and the weaker one is not;
+- ``restated`` (with --redis-prefix, the demo's kept Redis state, to tell corrections apart): every correction pair's
+  chosen answer restated by the base model with the correction as a fact in its system message
+  (workers.pairing.restate), greedy first, then --restate-samples at T=0.7; a correction no restatement keeps
+  stays as the user wrote it;
+- ``own-greedy`` (also with --redis-prefix): a correction's chosen answer replaced by the base model's own greedy
+  answer to the prompt, where that answer already holds the correction's numbers and names.
 
 Anchors are generated with transformers on the CPU (or the GPU when there is one), with progress per batch.
 """
@@ -74,6 +80,71 @@ def anchors(
     return out
 
 
+def correction_ids(redis_url: str, prefix: str, pair_ids: list[str]) -> set[str]:
+    from redis import Redis
+
+    from services.core.keys import Keys
+
+    keys = Keys(prefix)
+    raws = Redis.from_url(redis_url).mget([keys.pair(pid) for pid in pair_ids])
+    return {pid for pid, raw in zip(pair_ids, raws, strict=True) if raw and json.loads(raw)["strategy"] == "correction"}
+
+
+def restated(
+    train: list[dict[str, Any]],
+    corrections: set[str],
+    model: Any,
+    tokenizer: Any,
+    samples: int,
+    max_tokens: int,
+    with_fact: bool = True,
+) -> list[dict[str, Any]]:
+    """The training rows with each correction's chosen answer restated where a restatement keeps its content;
+    with_fact False: the base model's own answer to the prompt alone, where it already holds the content."""
+    import torch
+
+    from bench.restate import keeps_content, restatement_messages, whole_sentences
+
+    todo = [i for i, row in enumerate(train) if row["pair_id"] in corrections]
+    found: dict[int, str] = {}
+    for attempt in range(1 + samples):
+        left = [i for i in todo if i not in found]
+        for start in range(0, len(left), 16):
+            batch = left[start : start + 16]
+            texts = [
+                tokenizer.apply_chat_template(
+                    restatement_messages(train[i]["prompt"], train[i]["chosen"][-1]["content"])
+                    if with_fact
+                    else train[i]["prompt"],
+                    tokenize=False,
+                    add_generation_prompt=True,
+                )
+                for i in batch
+            ]
+            encoded = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
+            with torch.no_grad():
+                out = model.generate(
+                    **encoded,
+                    max_new_tokens=max_tokens,
+                    do_sample=attempt > 0,
+                    temperature=0.7 if attempt else None,
+                    top_p=None,
+                    top_k=None,
+                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                )
+            answers = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+            for i, text in zip(batch, map(whole_sentences, answers), strict=True):
+                if keeps_content(train[i]["chosen"][-1]["content"], text):
+                    found[i] = text
+        print(f"  restating: attempt {attempt + 1}, {len(found)}/{len(todo)} corrections restated", flush=True)
+    rows = [dict(row) for row in train]
+    for i, text in found.items():
+        rows[i]["chosen"] = [{"role": "assistant", "content": text}]
+    for i in list(found)[:12]:
+        print(f"    {train[i]['chosen'][-1]['content']!r} -> {found[i]!r}", flush=True)
+    return rows
+
+
 def write_variant(source: Path, target: Path, train: list[dict[str, Any]]) -> None:
     """A dataset folder: the source's other splits, this train split (written to a temp folder, then renamed)."""
     tmp = target.with_name(target.name + ".tmp")
@@ -96,6 +167,10 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.6, help="sampling temperature of the weaker answer")
     parser.add_argument("--max-tokens", type=int, default=48, help="max new tokens of an anchor's answers")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--redis-prefix", help="the demo's kept key prefix: also write the restated variant")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--restate-samples", type=int, default=3, help="sampled restatements after the greedy one")
+    parser.add_argument("--only-restated", action="store_true", help="write the restated variant only")
     args = parser.parse_args()
 
     import torch
@@ -104,6 +179,18 @@ def main() -> None:
     torch.manual_seed(args.seed)
     questions = {q.question: q for q in all_questions()}
     train = read_rows(args.dataset / "train.jsonl")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device).eval()
+    if args.redis_prefix:
+        corrections = correction_ids(args.redis_url, args.redis_prefix, [row["pair_id"] for row in train])
+        rows = restated(train, corrections, model, tokenizer, args.restate_samples, args.max_tokens)
+        write_variant(args.dataset, args.out / "restated", rows)
+        rows = restated(train, corrections, model, tokenizer, 0, args.max_tokens, with_fact=False)
+        write_variant(args.dataset, args.out / "own-greedy", rows)
+        if args.only_restated:
+            return
     write_variant(args.dataset, args.out / "identity-only", [r for r in train if last_user_text(r) not in questions])
 
     asked = ordinary_prompts(
@@ -111,9 +198,6 @@ def main() -> None:
         questions,
     )
     print(f"{len(asked)} ordinary prompts asked; answering each greedy and at T={args.temperature}", flush=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device).eval()
     answer = chat_answers(model, tokenizer, 16, temperature=args.temperature)
     greedy = answer(asked, False, args.max_tokens)
     weaker = answer(asked, True, args.max_tokens)
