@@ -22,21 +22,21 @@ from demo.measure import DemoModelInfo
 from demo.profiles import PROFILES
 
 
-def chat_answers(model, tokenizer, batch: int, temperature: float = 0.7) -> Callable[[list[str], bool, int], list[str]]:
-    """answer(prompts, sample, max_new_tokens): one user turn each, left-padded batches, `temperature` when
-    sampling."""
+def conversation_answers(
+    model, tokenizer, batch: int, temperature: float = 0.7
+) -> Callable[[list[list[dict[str, Any]]], bool, int], list[str]]:
+    """answer(conversations, sample, max_new_tokens): the model's reply to each conversation (chat messages),
+    in left-padded batches, `temperature` when sampling."""
     import torch
 
     tokenizer.padding_side = "left"
 
-    def answer(prompts: list[str], sample: bool, max_new_tokens: int) -> list[str]:
+    def answer(conversations: list[list[dict[str, Any]]], sample: bool, max_new_tokens: int) -> list[str]:
         out: list[str] = []
-        for start in range(0, len(prompts), batch):
+        for start in range(0, len(conversations), batch):
             texts = [
-                tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-                )
-                for p in prompts[start : start + batch]
+                tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                for messages in conversations[start : start + batch]
             ]
             encoded = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
             with torch.no_grad():
@@ -50,10 +50,18 @@ def chat_answers(model, tokenizer, batch: int, temperature: float = 0.7) -> Call
                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
                 )
             out += tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
-            print(f"  {len(out)}/{len(prompts)} answered", file=sys.stderr, flush=True)
+            print(f"  {len(out)}/{len(conversations)} answered", file=sys.stderr, flush=True)
         return out
 
     return answer
+
+
+def chat_answers(model, tokenizer, batch: int, temperature: float = 0.7) -> Callable[[list[str], bool, int], list[str]]:
+    """answer(prompts, sample, max_new_tokens): conversation_answers for one user turn each."""
+    answer = conversation_answers(model, tokenizer, batch, temperature)
+    return lambda prompts, sample, max_new_tokens: answer(
+        [[{"role": "user", "content": p}] for p in prompts], sample, max_new_tokens
+    )
 
 
 def measure_identity_and_questions(

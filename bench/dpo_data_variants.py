@@ -13,10 +13,12 @@ writes, each a dataset folder beside the original's eval.jsonl and kto.jsonl:
 - ``anchors-right``: the same, kept only where the greedy answer is right and the weaker one is not;
 - ``restated`` (with --redis-prefix, the demo's kept Redis state, to tell corrections apart): every correction pair's
   chosen answer restated by the base model with the correction as a fact in its system message
-  (workers.pairing.restate), greedy first, then --restate-samples at T=0.7; a correction no restatement keeps
+  (bench/restate.py), greedy first, then --restate-samples at T=0.7; a correction no restatement keeps
   stays as the user wrote it;
 - ``own-greedy`` (also with --redis-prefix): a correction's chosen answer replaced by the base model's own greedy
-  answer to the prompt, where that answer already holds the correction's numbers and names.
+  answer to the prompt, where that answer already holds the correction's numbers and names;
+- ``no-ordinary-corrections`` (also with --redis-prefix): the training pairs less the corrections of the demo
+  corpus's ordinary questions.
 
 Anchors are generated with transformers on the CPU (or the GPU when there is one), with progress per batch.
 """
@@ -27,13 +29,13 @@ import argparse
 import json
 import shutil
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.adapter_measure import chat_answers
+from bench.adapter_measure import chat_answers, conversation_answers
 from demo.corpus import QA, all_questions, is_correct
 
 SPLITS = ("train.jsonl", "eval.jsonl", "kto.jsonl")
@@ -93,49 +95,29 @@ def correction_ids(redis_url: str, prefix: str, pair_ids: list[str]) -> set[str]
 def restated(
     train: list[dict[str, Any]],
     corrections: set[str],
-    model: Any,
-    tokenizer: Any,
+    answer: Callable[[list[list[dict[str, Any]]], bool, int], list[str]],
     samples: int,
     max_tokens: int,
     with_fact: bool = True,
 ) -> list[dict[str, Any]]:
-    """The training rows with each correction's chosen answer restated where a restatement keeps its content;
+    """The training rows with each correction's chosen answer restated where a restatement keeps its content
+    (answer: bench.adapter_measure.conversation_answers at T=0.7; greedy first, then `samples` sampled tries);
     with_fact False: the base model's own answer to the prompt alone, where it already holds the content."""
-    import torch
-
     from bench.restate import keeps_content, restatement_messages, whole_sentences
 
     todo = [i for i, row in enumerate(train) if row["pair_id"] in corrections]
     found: dict[int, str] = {}
     for attempt in range(1 + samples):
         left = [i for i in todo if i not in found]
-        for start in range(0, len(left), 16):
-            batch = left[start : start + 16]
-            texts = [
-                tokenizer.apply_chat_template(
-                    restatement_messages(train[i]["prompt"], train[i]["chosen"][-1]["content"])
-                    if with_fact
-                    else train[i]["prompt"],
-                    tokenize=False,
-                    add_generation_prompt=True,
-                )
-                for i in batch
-            ]
-            encoded = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
-            with torch.no_grad():
-                out = model.generate(
-                    **encoded,
-                    max_new_tokens=max_tokens,
-                    do_sample=attempt > 0,
-                    temperature=0.7 if attempt else None,
-                    top_p=None,
-                    top_k=None,
-                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                )
-            answers = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
-            for i, text in zip(batch, map(whole_sentences, answers), strict=True):
-                if keeps_content(train[i]["chosen"][-1]["content"], text):
-                    found[i] = text
+        conversations = [
+            restatement_messages(train[i]["prompt"], train[i]["chosen"][-1]["content"])
+            if with_fact
+            else train[i]["prompt"]
+            for i in left
+        ]
+        for i, text in zip(left, map(whole_sentences, answer(conversations, attempt > 0, max_tokens)), strict=True):
+            if keeps_content(train[i]["chosen"][-1]["content"], text):
+                found[i] = text
         print(f"  restating: attempt {attempt + 1}, {len(found)}/{len(todo)} corrections restated", flush=True)
     rows = [dict(row) for row in train]
     for i, text in found.items():
@@ -167,10 +149,12 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.6, help="sampling temperature of the weaker answer")
     parser.add_argument("--max-tokens", type=int, default=48, help="max new tokens of an anchor's answers")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--redis-prefix", help="the demo's kept key prefix: also write the restated variant")
+    parser.add_argument(
+        "--redis-prefix", help="the demo's kept key prefix: also write the variants that need to tell corrections apart"
+    )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--restate-samples", type=int, default=3, help="sampled restatements after the greedy one")
-    parser.add_argument("--only-restated", action="store_true", help="write the restated variant only")
+    parser.add_argument("--only-restated", action="store_true", help="write only the --redis-prefix variants")
     args = parser.parse_args()
 
     import torch
@@ -185,10 +169,17 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device).eval()
     if args.redis_prefix:
         corrections = correction_ids(args.redis_url, args.redis_prefix, [row["pair_id"] for row in train])
-        rows = restated(train, corrections, model, tokenizer, args.restate_samples, args.max_tokens)
+        answer_conversations = conversation_answers(model, tokenizer, 16)
+        rows = restated(train, corrections, answer_conversations, args.restate_samples, args.max_tokens)
         write_variant(args.dataset, args.out / "restated", rows)
-        rows = restated(train, corrections, model, tokenizer, 0, args.max_tokens, with_fact=False)
+        rows = restated(train, corrections, answer_conversations, 0, args.max_tokens, with_fact=False)
         write_variant(args.dataset, args.out / "own-greedy", rows)
+        ordinary = {
+            i for i, row in enumerate(train) if row["pair_id"] in corrections and last_user_text(row) in questions
+        }
+        write_variant(
+            args.dataset, args.out / "no-ordinary-corrections", [r for i, r in enumerate(train) if i not in ordinary]
+        )
         if args.only_restated:
             return
     write_variant(args.dataset, args.out / "identity-only", [r for r in train if last_user_text(r) not in questions])
