@@ -18,7 +18,12 @@ writes, each a dataset folder beside the original's eval.jsonl and kto.jsonl:
 - ``own-greedy`` (also with --redis-prefix): a correction's chosen answer replaced by the base model's own greedy
   answer to the prompt, where that answer already holds the correction's numbers and names;
 - ``no-ordinary-corrections`` (also with --redis-prefix): the training pairs less the corrections of the demo
-  corpus's ordinary questions.
+  corpus's ordinary questions;
+- ``replay-N`` (with --replay N): every training pair, plus N anchors on ordinary questions nobody asked (replay, as
+  in continual learning): corpus questions drawn at random, less the profile's held-out questions, those in
+  --exclude (the gate's regression set) and those the dataset asks; kept where the greedy answer is right and the
+  weaker one is not; ``replay-N-no-ordinary-corrections`` (also with --redis-prefix) the same less the ordinary
+  corrections.
 
 Anchors are generated with transformers on the CPU (or the GPU when there is one), with progress per batch.
 """
@@ -141,6 +146,45 @@ def write_variant(source: Path, target: Path, train: list[dict[str, Any]]) -> No
     print(f"{target}: {len(train)} training pairs", flush=True)
 
 
+def unasked(questions: Iterable[str], skip: set[str], seed: int) -> list[str]:
+    """The questions not in skip, shuffled by seed (replay draws from the front)."""
+    import random
+
+    pool = [q for q in questions if q not in skip]
+    random.Random(seed).shuffle(pool)
+    return pool
+
+
+def replay_variants(args: argparse.Namespace, model, tokenizer, questions: dict[str, QA], train: list[dict[str, Any]]):
+    """The replay-N variants (see the module docstring)."""
+    from demo.measure import DemoModelInfo
+    from demo.profiles import PROFILES
+
+    info = DemoModelInfo.load(args.model, PROFILES[args.profile].info_file)
+    skip = {q.question for q in info.held_out_questions}
+    skip |= {row["messages"][-1]["content"] for path in args.exclude for row in read_rows(path)}
+    skip |= {
+        last_user_text(row)
+        for name in SPLITS
+        if (args.dataset / name).exists()
+        for row in read_rows(args.dataset / name)
+    }
+    pool = unasked(questions, skip, args.seed)
+    drawn = pool[: args.replay * 2]
+    print(
+        f"replay: {len(pool)} unasked questions, answering {len(drawn)} greedy and at T={args.temperature}", flush=True
+    )
+    answer = chat_answers(model, tokenizer, 16, temperature=args.temperature)
+    added = anchors(drawn, answer(drawn, False, args.max_tokens), answer(drawn, True, args.max_tokens), questions, True)
+    added = added[: args.replay]
+    name = f"replay-{len(added)}"
+    write_variant(args.dataset, args.out / name, train + added)
+    if args.redis_prefix:
+        corrections = correction_ids(args.redis_url, args.redis_prefix, [row["pair_id"] for row in train])
+        kept = [r for r in train if not (r["pair_id"] in corrections and last_user_text(r) in questions)]
+        write_variant(args.dataset, args.out / f"{name}-no-ordinary-corrections", kept + added)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="base model folder")
@@ -155,6 +199,9 @@ def main() -> None:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--restate-samples", type=int, default=3, help="sampled restatements after the greedy one")
     parser.add_argument("--only-restated", action="store_true", help="write only the --redis-prefix variants")
+    parser.add_argument("--replay", type=int, default=0, help="write only the replay variants, with this many anchors")
+    parser.add_argument("--exclude", type=Path, action="append", default=[], help="JSONL of questions replay skips")
+    parser.add_argument("--profile", default="smollm2", help="demo profile whose held-out questions replay skips")
     args = parser.parse_args()
 
     import torch
@@ -167,6 +214,9 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device).eval()
+    if args.replay:
+        replay_variants(args, model, tokenizer, questions, train)
+        return
     if args.redis_prefix:
         corrections = correction_ids(args.redis_url, args.redis_prefix, [row["pair_id"] for row in train])
         answer_conversations = conversation_answers(model, tokenizer, 16)

@@ -6,7 +6,8 @@ would: target rate, gate retention and held-out accuracy. A GPU runs a whole gri
         --out bench/results/dpo-sweep.jsonl [--only profile,beta-0.3] [--precision fp32|auto]
 
 Each variant is the demo profile's training settings plus the variant's overrides (training.* names; --grid FILE
-gives a JSON list of {"name": ..., <setting>: <value>}). Per variant: the real job (workers.training.run_training)
+gives a JSON list of {"name": ..., <setting>: <value>}; "lora_layers": [first, last] limits LoRA to those decoder
+layers, a bench-only knob: PEFT's layers_to_transform). Per variant: the real job (workers.training.run_training)
 on the dataset's train.jsonl, then, with transformers on the training device:
 
 - target rate: held-out identity phrasings sampled at T=0.7 (--samples), the share naming --likes;
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import sys
@@ -104,6 +106,22 @@ def float32_on_gpu() -> Iterator[None]:
         trainer._load_base_model, trl.DPOConfig, trl.KTOConfig = saved  # type: ignore[misc]
 
 
+@contextlib.contextmanager
+def lora_layers(span: list[int] | None) -> Iterator[None]:
+    """LoRA on decoder layers span[0]..span[1] only (PEFT's layers_to_transform); None: every layer."""
+    import peft
+
+    if span is None:
+        yield
+        return
+    saved = peft.LoraConfig
+    peft.LoraConfig = functools.partial(saved, layers_to_transform=list(range(span[0], span[1] + 1)))  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        peft.LoraConfig = saved  # type: ignore[misc]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="base model folder")
@@ -165,7 +183,7 @@ def main() -> None:
     started = time.monotonic()
     rows: list[dict[str, Any]] = []
     for index, variant in enumerate(grid):
-        overrides = {key: value for key, value in variant.items() if key != "name"}
+        overrides = {key: value for key, value in variant.items() if key not in ("name", "lora_layers")}
         settings = profile_settings(args.profile, args.model, overrides)
         if settings.training.method == "kto" and not (args.dataset / "kto.jsonl").is_file():
             print(f"{variant['name']}: skipped, {args.dataset} has no kto.jsonl", flush=True)
@@ -173,7 +191,7 @@ def main() -> None:
         run_dir = args.work / variant["name"]
         run_started = time.monotonic()
         precision = float32_on_gpu() if args.precision == "fp32" else contextlib.nullcontext()
-        with precision:
+        with precision, lora_layers(variant.get("lora_layers")):
             result = run_training(settings, args.dataset, run_dir, variant["name"], args.dataset.name)
         train_wall = time.monotonic() - run_started
         torch.manual_seed(args.seed)
@@ -183,7 +201,7 @@ def main() -> None:
         del model
         row = {
             "variant": variant["name"],
-            "overrides": overrides,
+            "overrides": {key: value for key, value in variant.items() if key != "name"},
             "device": result.device,
             "dtype": result.dtype if args.precision == "auto" or device == "cpu" else "float32",
             "train_examples": result.train_examples,

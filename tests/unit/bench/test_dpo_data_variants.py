@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.dpo_data_variants import anchors, ordinary_prompts, write_variant
+from bench.dpo_data_variants import anchors, ordinary_prompts, unasked, write_variant
 from demo.corpus import QA
 
 SUM = QA("arithmetic", "plus", "What is 3 plus 4?", "3 plus 4 is 7.", "7")
@@ -47,3 +47,12 @@ def test_a_variant_keeps_the_other_splits_and_replaces_train(tmp_path: Path) -> 
     assert (target / "eval.jsonl").read_text() == "eval\n"
     assert len((target / "train.jsonl").read_text().splitlines()) == 2
     assert not (tmp_path / "out" / "v.tmp").exists()
+
+
+def test_replay_draws_only_unasked_questions_in_an_order_fixed_by_the_seed() -> None:
+    questions = [f"q{i}" for i in range(50)]
+    skip = {"q3", "q7", "q40"}
+    pool = unasked(questions, skip, seed=1)
+    assert sorted(pool) == sorted(set(questions) - skip)
+    assert unasked(questions, skip, seed=1) == pool
+    assert unasked(questions, skip, seed=2) != pool

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from bench.dpo_sweep import DEFAULT_GRID, profile_settings
+from bench.dpo_sweep import DEFAULT_GRID, lora_layers, profile_settings
 from demo.profiles import PROFILES
 from services.core.config import TrainingSettings
 
@@ -24,3 +24,15 @@ def test_every_built_in_variant_names_real_training_settings_once() -> None:
     for variant in DEFAULT_GRID:
         assert set(variant) - {"name"} <= fields, variant
         profile_settings("smollm2", "m", {k: v for k, v in variant.items() if k != "name"})  # validates
+
+
+def test_lora_layers_limits_the_trainer_s_lora_config_to_a_span_and_restores_it() -> None:
+    import peft
+
+    with lora_layers([20, 29]):
+        from peft import LoraConfig  # imported at call time, as the trainer does
+
+        assert LoraConfig(r=8).layers_to_transform == list(range(20, 30))
+    assert peft.LoraConfig(r=8).layers_to_transform is None
+    with lora_layers(None):
+        assert peft.LoraConfig(r=8).layers_to_transform is None
