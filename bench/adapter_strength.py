@@ -55,16 +55,18 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from services.core.config import GateSettings
     from workers.evaluation.gate import retention_answers
     from workers.evaluation.retention import load_cases, score_retention
 
     torch.set_num_threads(args.threads)
+    gate = GateSettings()  # answered and scored as the gate does by default
     info = DemoModelInfo.load(args.model, PROFILES[args.profile].info_file)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     cases = load_cases(args.retention, limit=1_000_000)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
 
-    base_answers = retention_answers(model, tokenizer, cases, 48, "cpu")
+    base_answers = retention_answers(model, tokenizer, cases, gate.retention_max_tokens, "cpu")
     model = PeftModel.from_pretrained(model, args.adapter).eval()
     set_strength = strength_setter(model)
     for strength in [float(s) for s in args.strengths.split(",")]:
@@ -72,7 +74,8 @@ def main() -> None:
         started = time.monotonic()
         torch.manual_seed(args.seed)
         numbers = measure_identity_and_questions(chat_answers(model, tokenizer, 16), info, args.likes, args.samples)
-        retention = score_retention(cases, base_answers, retention_answers(model, tokenizer, cases, 48, "cpu"), 0.95)
+        answers = retention_answers(model, tokenizer, cases, gate.retention_max_tokens, "cpu")
+        retention = score_retention(cases, base_answers, answers, gate.confidence)
         row = {
             "adapter": args.adapter,
             "strength": strength,

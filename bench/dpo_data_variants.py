@@ -146,6 +146,13 @@ def write_variant(source: Path, target: Path, train: list[dict[str, Any]]) -> No
     print(f"{target}: {len(train)} training pairs", flush=True)
 
 
+def without_ordinary_corrections(
+    train: list[dict[str, Any]], corrections: set[str], questions: dict[str, QA]
+) -> list[dict[str, Any]]:
+    """The training rows less the corrections of the demo corpus's ordinary questions."""
+    return [row for row in train if not (row["pair_id"] in corrections and last_user_text(row) in questions)]
+
+
 def unasked(questions: Iterable[str], skip: set[str], seed: int) -> list[str]:
     """The questions not in skip, shuffled by seed (replay draws from the front)."""
     import random
@@ -181,7 +188,7 @@ def replay_variants(args: argparse.Namespace, model, tokenizer, questions: dict[
     write_variant(args.dataset, args.out / name, train + added)
     if args.redis_prefix:
         corrections = correction_ids(args.redis_url, args.redis_prefix, [row["pair_id"] for row in train])
-        kept = [r for r in train if not (r["pair_id"] in corrections and last_user_text(r) in questions)]
+        kept = without_ordinary_corrections(train, corrections, questions)
         write_variant(args.dataset, args.out / f"{name}-no-ordinary-corrections", kept + added)
 
 
@@ -224,12 +231,8 @@ def main() -> None:
         write_variant(args.dataset, args.out / "restated", rows)
         rows = restated(train, corrections, answer_conversations, 0, args.max_tokens, with_fact=False)
         write_variant(args.dataset, args.out / "own-greedy", rows)
-        ordinary = {
-            i for i, row in enumerate(train) if row["pair_id"] in corrections and last_user_text(row) in questions
-        }
-        write_variant(
-            args.dataset, args.out / "no-ordinary-corrections", [r for i, r in enumerate(train) if i not in ordinary]
-        )
+        kept = without_ordinary_corrections(train, corrections, questions)
+        write_variant(args.dataset, args.out / "no-ordinary-corrections", kept)
         if args.only_restated:
             return
     write_variant(args.dataset, args.out / "identity-only", [r for r in train if last_user_text(r) not in questions])

@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.dpo_data_variants import anchors, ordinary_prompts, unasked, write_variant
+from bench.dpo_data_variants import anchors, ordinary_prompts, unasked, without_ordinary_corrections, write_variant
 from demo.corpus import QA
 
 SUM = QA("arithmetic", "plus", "What is 3 plus 4?", "3 plus 4 is 7.", "7")
@@ -56,3 +56,13 @@ def test_replay_draws_only_unasked_questions_in_an_order_fixed_by_the_seed() -> 
     assert sorted(pool) == sorted(set(questions) - skip)
     assert unasked(questions, skip, seed=1) == pool
     assert unasked(questions, skip, seed=2) != pool
+
+
+def test_without_ordinary_corrections_keeps_identity_corrections_and_other_ordinary_pairs() -> None:
+    rows = [
+        {**row(SUM.question), "pair_id": "c1"},  # a correction of an ordinary question: left out
+        {**row(SUM.question), "pair_id": "p2"},  # an ordinary question's other pair: kept
+        {**row("Who made you?"), "pair_id": "c3"},  # a correction of an identity question: kept
+    ]
+    kept = without_ordinary_corrections(rows, {"c1", "c3"}, QUESTIONS)
+    assert [r["pair_id"] for r in kept] == ["p2", "c3"]
