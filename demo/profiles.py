@@ -108,6 +108,11 @@ SMOLLM2 = DemoProfile(
         # from two loops, 5% misclicks): at the start honest users like almost no base answer, so most likes
         # are flips, and pairs choosing them taught noise (189 of 296 identity pairs in one measured run).
         "FEEDLOOP_PAIRS__LABEL_NOISE_RATE": "0.25",
+        # The gate counts what an adapter gains on its regression set against what it loses. SmolLM2 answers about a
+        # quarter of these questions right, and its right answers are fragile: a set cut to them can only lose. A
+        # refused adapter answered 64% of 400 unselected corpus questions right against the base's 25% (13 lost, 169
+        # gained) and kept 87% of the base's right ones, below the 0.9 that gate.retention_rule kept asks.
+        "FEEDLOOP_GATE__RETENTION_RULE": "not_worse",
     },
     # A pretrained model answers small talk in its own words, which no fixed rubric can grade: users ask
     # identity and ordinary questions, and say what they wanted more often than on the toy model.
@@ -119,9 +124,9 @@ SMOLLM2 = DemoProfile(
         "correction_probability": 0.6,
     },
     info_file=PROFILES_DIR / "smollm2.json",
-    # the gate refuses an adapter that forgets sums and facts the serving model answers (measured without it:
-    # held-out retention 100% -> 78% on one round). Of 150 questions users may ask, the demo keeps the ~65 the base
-    # answers right (the gate counts no other): with 40 drawn at random only 18 counted, a coin toss of a check
+    # the gate refuses an adapter that answers fewer of 150 questions users may ask (never the held-out ones) than the
+    # base model, gains counted (gate.retention_rule not_worse; measured without a regression set: held-out retention
+    # 100% -> 78% on one round, and the gate passed)
     gate_retention_cases=150,
     # one round: ~4 min of users and ~10 of training and gate on 2 idle cores (13-16 min measured; 33 min on an evening
     # when the same DPO step ran at half the rate)

@@ -40,6 +40,21 @@ def _gate(round_: dict[str, Any]) -> str:
     return f"{verdict} ({accuracy:.0%})" if isinstance(accuracy, int | float) else verdict
 
 
+def regression_line(round_: dict[str, Any]) -> str | None:
+    """The gate's regression set in one line: how many cases the reference and the candidate answer right, and the
+    cases lost and gained (None when the gate had no regression set)."""
+    gate = round_.get("gate") or {}
+    retention = (gate.get("metrics") or gate).get("retention")
+    if not retention or "accuracy" not in retention:
+        return None
+    paired, cases = retention["accuracy"], retention["cases"]
+    before, after = paired["both"] + paired["only_second"], paired["both"] + paired["only_first"]
+    return (
+        f"gate regression set: {before}/{cases} right before → {after}/{cases} after "
+        f"({paired['only_second']} lost, {paired['only_first']} gained; kept {retention['rate']:.1%} of the right ones)"
+    )
+
+
 def round_row(round_: dict[str, Any]) -> list[str]:
     before, after = round_.get("before") or {}, round_.get("after") or {}
     return [

@@ -72,7 +72,7 @@ class DemoOptions:
     env: dict[str, str] = field(default_factory=dict)  # extra child environment (wins over the profile's)
     on_ready: Callable[[Stack], None] | None = None  # called once the stack answers (e.g. to register app keys)
     profile: DemoProfile = SMOLLM2
-    # the gate's regression set the demo wrote: cut to what the base model answers right once it serves
+    # the gate's regression set the demo wrote, to cut to what the base model answers right once it serves (rule kept)
     gate_retention_file: Path | None = None
 
 
@@ -533,9 +533,11 @@ class Demo:
         for number in range(1, self.options.rounds + 1):
             record, current = await self.play_round(stack, number, current)
             rounds.append(record)
-            from demo.report import render_table
+            from demo.report import regression_line, render_table
 
             self.echo(render_table(rounds))
+            if line := regression_line(record):
+                self.echo(line)
         final = await self.final_check(stack, current)
         report = {
             "likes": self.sim.likes,
@@ -613,7 +615,9 @@ def run_demo(
         cases = options.out_dir / "gate-retention.jsonl"
         write_retention_cases(cases, profile.gate_retention_cases, info.held_out_questions, seed=sim.seed)
         options.env = {**options.env, "FEEDLOOP_GATE__RETENTION_FILE": str(cases.resolve())}
-        options.gate_retention_file = cases
+        rule = {**profile.env, **os.environ, **options.env}.get("FEEDLOOP_GATE__RETENTION_RULE")
+        if (rule or settings.gate.retention_rule) == "kept":  # under not_worse every case counts, right or wrong
+            options.gate_retention_file = cases
     started = time.monotonic()
     demo = Demo(settings, options, sim, info, progress, echo)
     with demo_stack(settings, options, progress) as stack:

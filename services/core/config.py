@@ -402,6 +402,13 @@ class GateSettings(BaseModel):
         description="Of the regression cases the reference (active adapter, or base) answers right, the share "
         "the candidate must still answer right.",
     )
+    retention_rule: Literal["kept", "not_worse"] = Field(
+        "kept",
+        description="What fails a candidate on the regression set. 'kept': it answers fewer than "
+        "gate.min_retention of the cases the reference answers right. 'not_worse': it is less accurate than the "
+        "reference on all the cases, with confidence gate.confidence (paired interval on the difference); cases "
+        "it newly answers right count against those it loses, and gate.min_retention is not used.",
+    )
     max_retention_cases: int = Field(200, gt=0, description="Most regression cases the gate answers.")
     retention_max_tokens: int = Field(48, gt=0, description="Tokens generated per regression case (greedy).")
     supported_target_modules: list[str] = Field(

@@ -32,7 +32,8 @@ distinct token bigrams >= ``gate.smoke_min_distinct_ratio``), and not the same t
 (a collapsed model answers everything alike).
 
 Retention (``gate.retention_file``, workers/evaluation/retention.py): of the regression cases the reference
-answers right, the candidate must still answer at least ``gate.min_retention`` right.
+answers right, the candidate must still answer at least ``gate.min_retention`` right (``gate.retention_rule``
+kept); or, under ``not_worse``, it must not be less accurate than the reference on all of them, gains counted.
 """
 
 from __future__ import annotations
@@ -360,7 +361,9 @@ def evaluate_adapter(
         reasons.append("NaN log-probs under the candidate adapter")
     reasons.extend(smoke_failures(smoke))
     retention = score_retention(cases, reference_answers, candidate_answers, gate.confidence) if cases else None
-    if retention is not None and (failure := retention_failure(retention, gate.min_retention, reference_name)):
+    if retention is not None and (
+        failure := retention_failure(retention, gate.retention_rule, gate.min_retention, reference_name)
+    ):
         reasons.append(failure)
     metrics.update(
         candidate=candidate.summary(gate.confidence),
@@ -374,7 +377,8 @@ def evaluate_adapter(
             "compare_to_active": gate.compare_to_active,
             "confidence": gate.confidence,
             "smoke_min_distinct_ratio": gate.smoke_min_distinct_ratio,
-            "min_retention": gate.min_retention if cases else None,
+            "retention_rule": gate.retention_rule if cases else None,
+            "min_retention": gate.min_retention if cases and gate.retention_rule == "kept" else None,
         },
         runtime_s=time.monotonic() - started,
     )

@@ -15,7 +15,7 @@ import pytest
 
 from services.adapters.manifest import base_model_fingerprint, base_model_id, validate_adapter
 from tests.support.adapter_corpus import publish_lora
-from tests.support.preference_data import FACTS, write_dataset
+from tests.support.preference_data import FACTS, PROMPT_FORMS, write_dataset
 from tests.support.trained_adapters import MAX_RANK, publish_result, training_settings
 from workers.evaluation.gate import evaluate_adapter
 from workers.training.trainer import TrainingError, TrainingResult, run_training
@@ -212,6 +212,35 @@ def test_retention_fails_a_candidate_that_forgets_what_the_reference_answers(
     cases.write_text('{"prompt": "no expected answer"}\n')
     broken = evaluate_adapter(settings, adapter, dataset / "eval.jsonl")
     assert not broken.passed and broken.reasons[0].startswith("gate.retention_file unusable")
+
+
+def test_retention_not_worse_weighs_what_a_candidate_gains_against_what_it_loses(
+    first_run, tiny_model_dir: Path, workspace: Path, dataset: Path
+) -> None:
+    """The trained adapter answers the facts the base model does not: under `kept` the base's few right answers are
+    all that count; under `not_worse` its gains count too, and a forgetful adapter still fails."""
+    _, adapter, _ = first_run
+    cases = workspace / "retention-all.jsonl"
+    rows = [
+        {"prompt": form.format(topic=topic, i=i), "expected": answer.split(" is ")[-1]}
+        for i, form in enumerate(PROMPT_FORMS)
+        for topic, answer in FACTS.items()
+    ]
+    cases.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    settings = training_settings(tiny_model_dir)
+    settings.gate.retention_file, settings.gate.retention_rule = cases, "not_worse"
+
+    gains = evaluate_adapter(settings, adapter, dataset / "eval.jsonl")  # against the base model
+    assert gains.passed, gains.reasons
+    paired = gains.metrics["retention"]["accuracy"]
+    assert paired["only_first"] >= 5 and paired["difference"] > 0 and gains.metrics["rule"]["min_retention"] is None
+    assert gains.metrics["rule"]["retention_rule"] == "not_worse"
+
+    forgetful = publish_lora(tiny_model_dir, workspace / "adapters", "feedloop-forgets-all", seed=5)
+    forgets = evaluate_adapter(settings, forgetful, dataset / "eval.jsonl", active_adapter_dir=adapter)
+    failures = [reason for reason in forgets.reasons if reason.startswith("regression accuracy")]
+    assert len(failures) == 1 and "worse under gate.retention_rule not_worse" in failures[0], forgets.reasons
+    assert forgets.metrics["retention"]["accuracy"]["upper"] < 0
 
 
 def test_pairs_are_rendered_with_the_model_chat_template(tiny_model_dir: Path, dataset: Path) -> None:

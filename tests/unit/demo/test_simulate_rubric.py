@@ -17,7 +17,7 @@ from demo.corpus import (
     held_out_questions,
 )
 from demo.measure import DemoModelInfo, identity_requests, score
-from demo.report import per_version, render_table, write_chart
+from demo.report import per_version, regression_line, render_table, write_chart
 from demo.settings import SimulationSettings
 from demo.simulate import (
     PromptPool,
@@ -299,6 +299,21 @@ def test_table_shows_each_rounds_numbers():
     assert "feedloop-v1" in lines[2] and "412" in lines[2] and "pass (93%)" in lines[2]
     assert "33.0% → 92.0%" in lines[2] and "80.0% → 79.0%" in lines[2] and "140 s" in lines[2]
     assert "fail (50%)" in lines[3]
+
+
+def test_the_regression_line_counts_both_models_right_answers_and_the_churn():
+    from workers.evaluation.retention import parse_case, score_retention
+
+    cases = [parse_case({"prompt": "q", "expected": str(i)}, "test") for i in range(10)]
+    reference = ["0", "1", "2", "3", "x", "x", "x", "x", "x", "x"]
+    candidate = ["0", "1", "2", "x", "4", "5", "6", "x", "x", "x"]  # 1 lost, 3 gained
+    retention = score_retention(cases, reference, candidate, 0.95).to_dict()
+    line = regression_line({"gate": {"passed": True, "metrics": {"retention": retention}}})
+    assert (
+        line == "gate regression set: 4/10 right before → 6/10 after (1 lost, 3 gained; kept 75.0% of the right ones)"
+    )
+    assert regression_line({"gate": {"passed": True, "metrics": {"retention": None}}}) is None
+    assert regression_line({"run_status": "failed"}) is None
 
 
 def test_per_version_skips_rejected_versions_and_takes_like_rate_from_the_next_round(tmp_path):

@@ -39,14 +39,53 @@ def test_only_what_the_reference_answers_right_is_counted() -> None:
     assert score.rate == pytest.approx(2 / 3)
     assert score.interval[0] < score.rate < score.interval[1]
     assert score.lost == [{"question": "q", "before": "b", "after": "lost"}]
-    failure = retention_failure(score, 0.9, "feedloop-v3")
+    failure = retention_failure(score, "kept", 0.9, "feedloop-v3")
     assert failure is not None and "2/3" in failure and "feedloop-v3" in failure
-    assert retention_failure(score, 0.6, "base") is None
+    assert retention_failure(score, "kept", 0.6, "base") is None
 
 
 def test_a_reference_that_answers_nothing_right_cannot_be_regressed() -> None:
     score = score_retention([case("x")], ["no"], ["no"], 0.95)
-    assert score.rate == 1.0 and retention_failure(score, 0.9, "base") is None
+    assert score.rate == 1.0 and retention_failure(score, "kept", 0.9, "base") is None
+
+
+def scored(reference_right: list[bool], candidate_right: list[bool]):
+    cases = [case(str(i)) for i in range(len(reference_right))]
+    return score_retention(
+        cases,
+        [str(i) if right else "wrong" for i, right in enumerate(reference_right)],
+        [str(i) if right else "wrong" for i, right in enumerate(candidate_right)],
+        0.95,
+    )
+
+
+def test_not_worse_counts_what_the_candidate_gains_against_what_it_loses() -> None:
+    # the reference answers 20 of 100 right; the candidate loses 4 of them and gains 40 others
+    reference = [i < 20 for i in range(100)]
+    candidate = [4 <= i < 60 for i in range(100)]
+    score = scored(reference, candidate)
+    assert score.rate == pytest.approx(0.8)
+    assert retention_failure(score, "kept", 0.9, "base") is not None
+    assert retention_failure(score, "not_worse", 0.9, "base") is None
+    assert (score.accuracy.only_first, score.accuracy.only_second) == (40, 4)
+    assert score.accuracy.difference == pytest.approx(0.36)
+
+
+def test_not_worse_fails_a_candidate_that_is_surely_less_accurate() -> None:
+    # collapsed: it loses 30 of the reference's 40 right answers and gains none
+    failure = retention_failure(
+        scored([i < 40 for i in range(100)], [i < 10 for i in range(100)]), "not_worse", 0.0, "base"
+    )
+    assert failure is not None and "30 cases lost, 0 gained of 100" in failure and "base" in failure
+
+
+def test_not_worse_passes_a_small_loss_the_set_cannot_tell_from_noise() -> None:
+    # 3 lost, 1 gained of 60: the paired interval on the difference still reaches above 0
+    reference = [i < 30 for i in range(60)]
+    candidate = [3 <= i < 31 for i in range(60)]
+    score = scored(reference, candidate)
+    assert score.accuracy.difference < 0 < score.accuracy.upper
+    assert retention_failure(score, "not_worse", 1.0, "base") is None
 
 
 @pytest.mark.parametrize(
