@@ -109,10 +109,11 @@ SMOLLM2 = DemoProfile(
         # are flips, and pairs choosing them taught noise (189 of 296 identity pairs in one measured run).
         "FEEDLOOP_PAIRS__LABEL_NOISE_RATE": "0.25",
         # The gate counts what an adapter gains on its regression set against what it loses. SmolLM2 answers about a
-        # quarter of these questions right, and its right answers are fragile: a set cut to them can only lose. A
-        # refused adapter answered 64% of 400 unselected corpus questions right against the base's 25% (13 lost, 169
-        # gained) and kept 87% of the base's right ones, below the 0.9 that gate.retention_rule kept asks.
-        "FEEDLOOP_GATE__RETENTION_RULE": "not_worse",
+        # third of these questions right, and its right answers are fragile: a set cut to them can only lose (the base
+        # rounded to bf16 keeps 87% of its own). A refused adapter answered 66% of 400 unselected corpus questions
+        # right against the base's 34% (23 lost, 151 gained), keeping 83% of the base's right ones: below the 0.9
+        # that gate.retention_rule kept asks (bench/regression_churn.py).
+        "FEEDLOOP_GATE__RETENTION_RULE": "non_inferior",
     },
     # A pretrained model answers small talk in its own words, which no fixed rubric can grade: users ask
     # identity and ordinary questions, and say what they wanted more often than on the toy model.
@@ -124,9 +125,9 @@ SMOLLM2 = DemoProfile(
         "correction_probability": 0.6,
     },
     info_file=PROFILES_DIR / "smollm2.json",
-    # the gate refuses an adapter that answers fewer of 150 questions users may ask (never the held-out ones) than the
-    # base model, gains counted (gate.retention_rule not_worse; measured without a regression set: held-out retention
-    # 100% -> 78% on one round, and the gate passed)
+    # the gate refuses an adapter that may answer 5 points fewer of 150 questions users may ask (never the held-out
+    # ones) than the base model, gains counted (gate.retention_rule non_inferior; measured without a regression set:
+    # held-out retention 100% -> 78% on one round, and the gate passed)
     gate_retention_cases=150,
     # one round: ~4 min of users and ~10 of training and gate on 2 idle cores (13-16 min measured; 33 min on an evening
     # when the same DPO step ran at half the rate)

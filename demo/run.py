@@ -616,7 +616,7 @@ def run_demo(
         write_retention_cases(cases, profile.gate_retention_cases, info.held_out_questions, seed=sim.seed)
         options.env = {**options.env, "FEEDLOOP_GATE__RETENTION_FILE": str(cases.resolve())}
         rule = {**profile.env, **os.environ, **options.env}.get("FEEDLOOP_GATE__RETENTION_RULE")
-        if (rule or settings.gate.retention_rule) == "kept":  # under not_worse every case counts, right or wrong
+        if (rule or settings.gate.retention_rule) == "kept":  # under non_inferior every case counts
             options.gate_retention_file = cases
     started = time.monotonic()
     demo = Demo(settings, options, sim, info, progress, echo)

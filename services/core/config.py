@@ -402,12 +402,20 @@ class GateSettings(BaseModel):
         description="Of the regression cases the reference (active adapter, or base) answers right, the share "
         "the candidate must still answer right.",
     )
-    retention_rule: Literal["kept", "not_worse"] = Field(
+    retention_rule: Literal["kept", "non_inferior"] = Field(
         "kept",
         description="What fails a candidate on the regression set. 'kept': it answers fewer than "
-        "gate.min_retention of the cases the reference answers right. 'not_worse': it is less accurate than the "
-        "reference on all the cases, with confidence gate.confidence (paired interval on the difference); cases "
-        "it newly answers right count against those it loses, and gate.min_retention is not used.",
+        "gate.min_retention of the cases the reference answers right. 'non_inferior': every case counts, the ones "
+        "it newly answers right against the ones it loses, and it must be shown, with confidence gate.confidence "
+        "(paired interval on the accuracy difference), to be at most gate.retention_margin less accurate than the "
+        "reference; gate.min_retention is not used.",
+    )
+    retention_margin: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Under gate.retention_rule non_inferior: the largest drop in regression-set accuracy the "
+        "candidate may have at the lower end of its interval.",
     )
     max_retention_cases: int = Field(200, gt=0, description="Most regression cases the gate answers.")
     retention_max_tokens: int = Field(48, gt=0, description="Tokens generated per regression case (greedy).")

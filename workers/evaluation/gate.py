@@ -33,7 +33,8 @@ distinct token bigrams >= ``gate.smoke_min_distinct_ratio``), and not the same t
 
 Retention (``gate.retention_file``, workers/evaluation/retention.py): of the regression cases the reference
 answers right, the candidate must still answer at least ``gate.min_retention`` right (``gate.retention_rule``
-kept); or, under ``not_worse``, it must not be less accurate than the reference on all of them, gains counted.
+kept); or, under ``non_inferior``, on all of them, gains counted, it must be shown to be at most
+``gate.retention_margin`` less accurate than the reference.
 """
 
 from __future__ import annotations
@@ -362,7 +363,9 @@ def evaluate_adapter(
     reasons.extend(smoke_failures(smoke))
     retention = score_retention(cases, reference_answers, candidate_answers, gate.confidence) if cases else None
     if retention is not None and (
-        failure := retention_failure(retention, gate.retention_rule, gate.min_retention, reference_name)
+        failure := retention_failure(
+            retention, gate.retention_rule, gate.min_retention, gate.retention_margin, reference_name
+        )
     ):
         reasons.append(failure)
     metrics.update(
@@ -379,6 +382,7 @@ def evaluate_adapter(
             "smoke_min_distinct_ratio": gate.smoke_min_distinct_ratio,
             "retention_rule": gate.retention_rule if cases else None,
             "min_retention": gate.min_retention if cases and gate.retention_rule == "kept" else None,
+            "retention_margin": gate.retention_margin if cases and gate.retention_rule == "non_inferior" else None,
         },
         runtime_s=time.monotonic() - started,
     )

@@ -19,12 +19,12 @@ cases the reference answers right, the share the candidate still answers right i
 
 * ``kept`` (default): retention below ``gate.min_retention``. Cases the reference gets wrong are reported, not
   counted: the check guards what serves today, it does not grade the model.
-* ``not_worse``: the candidate is less accurate than the reference on the whole set, with confidence
-  ``gate.confidence`` (the upper end of the paired interval on the accuracy difference is below 0). What the
-  candidate newly gets right counts against what it loses. For a model whose right answers are fragile, a set of
-  the questions it happens to answer right can only lose: SmolLM2-135M answers about a quarter of the demo's
-  corpus questions right, and an adapter that answered 64% of 400 of them right (13 lost, 169 gained) kept
-  only 87% of the base model's right ones (BENCHMARKS.md).
+* ``non_inferior``: every case counts, what the candidate newly gets right against what it loses, and the
+  lower end of the paired interval on accuracy(candidate) - accuracy(reference) (confidence ``gate.confidence``)
+  must be at least ``-gate.retention_margin``: the candidate is shown to be at most that much less accurate. For a
+  model whose right answers are fragile, a set of the questions it happens to answer right can only lose:
+  SmolLM2-135M answers about a third of the demo's corpus questions right, and an adapter that answered 66% of
+  400 of them right (23 lost, 151 gained) kept only 83% of the base model's right ones (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -133,16 +133,18 @@ def score_retention(
     )
 
 
-def retention_failure(score: RetentionScore, rule: str, min_retention: float, reference_name: str) -> str | None:
+def retention_failure(
+    score: RetentionScore, rule: str, min_retention: float, margin: float, reference_name: str
+) -> str | None:
     """Why the candidate fails the retention check under ``rule`` (gate.retention_rule), or None."""
-    if rule == "not_worse":
+    if rule == "non_inferior":
         paired = score.accuracy
-        if paired.upper >= 0:
+        if paired.lower >= -margin:
             return None
         return (
             f"regression accuracy {paired.difference:+.3f} against {reference_name} (interval [{paired.lower:+.3f}, "
             f"{paired.upper:+.3f}]; {paired.only_second} cases lost, {paired.only_first} gained of {score.cases}): "
-            "worse under gate.retention_rule not_worse"
+            f"the lower end is below -gate.retention_margin {-margin:+.3f}"
         )
     if score.rate >= min_retention:
         return None

@@ -175,7 +175,9 @@ def _pipeline(ctx: RunContext, settings: Settings, started: float) -> None:
     gate = evaluate_adapter(settings, result.adapter_dir, dataset_dir / datasets.EVAL_FILE, active_dir)
     timings["gate_s"] = time.monotonic() - step
     gate_summary = {
-        k: v for k, v in gate.metrics.items() if k in ("candidate", "reference_score", "reference", "comparison")
+        k: v
+        for k, v in gate.metrics.items()
+        if k in ("candidate", "reference_score", "reference", "comparison", "retention")
     }
     ctx.write(gate={"passed": gate.passed, "reasons": gate.reasons, **gate_summary}, timings=timings)
 

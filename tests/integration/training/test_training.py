@@ -214,11 +214,11 @@ def test_retention_fails_a_candidate_that_forgets_what_the_reference_answers(
     assert not broken.passed and broken.reasons[0].startswith("gate.retention_file unusable")
 
 
-def test_retention_not_worse_weighs_what_a_candidate_gains_against_what_it_loses(
+def test_retention_non_inferior_weighs_what_a_candidate_gains_against_what_it_loses(
     first_run, tiny_model_dir: Path, workspace: Path, dataset: Path
 ) -> None:
     """The trained adapter answers the facts the base model does not: under `kept` the base's few right answers are
-    all that count; under `not_worse` its gains count too, and a forgetful adapter still fails."""
+    all that count; under `non_inferior` its gains count too, and a forgetful adapter still fails."""
     _, adapter, _ = first_run
     cases = workspace / "retention-all.jsonl"
     rows = [
@@ -228,19 +228,20 @@ def test_retention_not_worse_weighs_what_a_candidate_gains_against_what_it_loses
     ]
     cases.write_text("".join(json.dumps(row) + "\n" for row in rows))
     settings = training_settings(tiny_model_dir)
-    settings.gate.retention_file, settings.gate.retention_rule = cases, "not_worse"
+    settings.gate.retention_file, settings.gate.retention_rule = cases, "non_inferior"
 
     gains = evaluate_adapter(settings, adapter, dataset / "eval.jsonl")  # against the base model
     assert gains.passed, gains.reasons
     paired = gains.metrics["retention"]["accuracy"]
     assert paired["only_first"] >= 5 and paired["difference"] > 0 and gains.metrics["rule"]["min_retention"] is None
-    assert gains.metrics["rule"]["retention_rule"] == "not_worse"
+    assert gains.metrics["rule"]["retention_rule"] == "non_inferior"
+    assert gains.metrics["rule"]["retention_margin"] == 0.05
 
     forgetful = publish_lora(tiny_model_dir, workspace / "adapters", "feedloop-forgets-all", seed=5)
     forgets = evaluate_adapter(settings, forgetful, dataset / "eval.jsonl", active_adapter_dir=adapter)
     failures = [reason for reason in forgets.reasons if reason.startswith("regression accuracy")]
-    assert len(failures) == 1 and "worse under gate.retention_rule not_worse" in failures[0], forgets.reasons
-    assert forgets.metrics["retention"]["accuracy"]["upper"] < 0
+    assert len(failures) == 1 and "below -gate.retention_margin" in failures[0], forgets.reasons
+    assert forgets.metrics["retention"]["accuracy"]["lower"] < -0.05
 
 
 def test_pairs_are_rendered_with_the_model_chat_template(tiny_model_dir: Path, dataset: Path) -> None:
