@@ -31,6 +31,7 @@ from bench.adapter_measure import chat_answers
 from demo.corpus import QA, all_questions, is_correct
 from demo.measure import DemoModelInfo
 from demo.profiles import PROFILES
+from workers.evaluation.intervals import paired_difference
 
 
 def unselected_questions(held_out: set[str], count: int, seed: int) -> list[QA]:
@@ -39,11 +40,10 @@ def unselected_questions(held_out: set[str], count: int, seed: int) -> list[QA]:
 
 
 def churn(base_right: list[bool], right: list[bool]) -> dict[str, Any]:
-    """Lost, gained and kept of two models' right/wrong on the same questions."""
-    lost = sum(b and not a for b, a in zip(base_right, right, strict=True))
-    gained = sum(a and not b for b, a in zip(base_right, right, strict=True))
-    kept = sum(b and a for b, a in zip(base_right, right, strict=True))
-    return {"lost": lost, "gained": gained, "kept_of_base_right": kept / max(1, sum(base_right))}
+    """Lost, gained and kept of two models' right/wrong on the same questions (the gate's paired counts)."""
+    paired = paired_difference(right, base_right)
+    kept_share = paired.both / max(1, paired.both + paired.only_second)
+    return {"lost": paired.only_second, "gained": paired.only_first, "kept_of_base_right": kept_share}
 
 
 def main() -> None:
