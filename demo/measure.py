@@ -170,7 +170,7 @@ async def keep_answered_right(base_url: str, path: Path, model: str, max_tokens:
         await client.close()
     kept = [case for case, text in zip(cases, answers, strict=True) if case.answered_by(text)]
     partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(json.dumps({"messages": c.messages, "expected": list(c.expected)}) + "\n" for c in kept))
+    partial.write_text("".join(json.dumps(case.to_row()) + "\n" for case in kept))
     partial.replace(path)
     return len(kept), len(cases)
 
@@ -235,9 +235,19 @@ async def measure(
 
 def write_retention_cases(path: Path, count: int, held_out: Sequence[QA], seed: int = 0) -> None:
     """The gate's regression set (gate.retention_file): questions users may ask, none of the held-out ones the
-    report measures (the gate must not be tuned on the report's own yardstick)."""
+    report measures (the gate must not be tuned on the report's own yardstick), as many of each kind as the corpus
+    allows (a sample in the corpus's proportions is three quarters sums, too few capitals for the gate to see them
+    lost), each case labelled with its kind so that the gate judges every kind on its own too."""
     held = {qa.question for qa in held_out}
-    pool = [qa for qa in all_questions() if qa.question not in held]
-    chosen = random.Random(f"gate-retention-{seed}").sample(pool, min(count, len(pool)))
+    rng = random.Random(f"gate-retention-{seed}")
+    pools: dict[str, list[QA]] = {}
+    for qa in all_questions():
+        if qa.question not in held:
+            pools.setdefault(qa.kind, []).append(qa)
+    chosen: list[QA] = []
+    for left, (_, pool) in enumerate(sorted(pools.items(), key=lambda item: len(item[1]))):
+        share = (count - len(chosen)) // (len(pools) - left)  # what a smaller kind cannot fill goes to the larger
+        chosen += rng.sample(pool, min(share, len(pool)))
+    rows = [{"prompt": qa.question, "expected": qa.expected, "kind": qa.kind} for qa in chosen]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"prompt": qa.question, "expected": qa.expected}) + "\n" for qa in chosen))
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))

@@ -49,10 +49,16 @@ def regression_line(round_: dict[str, Any]) -> str | None:
         return None
     paired, cases = retention["accuracy"], retention["cases"]
     before, after = paired["both"] + paired["only_second"], paired["both"] + paired["only_first"]
-    return (
+    line = (
         f"gate regression set: {before}/{cases} right before → {after}/{cases} after "
         f"({paired['only_second']} lost, {paired['only_first']} gained; kept {retention['rate']:.1%} of the right ones)"
     )
+    kinds = [
+        f"{kind} {part['accuracy']['both'] + part['accuracy']['only_second']} → "
+        f"{part['accuracy']['both'] + part['accuracy']['only_first']} of {part['cases']}"
+        for kind, part in (retention.get("by_kind") or {}).items()
+    ]
+    return line + ("; " + ", ".join(kinds) if kinds else "")
 
 
 def round_row(round_: dict[str, Any]) -> list[str]:

@@ -392,8 +392,9 @@ class GateSettings(BaseModel):
     retention_file: Path | None = Field(
         None,
         description="JSONL regression set the gate checks every candidate on: one case per line, "
-        '{"messages": [...]} or {"prompt": "..."} with "expected": a string (or list) the right answer contains. '
-        "Unset: no retention check.",
+        '{"messages": [...]} or {"prompt": "..."} with "expected": a string (or list) the right answer contains, '
+        'and optionally "kind": a group (capitals, arithmetic...) that is also checked on its own, so that gains on '
+        "one kind cannot hide a loss on another. Unset: no retention check.",
     )
     min_retention: float = Field(
         0.9,
@@ -415,7 +416,8 @@ class GateSettings(BaseModel):
         ge=0,
         le=1,
         description="Under gate.retention_rule non_inferior: the largest drop in regression-set accuracy the "
-        "candidate may have at the lower end of its interval.",
+        "candidate may have at the lower end of its interval. A kind of case fails when it is shown worse (upper end "
+        "below 0) by more than this.",
     )
     max_retention_cases: int = Field(200, gt=0, description="Most regression cases the gate answers.")
     retention_max_tokens: int = Field(48, gt=0, description="Tokens generated per regression case (greedy).")

@@ -34,7 +34,7 @@ distinct token bigrams >= ``gate.smoke_min_distinct_ratio``), and not the same t
 Retention (``gate.retention_file``, workers/evaluation/retention.py): of the regression cases the reference
 answers right, the candidate must still answer at least ``gate.min_retention`` right (``gate.retention_rule``
 kept); or, under ``non_inferior``, on all of them, gains counted, it must be shown to be at most
-``gate.retention_margin`` less accurate than the reference.
+``gate.retention_margin`` less accurate than the reference. Cases may carry a kind; then each kind is checked too.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from services.core.config import Settings
 from services.core.repetition import distinct_bigram_ratio
 from services.core.runtime import quiet_progress_bars, served_tokenizer, use_cpu_threads
 from workers.evaluation.intervals import PairedComparison, paired_difference, wilson
-from workers.evaluation.retention import RetentionCase, load_cases, retention_failure, score_retention
+from workers.evaluation.retention import RetentionCase, load_cases, retention_failures, score_retention
 from workers.pairing.exports import load_preference_rows
 
 logger = logging.getLogger(__name__)
@@ -362,12 +362,9 @@ def evaluate_adapter(
         reasons.append("NaN log-probs under the candidate adapter")
     reasons.extend(smoke_failures(smoke))
     retention = score_retention(cases, reference_answers, candidate_answers, gate.confidence) if cases else None
-    if retention is not None and (
-        failure := retention_failure(
-            retention, gate.retention_rule, gate.min_retention, gate.retention_margin, reference_name
-        )
-    ):
-        reasons.append(failure)
+    if retention is not None:
+        rule, margin = gate.retention_rule, gate.retention_margin
+        reasons.extend(retention_failures(retention, rule, gate.min_retention, margin, reference_name))
     metrics.update(
         candidate=candidate.summary(gate.confidence),
         reference_score=reference.summary(gate.confidence),

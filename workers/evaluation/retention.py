@@ -8,7 +8,7 @@ while the gate passed on preference accuracy).
 ``gate.retention_file`` is a JSONL regression set the operator owns, one case per line::
 
     {"messages": [{"role": "user", "content": "What is 7 times 8?"}], "expected": "56"}
-    {"prompt": "Name the capital of Peru.", "expected": ["Lima"]}
+    {"prompt": "Name the capital of Peru.", "expected": ["Lima"], "kind": "capital"}
 
 The gate answers every case greedily with the reference (the active adapter, or the base model) and with
 the candidate. An answer is right when it contains one of the expected strings as a whole word
@@ -25,6 +25,15 @@ cases the reference answers right, the share the candidate still answers right i
   model whose right answers are fragile, a set of the questions it happens to answer right can only lose:
   SmolLM2-135M answers about a third of the demo's corpus questions right, and an adapter that answered 66% of
   400 of them right (23 lost, 151 gained) kept only 83% of the base model's right ones (BENCHMARKS.md).
+
+An optional ``"kind"`` names the group a case belongs to (capitals, arithmetic, ...). When the set has more than
+one kind, each kind is checked on its own as well as the whole set, so that gains on one kind cannot hide a loss on
+another (measured: an adapter went from 68 to 112 of 150 right, most of them sums, while its held-out capitals and
+unit conversions fell to 61% kept). Under ``kept`` each kind must keep ``gate.min_retention`` of its right cases.
+Under ``non_inferior`` a kind fails when it is shown to be worse (the upper end of its interval is below 0) and its
+drop is larger than the margin: a few dozen cases cannot show that a kind is *within* 5 points (with 50 cases, 40
+right under both models, the interval is already [-0.057, +0.057]), so a per-kind non-inferiority test would refuse
+a candidate identical to the reference; a clear loss on a kind is what this catches.
 """
 
 from __future__ import annotations
@@ -44,6 +53,12 @@ from workers.evaluation.intervals import PairedComparison, paired_difference, wi
 class RetentionCase:
     messages: list[dict[str, str]]
     expected: tuple[str, ...]
+    kind: str = ""  # the group the case is judged in besides the whole set; "" for none
+
+    def to_row(self) -> dict[str, Any]:
+        """The case as a line of gate.retention_file."""
+        row: dict[str, Any] = {"messages": self.messages, "expected": list(self.expected)}
+        return {**row, "kind": self.kind} if self.kind else row
 
     def answered_by(self, text: str) -> bool:
         folded = _folded(text)
@@ -73,7 +88,10 @@ def parse_case(row: Any, where: str) -> RetentionCase:
     items = [expected] if isinstance(expected, str) else expected
     if not isinstance(items, list) or not items or not all(isinstance(i, str) and i.strip() for i in items):
         raise ValueError(f"{where}: 'expected' must be a non-empty string or list of strings")
-    return RetentionCase([dict(m) for m in messages], tuple(items))
+    kind = row.get("kind", "")
+    if not isinstance(kind, str):
+        raise ValueError(f"{where}: 'kind' must be a string")
+    return RetentionCase([dict(m) for m in messages], tuple(items), kind.strip())
 
 
 def load_cases(path: Path | str, limit: int) -> list[RetentionCase]:
@@ -97,6 +115,7 @@ class RetentionScore:
     interval: tuple[float, float]
     accuracy: PairedComparison  # candidate vs reference accuracy on every case, paired
     lost: list[dict[str, str]] = field(default_factory=list)  # a few lost cases, for the run's report
+    by_kind: dict[str, RetentionScore] = field(default_factory=dict)  # each kind's own score (2+ kinds only)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,9 +130,6 @@ def score_retention(
 ) -> RetentionScore:
     right_before = [case.answered_by(text) for case, text in zip(cases, reference_answers, strict=True)]
     right_after = [case.answered_by(text) for case, text in zip(cases, candidate_answers, strict=True)]
-    reference_right = sum(right_before)
-    kept = sum(before and after for before, after in zip(right_before, right_after, strict=True))
-    gained = sum(after and not before for before, after in zip(right_before, right_after, strict=True))
     lost = [
         {"question": case.messages[-1].get("content", ""), "before": before_text, "after": after_text}
         for case, before, after, before_text, after_text in zip(
@@ -121,8 +137,32 @@ def score_retention(
         )
         if before and not after
     ][:show]
+    score = _score(right_before, right_after, confidence, lost)
+    kinds = sorted({case.kind for case in cases})
+    if len(kinds) > 1:
+        score.by_kind = {
+            kind or UNLABELLED: _score(
+                [b for case, b in zip(cases, right_before, strict=True) if case.kind == kind],
+                [a for case, a in zip(cases, right_after, strict=True) if case.kind == kind],
+                confidence,
+                [],
+            )
+            for kind in kinds
+        }
+    return score
+
+
+UNLABELLED = "(no kind)"
+
+
+def _score(
+    right_before: list[bool], right_after: list[bool], confidence: float, lost: list[dict[str, str]]
+) -> RetentionScore:
+    reference_right = sum(right_before)
+    kept = sum(before and after for before, after in zip(right_before, right_after, strict=True))
+    gained = sum(after and not before for before, after in zip(right_before, right_after, strict=True))
     return RetentionScore(
-        cases=len(cases),
+        cases=len(right_before),
         reference_right=reference_right,
         kept=kept,
         gained=gained,
@@ -133,10 +173,31 @@ def score_retention(
     )
 
 
-def retention_failure(
+def retention_failures(
+    score: RetentionScore, rule: str, min_retention: float, margin: float, reference_name: str
+) -> list[str]:
+    """Why the candidate fails the retention check under ``rule`` (gate.retention_rule): the whole set's reason
+    first, then each failing kind's; empty when it passes."""
+    reasons = [reason for reason in [_whole_set_failure(score, rule, min_retention, margin, reference_name)] if reason]
+    for kind, part in score.by_kind.items():
+        paired = part.accuracy
+        if rule == "non_inferior" and paired.upper < 0 and paired.difference < -margin:
+            reasons.append(
+                f"regression kind {kind!r} is worse than under {reference_name}: accuracy {paired.difference:+.3f} "
+                f"(interval [{paired.lower:+.3f}, {paired.upper:+.3f}]; {paired.only_second} lost, "
+                f"{paired.only_first} gained of {part.cases}), beyond -gate.retention_margin {-margin:+.3f}"
+            )
+        elif rule != "non_inferior" and part.rate < min_retention:
+            reasons.append(
+                f"regression kind {kind!r}: retention {part.rate:.3f} ({part.kept}/{part.reference_right} of the "
+                f"cases {reference_name} answers right) below gate.min_retention {min_retention}"
+            )
+    return reasons
+
+
+def _whole_set_failure(
     score: RetentionScore, rule: str, min_retention: float, margin: float, reference_name: str
 ) -> str | None:
-    """Why the candidate fails the retention check under ``rule`` (gate.retention_rule), or None."""
     if rule == "non_inferior":
         paired = score.accuracy
         if paired.lower >= -margin:

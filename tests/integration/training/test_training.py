@@ -190,7 +190,8 @@ def test_retention_fails_a_candidate_that_forgets_what_the_reference_answers(
     _, adapter, _ = first_run
     cases = workspace / "retention.jsonl"
     rows = [
-        {"prompt": f"Tell me about {topic}.", "expected": answer.split(" is ")[-1]} for topic, answer in FACTS.items()
+        {"prompt": f"Tell me about {topic}.", "expected": answer.split(" is ")[-1], "kind": kind}
+        for (topic, answer), kind in zip(FACTS.items(), ["capital", "capital", "arithmetic"], strict=True)
     ]
     rows.append({"messages": [{"role": "user", "content": "What do you know about Mars?"}], "expected": ["Olympus"]})
     cases.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -208,6 +209,13 @@ def test_retention_fails_a_candidate_that_forgets_what_the_reference_answers(
     failures = [reason for reason in forgets.reasons if reason.startswith("retention")]
     assert len(failures) == 1 and "below gate.min_retention 0.9" in failures[0], forgets.reasons
     assert forgets.metrics["retention"]["rate"] < 0.9 and forgets.metrics["retention"]["lost"]
+    # each kind is judged on its own too (the Mars case has none: it is a group of its own)
+    by_kind = forgets.metrics["retention"]["by_kind"]
+    assert set(by_kind) == {"capital", "arithmetic", "(no kind)"}
+    assert sum(part["cases"] for part in by_kind.values()) == 4
+    lost_kinds = [kind for kind, part in by_kind.items() if part["rate"] < 0.9]
+    kind_failures = [reason for reason in forgets.reasons if reason.startswith("regression kind")]
+    assert lost_kinds and len(kind_failures) == len(lost_kinds), forgets.reasons
 
     cases.write_text('{"prompt": "no expected answer"}\n')
     broken = evaluate_adapter(settings, adapter, dataset / "eval.jsonl")

@@ -56,8 +56,29 @@ def test_the_gate_regression_set_skips_the_held_out_questions(tmp_path) -> None:
     cases = load_cases(path, limit=1000)
     questions = {case.messages[-1]["content"] for case in cases}
     assert len(cases) == 40 and not questions & {qa.question for qa in held_out}
-    by_question = {qa.question: qa.expected for qa in all_questions()}
-    assert all(case.expected == (by_question[case.messages[-1]["content"]],) for case in cases)
+    by_question = {qa.question: qa for qa in all_questions()}
+    assert all(case.expected == (by_question[case.messages[-1]["content"]].expected,) for case in cases)
+    assert all(case.kind == by_question[case.messages[-1]["content"]].kind for case in cases)
+
+
+def test_the_gate_regression_set_has_as_many_of_each_kind_as_the_corpus_allows(tmp_path) -> None:
+    from collections import Counter
+
+    from demo.corpus import all_questions
+    from demo.measure import write_retention_cases
+    from workers.evaluation.retention import load_cases
+
+    kinds = Counter(qa.kind for qa in all_questions())
+    smallest = min(kinds, key=lambda kind: kinds[kind])
+    path = tmp_path / "gate-retention.jsonl"
+    write_retention_cases(path, 90, [], seed=1)
+    assert set(Counter(case.kind for case in load_cases(path, 1000)).values()) == {30}
+    # more of the smallest kind than the corpus has: it gives all it has, the other kinds fill the rest
+    count = 3 * kinds[smallest] + 30
+    write_retention_cases(path, count, [], seed=1)
+    drawn = Counter(case.kind for case in load_cases(path, 100_000))
+    assert drawn[smallest] == kinds[smallest] and sum(drawn.values()) == count
+    assert len({case.messages[-1]["content"] for case in load_cases(path, 100_000)}) == count
 
 
 def test_training_progress_shows_step_rate_and_eta() -> None:

@@ -312,6 +312,10 @@ def test_the_regression_line_counts_both_models_right_answers_and_the_churn():
     assert (
         line == "gate regression set: 4/10 right before → 6/10 after (1 lost, 3 gained; kept 75.0% of the right ones)"
     )
+    kinds = [parse_case({"prompt": "q", "expected": str(i), "kind": ["even", "odd"][i % 2]}, "t") for i in range(10)]
+    by_kind = score_retention(kinds, reference, candidate, 0.95).to_dict()
+    line = regression_line({"gate": {"passed": True, "metrics": {"retention": by_kind}}})
+    assert line.endswith("; even 2 → 4 of 5, odd 2 → 2 of 5")
     assert regression_line({"gate": {"passed": True, "metrics": {"retention": None}}}) is None
     assert regression_line({"run_status": "failed"}) is None
 

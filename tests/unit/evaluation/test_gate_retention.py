@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.evaluation.retention import RetentionCase, load_cases, parse_case, retention_failure, score_retention
+from workers.evaluation.retention import RetentionCase, load_cases, parse_case, retention_failures, score_retention
 
 
 def case(expected: str | list[str]) -> RetentionCase:
@@ -39,14 +39,14 @@ def test_only_what_the_reference_answers_right_is_counted() -> None:
     assert score.rate == pytest.approx(2 / 3)
     assert score.interval[0] < score.rate < score.interval[1]
     assert score.lost == [{"question": "q", "before": "b", "after": "lost"}]
-    failure = retention_failure(score, "kept", 0.9, 0.05, "feedloop-v3")
-    assert failure is not None and "2/3" in failure and "feedloop-v3" in failure
-    assert retention_failure(score, "kept", 0.6, 0.05, "base") is None
+    [failure] = retention_failures(score, "kept", 0.9, 0.05, "feedloop-v3")
+    assert "2/3" in failure and "feedloop-v3" in failure
+    assert not retention_failures(score, "kept", 0.6, 0.05, "base")
 
 
 def test_a_reference_that_answers_nothing_right_cannot_be_regressed() -> None:
     score = score_retention([case("x")], ["no"], ["no"], 0.95)
-    assert score.rate == 1.0 and retention_failure(score, "kept", 0.9, 0.05, "base") is None
+    assert score.rate == 1.0 and not retention_failures(score, "kept", 0.9, 0.05, "base")
 
 
 def scored(reference_right: list[bool], candidate_right: list[bool]):
@@ -65,8 +65,8 @@ def test_non_inferior_counts_what_the_candidate_gains_against_what_it_loses() ->
     candidate = [4 <= i < 60 for i in range(100)]
     score = scored(reference, candidate)
     assert score.rate == pytest.approx(0.8)
-    assert retention_failure(score, "kept", 0.9, 0.05, "base") is not None
-    assert retention_failure(score, "non_inferior", 0.9, 0.05, "base") is None
+    assert retention_failures(score, "kept", 0.9, 0.05, "base") != []
+    assert not retention_failures(score, "non_inferior", 0.9, 0.05, "base")
     assert (score.accuracy.only_first, score.accuracy.only_second) == (40, 4)
     assert score.accuracy.difference == pytest.approx(0.36)
 
@@ -78,20 +78,76 @@ def test_non_inferior_fails_a_candidate_that_may_be_worse_beyond_the_margin() ->
     candidate = [i < 36 or 65 <= i < 82 for i in range(150)]
     score = scored(reference, candidate)
     assert score.accuracy.lower < -0.05 < 0 < score.accuracy.upper
-    failure = retention_failure(score, "non_inferior", 0.0, 0.05, "base")
-    assert failure is not None and "29 cases lost, 17 gained of 150" in failure and "-0.050" in failure
-    assert retention_failure(score, "non_inferior", 0.0, 0.2, "base") is None  # a looser margin lets it through
+    [failure] = retention_failures(score, "non_inferior", 0.0, 0.05, "base")
+    assert "29 cases lost, 17 gained of 150" in failure and "-0.050" in failure
+    assert not retention_failures(score, "non_inferior", 0.0, 0.2, "base")  # a looser margin lets it through
 
 
 def test_non_inferior_passes_an_equal_candidate_with_little_churn_and_fails_one_the_set_cannot_bound() -> None:
     reference = [i < 100 for i in range(200)]
-    assert (
-        retention_failure(scored(reference, [1 <= i < 101 for i in range(200)]), "non_inferior", 1.0, 0.05, "b") is None
-    )
+    assert not retention_failures(scored(reference, [1 <= i < 101 for i in range(200)]), "non_inferior", 1.0, 0.05, "b")
     # 3 lost and 1 gained of 60: maybe no worse, but 60 cases cannot show it is within 5 points
     small = scored([i < 30 for i in range(60)], [3 <= i < 31 for i in range(60)])
     assert small.accuracy.lower < -0.05 < 0 < small.accuracy.upper
-    assert retention_failure(small, "non_inferior", 1.0, 0.05, "base") is not None
+    assert retention_failures(small, "non_inferior", 1.0, 0.05, "base") != []
+
+
+def kinded(kinds: dict[str, tuple[list[bool], list[bool]]]):
+    """Score a set made of several kinds: kind -> (reference right, candidate right) per case."""
+    cases, reference, candidate = [], [], []
+    for kind, (before, after) in kinds.items():
+        for right_before, right_after in zip(before, after, strict=True):
+            cases.append(parse_case({"prompt": "q", "expected": str(len(cases)), "kind": kind}, "test"))
+            reference.append(str(len(cases) - 1) if right_before else "wrong")
+            candidate.append(str(len(cases) - 1) if right_after else "wrong")
+    return score_retention(cases, reference, candidate, 0.95)
+
+
+def test_gains_on_one_kind_cannot_hide_a_loss_on_another() -> None:
+    # sums: 10 of 100 right before, 70 after; capitals: 40 of 50 right before, 28 after (12 lost, nothing gained)
+    score = kinded(
+        {
+            "arithmetic": ([i < 10 for i in range(100)], [i < 70 for i in range(100)]),
+            "capital": ([i < 40 for i in range(50)], [i < 28 for i in range(50)]),
+        }
+    )
+    assert score.accuracy.lower > 0  # pooled, the candidate is far better
+    capital = score.by_kind["capital"]
+    assert (capital.cases, capital.reference_right, capital.kept, capital.gained) == (50, 40, 28, 0)
+    [failure] = retention_failures(score, "non_inferior", 0.0, 0.05, "base")
+    assert "kind 'capital'" in failure and "12 lost, 0 gained of 50" in failure
+    whole, kind = retention_failures(score, "kept", 0.9, 0.05, "base")  # 38 of 50 kept in all, 28 of 40 capitals
+    assert "38/50" in whole and "kind 'capital'" in kind and "28/40" in kind
+
+
+def test_a_kind_fails_only_when_shown_worse_by_more_than_the_margin() -> None:
+    sums = ([i < 10 for i in range(100)], [i < 30 for i in range(100)])
+    # an identical kind, a kind with a little churn, and a kind whose drop is real but within the margin all pass
+    same = ([i < 40 for i in range(50)], [i < 40 for i in range(50)])
+    churn = ([i < 40 for i in range(50)], [2 <= i < 41 for i in range(50)])
+    small_drop = ([i < 180 for i in range(200)], [i < 174 for i in range(200)])
+    for kind in (same, churn, small_drop):
+        assert not retention_failures(kinded({"arithmetic": sums, "capital": kind}), "non_inferior", 0.0, 0.05, "b")
+    # 5 of 25 right capitals lost: shown worse, by 0.167
+    lost = ([i < 25 for i in range(30)], [i < 20 for i in range(30)])
+    score = kinded({"arithmetic": sums, "capital": lost})
+    assert score.by_kind["capital"].accuracy.upper < 0
+    assert len(retention_failures(score, "non_inferior", 0.0, 0.05, "b")) == 1
+    assert not retention_failures(score, "non_inferior", 0.0, 0.2, "b")  # a drop within a looser margin passes
+
+
+def test_cases_without_a_kind_form_their_own_group_and_a_single_kind_adds_no_breakdown() -> None:
+    single = kinded({"capital": ([True, False], [True, True])})
+    assert single.by_kind == {}
+    mixed = kinded({"capital": ([True], [True]), "": ([True, False], [False, False])})
+    assert set(mixed.by_kind) == {"capital", "(no kind)"}
+    assert mixed.to_dict()["by_kind"]["(no kind)"]["kept"] == 0
+
+
+def test_a_case_keeps_its_kind_through_a_round_trip() -> None:
+    row = {"messages": [{"role": "user", "content": "Capital of Peru?"}], "expected": ["Lima"], "kind": "capital"}
+    assert parse_case(row, "test").to_row() == row
+    assert "kind" not in parse_case({"prompt": "q", "expected": "1"}, "test").to_row()
 
 
 @pytest.mark.parametrize(
@@ -104,6 +160,7 @@ def test_non_inferior_passes_an_equal_candidate_with_little_churn_and_fails_one_
         {"prompt": "q", "expected": [1]},
         {"messages": [], "expected": "x"},
         ["not", "an", "object"],
+        {"prompt": "q", "expected": "x", "kind": 3},
     ],
 )
 def test_malformed_cases_are_refused_with_their_line(row: object) -> None:
