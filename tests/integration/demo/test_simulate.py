@@ -129,7 +129,8 @@ async def test_the_gate_regression_set_keeps_what_the_served_model_answers_right
     # the first two expect a word of what the model answers (greedy), the others something it never says
     expected = [words[0][0], words[1][-1], "\u2603 snowman", "\u2604 comet"]
     path = tmp_path / "gate-retention.jsonl"
-    rows = [{"prompt": p, "expected": e} for p, e in zip(prompts, expected, strict=True)]
+    pairs = zip(prompts, expected, strict=True)
+    rows = [{"prompt": p, "expected": e, "kind": f"kind-{i % 2}"} for i, (p, e) in enumerate(pairs)]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
     kept, asked = await keep_answered_right(live_api.base_url, path, "feedloop", 16)
@@ -138,4 +139,5 @@ async def test_the_gate_regression_set_keeps_what_the_served_model_answers_right
     cases = load_cases(path, limit=100)
     assert [case.messages[-1]["content"] for case in cases] == prompts[:2]
     assert [case.expected for case in cases] == [(expected[0],), (expected[1],)]
+    assert [case.kind for case in cases] == ["kind-0", "kind-1"]  # a kept case keeps its kind
     assert not path.with_name(path.name + ".partial").exists()
