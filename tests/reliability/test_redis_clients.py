@@ -131,12 +131,12 @@ def test_interaction_buffer_is_bounded_while_redis_is_down(redis_server: Callabl
 
     port = free_port()  # nothing listens here yet: Redis is down
     keys = Keys("faults-buffer")
-    sent, bound = 250, 100
+    sent, bound, batch_size = 250, 100, 64
     dropped = metrics.INTERACTION_WRITES.labels("dropped")
 
     async def scenario() -> tuple[int, int, float]:
         client = connect(f"redis://127.0.0.1:{port}/0", socket_timeout_s=1, connect_timeout_s=0.5)
-        log = InteractionLog(client, keys, ttl_s=600, flush_interval_s=0.001, batch_size=64, max_buffered=bound)
+        log = InteractionLog(client, keys, ttl_s=600, flush_interval_s=0.001, batch_size=batch_size, max_buffered=bound)
         log.start()
         dropped_before = dropped._value.get()
         for i in range(sent):
@@ -153,7 +153,11 @@ def test_interaction_buffer_is_bounded_while_redis_is_down(redis_server: Callabl
             deadline = time.monotonic() + 20
             while log.queued and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            stored = sum(1 for _ in server.client().scan_iter(match=f"{keys.prefix}:interaction:*"))
+            stored_keys = set(server.client().scan_iter(match=f"{keys.prefix}:interaction:*"))
+            stored = len(stored_keys)
+            # every record still buffered when Redis came back is written: the newest `bound`
+            newest_ids = [keys.interaction(f"chatcmpl-{i}").encode() for i in range(sent - bound, sent)]
+            assert set(newest_ids) <= stored_keys, sorted(set(newest_ids) - stored_keys)[:5]
             newest = server.client().get(keys.interaction(f"chatcmpl-{sent - 1}"))
             assert newest is not None and orjson.loads(newest)["id"] == f"chatcmpl-{sent - 1}"
             await log.close()
@@ -163,5 +167,8 @@ def test_interaction_buffer_is_bounded_while_redis_is_down(redis_server: Callabl
         return queued, stored, drops
 
     queued, stored, drops = asyncio.run(scenario())
-    counts = {"sent": sent, "buffered": queued, "stored": stored, "dropped": int(drops)}
-    assert counts == {"sent": sent, "buffered": bound, "stored": bound, "dropped": sent - bound}, counts
+    counts = {"sent": sent, "buffered": queued, "dropped": int(drops)}
+    assert counts == {"sent": sent, "buffered": bound, "dropped": sent - bound}, counts
+    # A write in flight when Redis came back may also land records of its batch that were dropped from the buffer
+    # meanwhile (measured once: 101 stored); never more than one batch of them.
+    assert bound <= stored <= bound + batch_size, stored
