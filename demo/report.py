@@ -48,17 +48,21 @@ def regression_line(round_: dict[str, Any]) -> str | None:
     if not retention or "accuracy" not in retention:
         return None
     paired, cases = retention["accuracy"], retention["cases"]
-    before, after = paired["both"] + paired["only_second"], paired["both"] + paired["only_first"]
+    before, after = _right_before_after(paired)
     line = (
         f"gate regression set: {before}/{cases} right before → {after}/{cases} after "
         f"({paired['only_second']} lost, {paired['only_first']} gained; kept {retention['rate']:.1%} of the right ones)"
     )
     kinds = [
-        f"{kind} {part['accuracy']['both'] + part['accuracy']['only_second']} → "
-        f"{part['accuracy']['both'] + part['accuracy']['only_first']} of {part['cases']}"
+        "{} {} → {} of {}".format(kind, *_right_before_after(part["accuracy"]), part["cases"])
         for kind, part in (retention.get("by_kind") or {}).items()
     ]
     return line + ("; " + ", ".join(kinds) if kinds else "")
+
+
+def _right_before_after(paired: dict[str, Any]) -> tuple[int, int]:
+    """Cases the reference and the candidate answer right, from a paired comparison (candidate first)."""
+    return paired["both"] + paired["only_second"], paired["both"] + paired["only_first"]
 
 
 def round_row(round_: dict[str, Any]) -> list[str]:

@@ -48,6 +48,8 @@ import orjson
 
 from workers.evaluation.intervals import PairedComparison, paired_difference, wilson
 
+UNLABELLED = "(no kind)"  # the group of cases without a kind, in a set where others have one
+
 
 @dataclass(frozen=True)
 class RetentionCase:
@@ -152,9 +154,6 @@ def score_retention(
     return score
 
 
-UNLABELLED = "(no kind)"
-
-
 def _score(
     right_before: list[bool], right_after: list[bool], confidence: float, lost: list[dict[str, str]]
 ) -> RetentionScore:
@@ -178,7 +177,8 @@ def retention_failures(
 ) -> list[str]:
     """Why the candidate fails the retention check under ``rule`` (gate.retention_rule): the whole set's reason
     first, then each failing kind's; empty when it passes."""
-    reasons = [reason for reason in [_whole_set_failure(score, rule, min_retention, margin, reference_name)] if reason]
+    whole_set = _whole_set_failure(score, rule, min_retention, margin, reference_name)
+    reasons = [whole_set] if whole_set else []
     for kind, part in score.by_kind.items():
         paired = part.accuracy
         if rule == "non_inferior" and paired.upper < 0 and paired.difference < -margin:
