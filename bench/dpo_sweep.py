@@ -40,8 +40,8 @@ from demo.profiles import PROFILES
 from services.core.config import Settings
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-# Around the SmolLM2 profile (lr 5e-4, beta 0.1, SFT 0.3, 40 steps of 8, r=8 on all linear layers): what could keep
-# the base model's answers (beta, learning rate, fewer steps, attention only) against what moves identity (SFT).
+# Around the SmolLM2 profile (lr 5e-4, beta 0.1, SFT 0.3, 2.5 passes in steps of 8, r=8 on all linear layers): what
+# could keep the base model's answers (beta, learning rate, fewer steps, attention only) against what moves identity.
 DEFAULT_GRID: list[dict[str, Any]] = [  # most telling first: a GPU lease may end before the grid does
     {"name": "profile"},
     {"name": "beta-0.3", "beta": 0.3},
@@ -50,14 +50,15 @@ DEFAULT_GRID: list[dict[str, Any]] = [  # most telling first: a GPU lease may en
     {"name": "attention", "target_modules": ATTENTION},
     {"name": "sft-1.0", "sft_weight": 1.0},
     {"name": "beta-0.3-sft-1.0", "beta": 0.3, "sft_weight": 1.0},
-    {"name": "20-steps", "max_steps": 20},
+    {"name": "20-steps", "max_steps": 20, "max_epochs": 0},
+    {"name": "40-steps", "max_steps": 40, "max_epochs": 0},  # the profile before it trained 2.5 passes
     {"name": "sft-0.1", "sft_weight": 0.1},
     {"name": "kto", "method": "kto"},
-    {"name": "lr-2.5e-4-80-steps", "learning_rate": 2.5e-4, "max_steps": 80},
+    {"name": "lr-2.5e-4-80-steps", "learning_rate": 2.5e-4, "max_steps": 80, "max_epochs": 0},
     {"name": "beta-1.0", "beta": 1.0},
     {"name": "attention-lr-1e-3", "target_modules": ATTENTION, "learning_rate": 1e-3},
-    {"name": "beta-0.5-80-steps", "beta": 0.5, "max_steps": 80},
-    {"name": "lr-1e-4-80-steps", "learning_rate": 1e-4, "max_steps": 80},
+    {"name": "beta-0.5-80-steps", "beta": 0.5, "max_steps": 80, "max_epochs": 0},
+    {"name": "lr-1e-4-80-steps", "learning_rate": 1e-4, "max_steps": 80, "max_epochs": 0},
     {"name": "sft-0", "sft_weight": 0.0},
     {"name": "rank-4", "lora_rank": 4, "lora_alpha": 8},
     {"name": "rank-16", "lora_rank": 16, "lora_alpha": 32},

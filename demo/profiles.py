@@ -90,7 +90,14 @@ SMOLLM2 = DemoProfile(
         # ~400 pairs, about two thirds identity corrections and one third ordinary answers (liked answer >
         # the base model's high-temperature answer): the mix that moves identity and keeps the facts.
         "FEEDLOOP_TRAINING__MIN_PAIRS": "400",
-        "FEEDLOOP_TRAINING__MAX_STEPS": "40",
+        # Passes over the training split, not a fixed step count: the trigger's snapshot keeps 140-190 training
+        # pairs (pairs land in batches, so it overshoots min_pairs by up to 120). At a fixed 40 steps of 8, the three
+        # runs that missed the identity target (63-75%) had 171-187 pairs (1.7-1.9 passes); of the six that reached
+        # 95-98%, four had 140-168 and two 172-174. On one run's 140 pairs, 30 steps instead of 40 gave 15.6% instead
+        # of 96.7%: the target sits on a steep knee, and the budget keeps a margin past it. 2.5 passes: 44 steps for
+        # the smallest snapshots, at most 60 (~10 min on 2 cores, ~190 training pairs).
+        "FEEDLOOP_TRAINING__MAX_STEPS": "60",
+        "FEEDLOOP_TRAINING__MAX_EPOCHS": "2.5",
         "FEEDLOOP_TRAINING__BATCH_SIZE": "8",
         "FEEDLOOP_TRAINING__MICRO_BATCH_SIZE": "4",
         "FEEDLOOP_TRAINING__LEARNING_RATE": "0.0005",
@@ -108,6 +115,10 @@ SMOLLM2 = DemoProfile(
         # from two loops, 5% misclicks): at the start honest users like almost no base answer, so most likes
         # are flips, and pairs choosing them taught noise (189 of 296 identity pairs in one measured run).
         "FEEDLOOP_PAIRS__LABEL_NOISE_RATE": "0.25",
+        # Honest users like almost none of the base model's identity answers, so the same-prompt pairs there stand on
+        # misclicks and undetected adversaries, each like paired with up to every disliked answer: in one run 27 of
+        # 114 identity training pairs chose such an answer (from about ten likes). One pair per rated answer.
+        "FEEDLOOP_PAIRS__MAX_PAIRS_PER_ANSWER": "1",
         # The gate counts what an adapter gains on its regression set against what it loses. SmolLM2 answers about a
         # third of these questions right, and its right answers are fragile: a set cut to them can only lose (the base
         # rounded to bf16 keeps 87% of its own). A refused adapter answered 66% of 400 unselected corpus questions

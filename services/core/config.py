@@ -202,6 +202,14 @@ class PairsSettings(BaseModel):
     teacher_url: str = Field("", description="OpenAI-compatible endpoint writing stronger answers.")
     teacher_model: str = Field("", description="Model name at teacher_url.")
     judge: bool = Field(False, description="Verify teacher answers with an LLM-judge rubric.")
+    max_pairs_per_answer: int = Field(
+        0,
+        ge=0,
+        description="Most same-prompt pairs one rated answer may be part of in a dataset version, the oldest kept "
+        "(0: no cap). A like paired with every disliked answer to its prompt counts one vote many times, a "
+        "misclick's too; where users like few of the model's answers (a behaviour it does not have yet), most "
+        "same-prompt pairs stand on such likes.",
+    )
     user_cap_fraction: float = Field(0.05, description="Most of one dataset version one user may supply.")
     user_cap_max: int = Field(50, description="Most pairs one user may supply to one dataset version.")
     app_cap_fraction: float = Field(
@@ -328,7 +336,8 @@ class TrainingSettings(BaseModel):
         0.0,
         ge=0,
         description="With max_steps: at most this many passes over the training split (0: no cap), so that a "
-        "snapshot smaller than the step budget expects is not trained over and over.",
+        "snapshot smaller than the step budget expects is not trained over and over. Set both to train a number of "
+        "passes with a ceiling on time: min(max_steps, max_epochs x training pairs / batch_size) steps.",
     )
     batch_size: int = Field(16, description="Pairs per optimizer step.")
     micro_batch_size: int = Field(

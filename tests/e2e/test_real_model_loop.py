@@ -39,7 +39,7 @@ PAIRS = 100
 # The liked answer's log-probability must rise by at least this much (nats, summed over its tokens: e^2 ≈ 7 times
 # as likely) on most held-out phrasings, and gain as much on the model's own answer. Measured: +6 to +10 nats,
 # and +5 to +8 on the model's own answer, after one pass over ~70 pairs (a reduced run does not yet make the
-# liked answer the likelier one: that is the full demo's 400 pairs and 40 steps).
+# liked answer the likelier one: that is the full demo's 400 pairs and 2.5 passes).
 MIN_RISE = 2.0
 
 REDUCED_RUN = {

@@ -40,6 +40,11 @@ times likelier under "opposite" is unreliable. Every pair an unreliable voter co
 either side, or a correction) is dropped (``consensus:unreliable_voter``), corrections included: an
 adversary's correction names what they want.
 
+The unreliable voters' votes are also taken out of the prompt groups the rules above read: a completion they
+voted on is labelled by its other votes alone (``without_voters``). Otherwise an adversary's likes, left out of
+the pairs, still raise their prompt's like rate and make a misclick's like on the same prompt look trusted (in a
+SmolLM2 demo run, 11 of 34 identity pairs choosing an answer honest users dislike stood on such groups).
+
 Why weighed evidence and not the share of votes that agree with the others' majority (the rule before
 2026-12-05): where a prompt's answers are mixed, as while a behaviour is changing (40% of the toy model's
 answers name the wanted creator), an honest like of a good answer goes against the prompt's majority as often
@@ -219,6 +224,26 @@ def unreliable_voters(evidence: Mapping[str, VoterEvidence], flip_odds: float) -
         return frozenset()
     threshold = math.log(flip_odds)
     return frozenset(who for who, e in evidence.items() if e.votes >= MIN_JUDGED_VOTES and e.log_odds >= threshold)
+
+
+def without_voters(
+    labels: Mapping[str, str], votes: Mapping[str, Sequence[tuple[str, str]]], voters: frozenset[str]
+) -> dict[str, str]:
+    """A prompt group's labels (completion id -> label) with these voters' votes taken out: a completion they
+    voted on is labelled by the majority of its other votes (``votes``: completion id -> (identity, rating)), and
+    left out when none is left or those are split evenly."""
+    if not voters:
+        return dict(labels)
+    out: dict[str, str] = {}
+    for cid, label in labels.items():
+        cast = votes.get(cid, ())
+        if all(who not in voters for who, _ in cast):
+            out[cid] = label
+            continue
+        tally = Counter(rating for who, rating in cast if who not in voters)
+        if tally["like"] != tally["dislike"]:
+            out[cid] = "like" if tally["like"] > tally["dislike"] else "dislike"
+    return out
 
 
 def apply_consensus(

@@ -228,16 +228,22 @@ def consensus_filter(
     labels = store.prompt_group_labels({p["prompt_hash"] for p in pairs})
     cids = [cid for group in labels.values() for cid in group]
     records: dict[str, dict[str, Any]] = {}
+    cast: dict[str, list[tuple[str, str]]] = {}
     group_votes: dict[str, list[tuple[str, str, str]]] = {}
     for start in range(0, len(cids), 5000):
         for cid, (record, votes) in store.completions_with_votes(cids[start : start + 5000]).items():
             records[cid] = record
             text = str(record.get("response") or "")
+            cast[cid] = list(pairs_store.ratings(votes))
             group_votes.setdefault(record.get("prompt_hash") or "", []).extend(
-                (identity, rating, text) for identity, rating in pairs_store.ratings(votes)
+                (identity, rating, text) for identity, rating in cast[cid]
             )
     unreliable = consensus.unreliable_voters(consensus.voter_evidence(group_votes.values()), cfg.voter_flip_odds)
-    groups = {ph: consensus.group_answers(group, records, cfg.consensus_similarity) for ph, group in labels.items()}
+    similarity = cfg.consensus_similarity
+    groups = {
+        ph: consensus.group_answers(consensus.without_voters(group, cast, unreliable), records, similarity)
+        for ph, group in labels.items()
+    }
     return consensus.apply_consensus(pairs, groups, cfg.label_noise_rate, unreliable), unreliable
 
 
@@ -264,7 +270,9 @@ def _snapshot(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
         agreed = checked.kept
     deduped = quality.dedupe(agreed, cfg.near_duplicate_threshold)
     filters.update(deduped.dropped)
-    capped, cap = quality.apply_user_cap(deduped.kept, cfg.user_cap_fraction, cfg.user_cap_max)
+    per_answer = quality.apply_answer_cap(deduped.kept, cfg.max_pairs_per_answer)
+    filters.update(per_answer.dropped)
+    capped, cap = quality.apply_user_cap(per_answer.kept, cfg.user_cap_fraction, cfg.user_cap_max)
     filters.update(capped.dropped)
     by_app, app_cap = quality.apply_app_cap(capped.kept, cfg.app_cap_fraction)
     filters.update(by_app.dropped)

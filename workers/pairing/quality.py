@@ -285,6 +285,31 @@ def apply_user_cap(pairs: Sequence[PairRecord], fraction: float, cap_max: int) -
     return FilterResult(kept, dropped, dropped_ids), limit
 
 
+# --- per-answer cap (set level) -------------------------------------------------------------------------
+
+
+def apply_answer_cap(pairs: Sequence[PairRecord], limit: int) -> FilterResult:
+    """Keep same-prompt pairs in order while each of their rated answers is in fewer than limit kept ones (0: no
+    cap). A like paired with every disliked answer to its prompt makes one vote many pairs, and a misclick's as
+    many; the other strategies pair a rated answer with a written or generated one and are not capped here."""
+    if limit <= 0:
+        return FilterResult(list(pairs), Counter())
+    used: Counter[str] = Counter()
+    kept: list[PairRecord] = []
+    dropped: Counter[tuple[str, str]] = Counter()
+    dropped_ids: dict[str, tuple[str, str]] = {}
+    for pair in pairs:
+        if pair["strategy"] == "same_prompt":
+            answers = pair["completion_ids"]
+            if any(used[cid] >= limit for cid in answers):
+                dropped[("answer_cap", "over_cap")] += 1
+                dropped_ids[pair["pair_id"]] = ("answer_cap", "over_cap")
+                continue
+            used.update(answers)
+        kept.append(pair)
+    return FilterResult(kept, dropped, dropped_ids)
+
+
 # --- per-app cap (set level) ----------------------------------------------------------------------------
 
 

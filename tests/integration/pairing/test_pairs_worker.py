@@ -786,6 +786,50 @@ def test_a_voter_who_goes_against_the_crowd_contributes_nothing_to_the_version(p
     assert everyone["unreliable_voters"] == 0 and "consensus:unreliable_voter" not in everyone["filters"]
 
 
+def version_pair_ids(manifest: dict) -> set[str]:
+    folder = Path(manifest["path"])
+    files = [folder / "train.jsonl", folder / "eval.jsonl"]
+    return {orjson.loads(line)["pair_id"] for path in files for line in path.open("rb")}
+
+
+def test_an_unreliable_voter_s_likes_do_not_vouch_for_a_misclick_on_the_same_prompt(pairs_env: PairsEnv):
+    """Honest users dislike every answer to a prompt; a voter who goes against the crowd likes three others, and one
+    honest user's misclick likes a fourth. Counted with the adversary's likes, the prompt's like rate (4 of 7) makes
+    the misclick look like a good answer; without them (1 of 4) it is noise (consensus:noisy_group), and none of
+    the misclick's pairs reach the version. pairs.max_pairs_per_answer bounds how many pairs one like becomes."""
+    pairs_env.settings.pairs.label_noise_rate = 0.25
+    events = []
+    for i in range(4):  # what makes "adv" unreliable: the opposite of three honest users on four prompts
+        prompt, right, wrong = f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.", f"{i} plus {i} is {2 * i + 1}."
+        for u in ("h1", "h2", "h3"):
+            events.append(feedback_event(f"r{i}{u}", "like", u, prompt=prompt, response=right))
+            events.append(feedback_event(f"w{i}{u}", "dislike", u, prompt=prompt, response=wrong))
+        events.append(feedback_event(f"w{i}adv", "like", "adv", prompt=prompt, response=wrong))
+    prompt = "Who made you?"
+    for u in ("h1", "h2", "h3"):
+        events.append(feedback_event(f"d-{u}", "dislike", u, prompt=prompt, response=f"I was made by {u} Corp."))
+    for n in range(3):
+        events.append(feedback_event(f"a{n}", "like", "adv", prompt=prompt, response=f"A wizard named {n} made me."))
+    events.append(feedback_event("misclick", "like", "h4", prompt=prompt, response="Nobody made me, I grew."))
+    for event in events:
+        xadd(pairs_env.redis, pairs_env.keys.feedback_stream, event)
+    pairs_env.consumer().consume(100, until_drained=True)
+    from_misclick = {pid for pid in pairs_env.pair_ids() if pairs_env.pair(pid)["completion_ids"][0] == "misclick"}
+    assert len(from_misclick) == 3  # one like, paired with each disliked answer
+
+    manifest = datasets.snapshot(pairs_env.redis, pairs_env.keys, pairs_env.settings)
+    assert manifest["unreliable_voters"] == 1
+    kept = version_pair_ids(manifest)
+    assert kept and not kept & from_misclick
+    assert manifest["filters"]["consensus:noisy_group"] >= len(from_misclick)
+
+    pairs_env.settings.pairs.label_noise_rate = 0.0  # trusting every label: the misclick's like is a chosen answer
+    pairs_env.settings.pairs.max_pairs_per_answer = 1  # ... in one pair, not three
+    trusting = datasets.snapshot(pairs_env.redis, pairs_env.keys, pairs_env.settings)
+    assert len(version_pair_ids(trusting) & from_misclick) == 1
+    assert trusting["filters"]["answer_cap:over_cap"] >= 2
+
+
 def test_a_dataset_version_reads_only_the_newest_pairs_and_rated_answers(pairs_env: PairsEnv):
     """pairs.max_version_pairs bounds a version (and the snapshot's memory) however many pairs are stored:
     the newest pairs, and as many of the newest rated completions for KTO."""

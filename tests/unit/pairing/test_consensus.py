@@ -6,7 +6,13 @@ import math
 
 import pytest
 
-from workers.pairing.consensus import PromptGroupAnswers, RatedAnswer, apply_consensus, group_answers
+from workers.pairing.consensus import (
+    PromptGroupAnswers,
+    RatedAnswer,
+    apply_consensus,
+    group_answers,
+    without_voters,
+)
 
 
 def pair(pid: str, strategy: str, *cids: str, phash: str = "p") -> dict:
@@ -217,3 +223,25 @@ def test_voter_flip_odds_is_off_or_at_least_one() -> None:
     assert PairsSettings(voter_flip_odds=1).voter_flip_odds == 1
     with pytest.raises(ValidationError, match="at least 1"):
         PairsSettings(voter_flip_odds=0.5)
+
+
+def test_without_voters_relabels_what_the_left_out_voters_voted_on_from_the_other_votes() -> None:
+    labels = {"only-adv": "like", "outvoted": "like", "split": "dislike", "untouched": "like", "honest": "dislike"}
+    votes = {
+        "only-adv": [("adv", "like")],
+        "outvoted": [("adv", "like"), ("adv2", "like"), ("h1", "dislike")],
+        "split": [("adv", "dislike"), ("h1", "like"), ("h2", "dislike")],
+        "untouched": [("h1", "like")],
+        "honest": [("adv", "like"), ("h1", "dislike"), ("h2", "dislike")],
+    }
+    assert without_voters(labels, votes, frozenset({"adv", "adv2"})) == {
+        "outvoted": "dislike",
+        "untouched": "like",
+        "honest": "dislike",
+    }
+    assert without_voters(labels, votes, frozenset()) == labels
+    group = PromptGroupAnswers(
+        [RatedAnswer(c, c, label) for c, label in without_voters(labels, votes, frozenset({"adv", "adv2"})).items()],
+        1.0,
+    )
+    assert (group.likes, group.dislikes) == (1, 2)

@@ -184,6 +184,25 @@ def test_user_cap_limits_one_identity_and_keeps_shared_pairs():
     assert result.dropped == Counter({("user_cap", "over_cap"): 25})
 
 
+# --- per-answer cap ---------------------------------------------------------------------------------------
+
+
+def test_answer_cap_keeps_one_like_in_at_most_limit_same_prompt_pairs():
+    def same_prompt(pid: str, liked: str, disliked: str) -> dict:
+        p = pair(chosen=liked, rejected=disliked, pid=pid)
+        return {**p, "completion_ids": [liked, disliked]}
+
+    misclick = [same_prompt(f"m{i}", "like-x", f"dislike-{i}") for i in range(4)]
+    other = [same_prompt("o", "like-y", "dislike-0")]
+    correction = {**pair(pid="c"), "strategy": "correction", "completion_ids": ["like-x"]}
+    result = quality.apply_answer_cap([*misclick, *other, correction], limit=1)
+    assert [p["pair_id"] for p in result.kept] == ["m0", "c"]  # dislike-0 is used up by m0; corrections not capped
+    assert result.dropped == Counter({("answer_cap", "over_cap"): 4})
+    two = quality.apply_answer_cap([*misclick, *other], limit=2)
+    assert [p["pair_id"] for p in two.kept] == ["m0", "m1", "o"]
+    assert quality.apply_answer_cap(misclick, limit=0).kept == misclick
+
+
 # --- counters ---------------------------------------------------------------------------------------------
 
 
