@@ -92,8 +92,8 @@ SMOLLM2 = DemoProfile(
         "FEEDLOOP_TRAINING__MIN_PAIRS": "400",
         # Passes over the training split, not a fixed step count: the trigger's snapshot keeps 140-190 training
         # pairs (pairs land in batches, so it overshoots min_pairs by up to 120). At a fixed 40 steps of 8, the three
-        # runs that missed the identity target (63-75%) had 171-187 pairs (1.7-1.9 passes); of the six that reached
-        # 95-98%, four had 140-168 and two 172-174. On one run's 140 pairs, 30 steps instead of 40 gave 15.6% instead
+        # runs that missed the identity target (63-75%) had 171-187 pairs (1.7-1.9 passes); of the eight that reached
+        # 95-98%, six had 140-168 and two 172-174. On one run's 140 pairs, 30 steps instead of 40 gave 15.6% instead
         # of 96.7%: the target sits on a steep knee, and the budget keeps a margin past it. 2.5 passes: 44 steps for
         # the smallest snapshots, at most 60 (~10 min on 2 cores, ~190 training pairs).
         "FEEDLOOP_TRAINING__MAX_STEPS": "60",
