@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from demo.corpus import QA
-from demo.select_questions import right_in_every_pass
+from demo.select_questions import right_in_every_pass, sampled_right_share
 
 
 def _qa(n: int) -> QA:
@@ -28,3 +28,14 @@ def test_one_pass_keeps_what_it_answered_right() -> None:
     questions = [_qa(n) for n in range(5)]
     right = right_in_every_pass(questions, 1, lambda batch: [q.answer for q in batch])
     assert right == [True] * 5
+
+
+def test_sampled_share_counts_each_question_s_own_right_answers() -> None:
+    questions = [_qa(n) for n in (4, 5, 6)]
+    samples = {
+        "4": ["4 plus 0 is 4."] * 8,  # always right
+        "5": ["It is 5."] * 6 + ["It is 50.", "I don't know."],  # 6 of 8
+        "6": ["It is 7."] * 7 + ["It is 6."],  # 1 of 8
+    }
+    shares = sampled_right_share(questions, lambda batch: [samples[q.expected] for q in batch])
+    assert shares == [1.0, 0.75, 0.125]
