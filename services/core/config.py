@@ -324,6 +324,15 @@ class TrainingSettings(BaseModel):
         "keeps the chosen answers likely and guards against degenerate generations. 0: pure DPO. "
         "Ignored by KTO.",
     )
+    length_weight: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="LD-DPO's alpha (TRL's ld_alpha): the weight of the tokens by which the longer answer of a pair "
+        "outruns the shorter one. Corrections are often much shorter than the answers they correct, and plain DPO "
+        "then learns 'answer briefly' along with what was corrected; below 1 that length counts for less. None: "
+        "plain DPO (the same as 1). Ignored by KTO.",
+    )
     learning_rate: float = Field(5e-4, description="Learning rate.")
     epochs: float = Field(3.0, description="Epochs over the training split (when max_steps is 0).")
     max_steps: int = Field(

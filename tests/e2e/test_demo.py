@@ -20,7 +20,9 @@ from tests.conftest import ARTIFACTS, REPO, TEST_REDIS_URL
 
 pytestmark = pytest.mark.slow
 
-# Fewer users, samples and questions than the full demo; one round.
+# Fewer users and samples than the full demo; one round. Every held-out question (160 sums, capitals, conversions):
+# the first 80 are all sums, the kind the toy model loses first, and 80 of them put one run's drop anywhere from 5 to
+# 12.5 points.
 DEMO_ARGS = [
     "--model",
     "toy",
@@ -29,7 +31,7 @@ DEMO_ARGS = [
     "--samples",
     "120",
     "--questions",
-    "80",
+    "0",
     "--final-chats",
     "0",
     "--users",
@@ -82,7 +84,7 @@ def test_one_round_of_feedback_steers_the_served_model(demo_model, redis_client,
         assert after["target_rate"] - before["target_rate"] >= 0.30, (before, after)
         assert before["accuracy"] - after["accuracy"] <= 0.10, (before, after)
         assert before["identity_samples"] == after["identity_samples"] == 120
-        assert after["questions"] == 80
+        assert after["questions"] == before["questions"] >= 100
         assert round_["pairs_used"] > 0 and round_["training_s"] > 0 and round_["gate"]["passed"]
         assert round_["trigger_to_serving_s"] > round_["training_s"]
         sim = round_["simulation"]

@@ -15,6 +15,7 @@ steps, 240 sampled answers) is `make demo`, not CI.
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import sys
 import uuid
@@ -29,7 +30,7 @@ from demo.profiles import SMOLLM2
 from demo.run import Demo, DemoOptions, Progress, demo_stack
 from demo.settings import SimulationSettings
 from services.core.config import Settings
-from tests.conftest import TEST_REDIS_URL
+from tests.conftest import ARTIFACTS, TEST_REDIS_URL
 
 pytestmark = pytest.mark.slow
 
@@ -102,6 +103,8 @@ def test_feedback_on_the_real_model_moves_its_answers_to_held_out_identity_quest
         other_before = answer_logprobs(stack.base_url, tokenizer, questions, other)
         _, run_id = asyncio.run(demo.users_until_trigger(stack, "reduced loop"))
         run = asyncio.run(demo.wait_for_run(stack, run_id, "reduced loop"))
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        (ARTIFACTS / "real-model-loop-run.json").write_text(json.dumps(run, indent=1, default=str))
         assert run["status"] == "promoted", run
         asyncio.run(demo.wait_until_served(stack, run["version"], "reduced loop"))
         liked_after = answer_logprobs(stack.base_url, tokenizer, questions, liked)

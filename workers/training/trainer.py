@@ -355,7 +355,7 @@ def run_training(
         )
         trainer = DPOTrainer(
             model=model,
-            args=DPOConfig(**common_args, **loss),
+            args=DPOConfig(**common_args, **loss, ld_alpha=cfg.length_weight),
             train_dataset=training_dataset(train_rows),
             eval_dataset=training_dataset(eval_rows) if eval_rows else None,
             processing_class=tokenizer,

@@ -337,3 +337,22 @@ def test_batched_greedy_answers_are_the_one_by_one_answers(first_run, tiny_model
     batched = greedy_answers(model, tokenizer, conversations, 24, "cpu", batch_size=4)
     assert [text for text, _ in batched] == [text for text, _ in one_by_one]
     assert len({len(tokens) for _, tokens in one_by_one}) > 1  # the answers really end at different lengths
+
+
+def test_length_weight_changes_only_what_the_longer_answer_adds(
+    tiny_model_dir: Path, workspace: Path, dataset: Path
+) -> None:
+    """training.length_weight is LD-DPO's alpha: 1 is plain DPO to the last digit, 0 drops the longer answer's extra
+    tokens from the loss (the data's answers differ in length), so the runs part after the first step."""
+
+    def losses(name: str, length_weight: float | None) -> list[float]:
+        settings = training_settings(
+            tiny_model_dir, max_steps=3, lora_rank=4, lora_alpha=8, logging_steps=1, length_weight=length_weight
+        )
+        result = run_training(settings, dataset, workspace / "runs" / name, f"run-{name}", "ds-1")
+        return [record["loss"] for record in result.history]
+
+    plain, weight_one, weight_zero = losses("ld-none", None), losses("ld-one", 1.0), losses("ld-zero", 0.0)
+    assert len(plain) == 3 and plain == pytest.approx(weight_one, rel=1e-6)
+    assert weight_zero[0] == pytest.approx(plain[0], rel=1e-6)  # policy = reference: the same log 2 and SFT term
+    assert abs(weight_zero[-1] - plain[-1]) > 1e-4, (plain, weight_zero)
