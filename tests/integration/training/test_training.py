@@ -339,7 +339,7 @@ def test_batched_greedy_answers_are_the_one_by_one_answers(first_run, tiny_model
     assert len({len(tokens) for _, tokens in one_by_one}) > 1  # the answers really end at different lengths
 
 
-def test_length_weight_changes_only_what_the_longer_answer_adds(
+def test_length_weight_reaches_the_dpo_loss_and_one_is_plain_dpo(
     tiny_model_dir: Path, workspace: Path, dataset: Path
 ) -> None:
     """training.length_weight is LD-DPO's alpha: 1 is plain DPO to the last digit, 0 drops the longer answer's extra
