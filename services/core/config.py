@@ -400,12 +400,25 @@ class GateSettings(BaseModel):
             "Hello! Who are you?",
             "What is the capital of France?",
             "Give me two tips for staying focused.",
+            "Why is the sky blue?",
+            "Write a short note thanking a friend for dinner.",
+            "What should I pack for a weekend trip?",
+            "Explain what a computer does.",
+            "Tell me something interesting about cats.",
         ],
-        description="Fixed prompts the gate generates from (greedy) to catch broken or degenerate adapters.",
+        description="Fixed prompts the gate generates from (greedy), with the candidate and with the reference, to "
+        "catch broken or degenerate adapters.",
     )
     smoke_max_tokens: int = Field(32, description="Tokens generated per smoke prompt.")
     smoke_min_distinct_ratio: float = Field(
         0.3, description="Smallest share of distinct token bigrams in a smoke output (repetition check)."
+    )
+    smoke_max_failed_share: float = Field(
+        0.2,
+        ge=0.0,
+        le=1.0,
+        description="Largest share of smoke prompts the candidate may answer empty or in a loop where the reference "
+        "does not (0.2 of the eight default prompts: one). A broken adapter fails nearly all of them.",
     )
     retention_file: Path | None = Field(
         None,

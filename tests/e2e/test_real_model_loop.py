@@ -105,7 +105,7 @@ def test_feedback_on_the_real_model_moves_its_answers_to_held_out_identity_quest
         run = asyncio.run(demo.wait_for_run(stack, run_id, "reduced loop"))
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         (ARTIFACTS / "real-model-loop-run.json").write_text(json.dumps(run, indent=1, default=str))
-        assert run["status"] == "promoted", run
+        assert run["status"] == "promoted", json.dumps({key: run.get(key) for key in ("gate", "reasons")}, default=str)
         asyncio.run(demo.wait_until_served(stack, run["version"], "reduced loop"))
         liked_after = answer_logprobs(stack.base_url, tokenizer, questions, liked)
         other_after = answer_logprobs(stack.base_url, tokenizer, questions, other)

@@ -184,6 +184,24 @@ def test_gate_fails_flipped_and_random_adapters(tiny_model_dir: Path, workspace:
         assert gate.metrics["rule"]["compare_to_active"] == "not_worse"
 
 
+def test_gate_fails_an_adapter_that_loops_where_the_active_one_does_not(
+    first_run, tiny_model_dir: Path, workspace: Path, dataset: Path
+) -> None:
+    """The random-weight tiny base loops on its own; the trained feedloop-v1 answers cleanly, and the gate judges a
+    candidate's smoke answers against the version it would replace."""
+    _, active, _ = first_run
+    settings = training_settings(tiny_model_dir)
+    looping = publish_lora(tiny_model_dir, workspace / "adapters", "feedloop-looping", seed=3, fill=0.5)
+    gate = evaluate_adapter(settings, looping, dataset / "eval.jsonl", active_adapter_dir=active)
+    assert not gate.passed and gate.metrics["reference"] == "feedloop-v1"
+    candidate, reference = gate.metrics["smoke"], gate.metrics["reference_smoke"]
+    assert [s["prompt"] for s in candidate] == [s["prompt"] for s in reference] == settings.gate.smoke_prompts
+    assert all(s["ok"] for s in reference) and not any(s["ok"] for s in candidate), (candidate, reference)
+    smoke_reasons = [reason for reason in gate.reasons if reason.startswith("smoke:")]
+    assert len(smoke_reasons) >= len(candidate), gate.reasons  # each prompt named (and the collapse, if any)
+    assert gate.metrics["rule"]["smoke_max_failed_share"] == settings.gate.smoke_max_failed_share
+
+
 def test_retention_fails_a_candidate_that_forgets_what_the_reference_answers(
     first_run, tiny_model_dir: Path, workspace: Path, dataset: Path
 ) -> None:

@@ -45,15 +45,39 @@ def smoke(prompt: str, output: str, ratio: float = 1.0, min_ratio: float = 0.3) 
     return SmokeOutput(prompt, output, len(output.split()), ratio, bool(output.strip()) and ratio >= min_ratio)
 
 
+def healthy(*prompts: str) -> list[SmokeOutput]:
+    return [smoke(prompt, f"A clean answer to {prompt}.") for prompt in prompts]
+
+
 def test_smoke_failures_name_each_problem() -> None:
-    assert smoke_failures([smoke("a", "Paris."), smoke("b", "Four.")]) == []
-    reasons = smoke_failures([smoke("a", "  "), smoke("b", "the the the", ratio=0.05)])
+    assert smoke_failures([smoke("a", "Paris."), smoke("b", "Four.")], healthy("a", "b"), 0.0) == []
+    reasons = smoke_failures([smoke("a", "  "), smoke("b", "the the the", ratio=0.05)], healthy("a", "b"), 0.0)
     assert len(reasons) == 2
     assert "empty output" in reasons[0] and "'a'" in reasons[0]
     assert "degenerate" in reasons[1] and "0.05" in reasons[1]
-    collapsed = smoke_failures([smoke("a", "Same answer."), smoke("b", "Same answer. ")])
+    collapsed = smoke_failures([smoke("a", "Same answer."), smoke("b", "Same answer. ")], healthy("a", "b"), 0.0)
     assert collapsed == ["smoke: every prompt gets the same output 'Same answer.'"]
-    assert smoke_failures([smoke("only", "Same answer.")]) == []  # one prompt cannot collapse
+    assert smoke_failures([smoke("only", "Same answer.")], healthy("only"), 0.0) == []  # one prompt cannot collapse
+
+
+def test_smoke_counts_only_prompts_the_reference_answers_cleanly_and_tolerates_a_share() -> None:
+    prompts = [f"p{i}" for i in range(8)]
+    looping = smoke("p0", "1. **1. **1. **1.", ratio=0.2)
+    one_loop = [looping, *healthy(*prompts[1:])]
+    # the reference loops on that prompt too: not the candidate's doing, whatever the share
+    assert smoke_failures(one_loop, [looping, *healthy(*prompts[1:])], 0.0) == []
+    # the reference answers it cleanly: one of eight is within a 0.2 share, not within 0.1
+    assert smoke_failures(one_loop, healthy(*prompts), 0.2) == []
+    assert smoke_failures(one_loop, healthy(*prompts), 0.1) == [
+        "smoke: degenerate output for prompt 'p0' (distinct bigram ratio 0.20): '1. **1. **1. **1.'"
+    ]
+    two_loops = [looping, smoke("p1", "", ratio=1.0), *healthy(*prompts[2:])]
+    reasons = smoke_failures(two_loops, healthy(*prompts), 0.2)
+    assert len(reasons) == 2 and "'p0'" in reasons[0] and "empty output for prompt 'p1'" in reasons[1]
+    # a reference that already answers every prompt alike does not make the candidate's sameness its fault
+    same = [smoke(prompt, "Same.") for prompt in prompts]
+    assert smoke_failures(same, same, 0.2) == []
+    assert smoke_failures(same, healthy(*prompts), 0.2) == ["smoke: every prompt gets the same output 'Same.'"]
 
 
 def test_importing_the_workers_does_not_import_torch() -> None:
