@@ -108,7 +108,7 @@ SMOLLM2 = DemoProfile(
         # The corrections (a sentence) are far shorter than the answers they replace (48 sampled tokens), and plain DPO
         # learned "answer in one short sentence" with them: sums lost their working. Counting only the length both
         # answers share (LD-DPO, alpha 0), one run's data lost 12 held-out questions instead of 16 (identity 98.3%), and
-        # five demos with it lost 5.8-10.6 points, median 6.7 (seeds 17-19 before it: 10.6-13.5).
+        # six demos with it lost 5.8-10.6 points, median 7.2 (seeds 17-19 before it: 10.6-13.5).
         "FEEDLOOP_TRAINING__LENGTH_WEIGHT": "0.0",
         "FEEDLOOP_TRAINING__MAX_LENGTH": "256",
         # The users stop while a run trains, so training may use both cores.
