@@ -7,9 +7,7 @@ prefix, so tests can inspect exactly what it wrote. Set FEEDLOOP_TEST_REDIS_URL 
 from __future__ import annotations
 
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +20,7 @@ import httpx
 import pytest
 import redis
 
+from services.cli.procs import free_port
 from services.core.config import Settings
 from services.core.keys import Keys
 
@@ -36,37 +35,11 @@ ADMIN_TOKEN = "test-admin-token"
 FEEDBACK_SECRET = "test-feedback-secret"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _port_below_ephemeral_range() -> int:
-    """A free port below the kernel's ephemeral range. A port picked by binding to 0 comes from that range, and
-    during a 25-minute suite any outgoing connection may take it as its local port (seen: the browser tests' host
-    page failed to bind with EADDRINUSE); a port below the range is only ever taken by a server binding it."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    rng = random.SystemRandom()
-    for _ in range(200):
-        port = rng.randrange(10000, max(10001, low))
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    return free_port()
-
-
 def _session_port(name: str) -> int:
     """A free port picked once per test session (kept in the environment: this module is imported both as
     `conftest` and as `tests.conftest`, and both must agree), never a fixed one that another suite on the same
     machine may hold."""
-    return int(os.environ.setdefault(name, str(_port_below_ephemeral_range())))
+    return int(os.environ.setdefault(name, str(free_port())))
 
 
 # Browser tests serve host pages on these origins: the first is in the live_api server's CORS allow-list.

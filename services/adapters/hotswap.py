@@ -53,6 +53,7 @@ from services.adapters.registry import AdapterRecord, AsyncAdapterRegistry, Regi
 from services.core import metrics
 from services.core.config import Settings
 from services.core.keys import Keys
+from services.core.tasks import cancel_and_wait
 from services.engine.engine import AdapterError, Engine, UnknownModel
 
 if TYPE_CHECKING:
@@ -143,12 +144,7 @@ class Swapper:
         ]
 
     async def stop(self) -> None:
-        tasks = [*self._tasks, *self._unloading.values()]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await asyncio.gather(*(cancel_and_wait(task) for task in [*self._tasks, *self._unloading.values()]))
         self._tasks = []
 
     def wake(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
@@ -63,7 +64,32 @@ def _refuse_weak_secret(settings: Settings) -> None:
         )
 
 
-def _run_api(settings: Settings) -> None:
+def _bind_api_port(settings: Settings) -> socket.socket:
+    """The API's port, taken before anything slow starts. The engine's worker opens random local ports of its
+    own while it starts (torch.distributed's store, gloo), and one of them could otherwise take this port, leaving
+    the API unable to listen after minutes of loading; a port already in use fails here, at once. The socket is
+    bound, not yet listening: connections are refused until the API is up, as before."""
+    host, port = settings.api.host, settings.api.port
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as error:
+        raise fail(f"cannot listen on {host}:{port}: {error} (FEEDLOOP_API__HOST)") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as error:
+        sock.close()
+        raise fail(
+            f"cannot listen on {host}:{port}: {error.strerror} (another process has it? choose another port with "
+            "FEEDLOOP_API__PORT)"
+        ) from None
+    return sock
+
+
+def _run_api(settings: Settings, sock: socket.socket) -> None:
     import uvicorn
 
     from services.api.app import create_app
@@ -78,10 +104,8 @@ def _run_api(settings: Settings) -> None:
         typer.echo(
             "feedloop: auth off: anyone who reaches this port can chat (FEEDLOOP_API__AUTH=true requires API keys)"
         )
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
-        host=settings.api.host,
-        port=settings.api.port,
         log_level=settings.log_level.lower(),
         access_log=False,
         timeout_graceful_shutdown=10,
@@ -90,6 +114,15 @@ def _run_api(settings: Settings) -> None:
         # X-Forwarded-For from any connection on 127.0.0.1)
         proxy_headers=False,
     )
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+    if not server.started:
+        raise typer.Exit(code=1)
 
 
 @app.command()
@@ -99,10 +132,11 @@ def serve() -> None:
     configure_logging(settings)
     _refuse_weak_secret(settings)
     require_engine()
+    sock = _bind_api_port(settings)
     if not redis_answers(settings.redis_url):
         raise fail(f"no Redis answers at {settings.redis_url}: set REDIS_URL, or use `feedloop up`")
     ensure_model(settings)
-    _run_api(settings)
+    _run_api(settings, sock)
 
 
 @app.command()
@@ -167,6 +201,7 @@ def up(
         settings.canary.share = 0.0  # a handful of local users can never decide a canary: promote straight away
     if not settings.feedback.secret or settings.feedback.secret == DEFAULT_FEEDBACK_SECRET:
         settings.feedback.secret = embedded_secret(settings.data_dir)
+    sock = _bind_api_port(settings)
     ensure_model(settings)
     with ExitStack() as stack:
         if not redis_answers(settings.redis_url):
@@ -200,7 +235,7 @@ def up(
                 else "serve everyone at once (no canary on one machine; set FEEDLOOP_CANARY__SHARE for one)"
             )
         )
-        _run_api(settings)
+        _run_api(settings, sock)
 
 
 @app.command("settings")

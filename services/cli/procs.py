@@ -4,6 +4,7 @@ subcommands run as children (worker, beat, serve), each in its own process group
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -35,6 +36,23 @@ def redis_answers(url: str, timeout: float = 1.0) -> bool:
 
 
 def free_port() -> int:
+    """A free local port below the kernel's ephemeral range, for a server started next. A port picked by binding
+    to 0 comes from that range, and until the server binds it anything may take it as its own: an outgoing
+    connection's local port, or one of the ports a vLLM engine's worker binds to 0 while it starts
+    (torch.distributed's store, gloo). A port below the range is only taken by a server binding it by number."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(10000, max(10001, low))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

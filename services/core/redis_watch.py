@@ -12,7 +12,6 @@ registry back to the base model: after a data loss it keeps serving the adapter 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -22,6 +21,7 @@ from redis.exceptions import ResponseError
 
 from services.core import metrics
 from services.core.keys import Keys
+from services.core.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +93,8 @@ class RedisWatch:
         self._task = asyncio.create_task(self._run(), name="redis-watch")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

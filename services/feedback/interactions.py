@@ -8,7 +8,6 @@ arrives before the write lands still finds its interaction.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import OrderedDict
 from typing import Any
@@ -18,6 +17,7 @@ from redis.asyncio import Redis
 
 from services.core import metrics
 from services.core.keys import Keys
+from services.core.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +82,7 @@ class InteractionLog:
         self._task = asyncio.create_task(self._run(), name="interaction-log-writer")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         try:
             await self.flush()
         except Exception as error:  # Redis down at shutdown: the rest of the shutdown must still run

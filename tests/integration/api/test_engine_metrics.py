@@ -2,25 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from demo.tinymodel import build_tiny_model
 from services.core import metrics
-from services.core.config import EngineSettings, Settings
 from services.engine.engine import Engine
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    model = build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-    settings = Settings(engine=EngineSettings(model=str(model), max_num_seqs=8, max_model_len=256))
-    eng = Engine(settings)
-    eng.start()
-    yield eng
-    eng.shutdown()
 
 
 def scrape() -> dict[str, list[tuple[str, dict[str, str], float]]]:
@@ -31,12 +16,12 @@ def scrape() -> dict[str, list[tuple[str, dict[str, str], float]]]:
     return families
 
 
-async def test_vllm_engine_metrics_on_the_default_registry(engine: Engine) -> None:
+async def test_vllm_engine_metrics_on_the_default_registry(tiny_engine: Engine) -> None:
     from vllm import SamplingParams
 
-    prompt = engine.render([{"role": "user", "content": "Hello"}])
+    prompt = tiny_engine.render([{"role": "user", "content": "Hello"}])
     params = SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0)
-    async for _ in engine.generate(prompt, params, "metrics-test-1", engine.resolve("feedloop-base")):
+    async for _ in tiny_engine.generate(prompt, params, "metrics-test-1", tiny_engine.resolve("feedloop-base")):
         pass
 
     families = scrape()
@@ -48,11 +33,11 @@ async def test_vllm_engine_metrics_on_the_default_registry(engine: Engine) -> No
     assert sum(v for _n, _labels, v in families["vllm:num_requests_running"]) == 0  # finished
 
 
-async def test_engine_collector_reports_lora_slots(engine: Engine) -> None:
-    settings = engine.settings
+async def test_engine_collector_reports_lora_slots(tiny_engine: Engine) -> None:
+    settings = tiny_engine.settings
     metrics.engine_collector(
         lambda: metrics.EngineStats(
-            lora_slots_used=len(engine.list_adapters()), lora_slots_max=settings.engine.max_loras * 2
+            lora_slots_used=len(tiny_engine.list_adapters()), lora_slots_max=settings.engine.max_loras * 2
         )
     )
     try:
