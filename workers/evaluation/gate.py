@@ -51,7 +51,7 @@ from typing import Any
 
 from services.adapters.manifest import adapter_version_name
 from services.core.config import Settings
-from services.core.repetition import distinct_bigram_ratio
+from services.core.repetition import degenerate, distinct_bigram_ratio
 from services.core.runtime import quiet_progress_bars, served_tokenizer, use_cpu_threads
 from workers.evaluation.intervals import PairedComparison, paired_difference, wilson
 from workers.evaluation.retention import RetentionCase, load_cases, retention_failures, score_retention
@@ -276,7 +276,7 @@ def smoke_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, mi
                 output=text,
                 tokens=len(content),
                 distinct_bigram_ratio=ratio,
-                ok=bool(text.strip()) and ratio >= min_ratio,
+                ok=not degenerate(text, content, min_ratio),
             )
         )
     return outputs
