@@ -130,15 +130,9 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")[-6000:]
 
 
-def start_feedloop(
-    args: list[str],
-    env: dict[str, str | None],
-    port: int,
-    log_path: Path,
-    ready_path: str = "/readyz",
-    timeout: float = 300,
-) -> ServerProcess:
-    """`feedloop ARGS` with this process's environment updated by env (a None value removes the variable)."""
+def launch_feedloop(args: list[str], env: dict[str, str | None], port: int, log_path: Path) -> ServerProcess:
+    """`feedloop ARGS` started in the background with this process's environment updated by env (a None value
+    removes the variable); returns at once."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     merged: dict[str, str | None] = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
     full_env = {name: value for name, value in merged.items() if value is not None}
@@ -151,11 +145,17 @@ def start_feedloop(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
+    return ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
+
+
+def wait_ready(server: ServerProcess, ready_path: str = "/readyz", timeout: float = 300) -> ServerProcess:
+    """Wait until SERVER answers READY_PATH with 200; a server that exits or is not ready in time is killed and
+    raises with its log."""
+    command = " ".join(map(str, server.proc.args))  # type: ignore[arg-type]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"feedloop {' '.join(args)} exited with {proc.returncode}:\n{server.log()}")
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{command} exited with {server.proc.returncode}:\n{server.log()}")
         try:
             if httpx.get(server.base_url + ready_path, timeout=2).status_code == 200:
                 return server
@@ -163,7 +163,19 @@ def start_feedloop(
             pass
         time.sleep(0.5)
     server.stop(signal.SIGKILL)
-    raise RuntimeError(f"feedloop {' '.join(args)} was not ready in {timeout}s:\n{server.log()}")
+    raise RuntimeError(f"{command} was not ready in {timeout}s:\n{server.log()}")
+
+
+def start_feedloop(
+    args: list[str],
+    env: dict[str, str | None],
+    port: int,
+    log_path: Path,
+    ready_path: str = "/readyz",
+    timeout: float = 300,
+) -> ServerProcess:
+    """`feedloop ARGS` (see launch_feedloop), once it is ready."""
+    return wait_ready(launch_feedloop(args, env, port, log_path), ready_path, timeout)
 
 
 @dataclass

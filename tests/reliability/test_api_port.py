@@ -13,10 +13,9 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.conftest import ARTIFACTS, FEEDBACK_SECRET, REPO, TEST_REDIS_URL, free_port
+from tests.conftest import ARTIFACTS, FEEDBACK_SECRET, REPO, TEST_REDIS_URL, free_port, launch_feedloop, wait_ready
 
 
 def env_for(tiny_model_dir: Path, tmp_path: Path, port: int) -> dict[str, str]:
@@ -56,40 +55,20 @@ def test_a_port_in_use_fails_at_once_and_names_it(command: list[str], tiny_model
 
 def test_serve_holds_its_port_while_the_engine_starts(tiny_model_dir: Path, tmp_path: Path) -> None:
     port = free_port()
-    log = ARTIFACTS / "logs" / f"api-port-{port}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    env = env_for(tiny_model_dir, tmp_path, port)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "serve"],
-        cwd=REPO,
-        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    server = launch_feedloop(
+        ["serve"], env_for(tiny_model_dir, tmp_path, port), port, ARTIFACTS / "logs" / f"api-port-{port}.log"
     )
     try:
         deadline = time.monotonic() + 120
-        while "starting the engine" not in log.read_text(errors="replace"):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        while "starting the engine" not in server.log_path.read_text(errors="replace"):
+            assert server.proc.poll() is None and time.monotonic() < deadline, server.log()
             time.sleep(0.1)
         # the engine is loading: the port is this process's already (nobody else can bind it) ...
         with socket.socket() as other, pytest.raises(OSError) as taken:
             other.bind(("127.0.0.1", port))
         assert taken.value.errno == errno.EADDRINUSE
         # ... and it answers once the API is up
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline + 300, log.read_text(errors="replace")[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_ready(server)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            code = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert code == 0, log.read_text(errors="replace")[-3000:]
+        code = server.stop(signal.SIGINT, timeout=60)
+    assert code == 0, server.log()
