@@ -52,8 +52,8 @@ class EngineSettings(BaseModel):
     chat_template: str = Field(
         "",
         description="A Jinja chat template file used instead of the tokenizer's own, as vLLM's --chat-template "
-        "(e.g. one that renders `tools`). Serving only: training renders with the tokenizer's template. "
-        "Empty: the tokenizer's.",
+        "(e.g. one that renders `tools`). Training, the gate and the pairs worker's length check render with it "
+        "too, so they see the prompts serving sees. Empty: the tokenizer's.",
     )
     tool_call_parser: str = Field(
         "",
@@ -395,6 +395,14 @@ class GateSettings(BaseModel):
     )
     max_eval_pairs: int = Field(512, description="Most held-out pairs scored by the gate.")
     eval_batch_size: int = Field(8, description="Pairs scored per forward pass by the gate.")
+    generation_batch_size: int = Field(
+        32,
+        ge=1,
+        description="Conversations the gate answers at once, greedy (smoke prompts, the regression set). They are "
+        "left-padded, so any size gives the same answers; on a CPU a larger batch costs little more than a small "
+        "one (bench/gate_generation.py: 150 regression questions through a LoRA adapter on 2 cores, 2.1x faster "
+        "at 32 than at 8). Lower it when memory is short.",
+    )
     smoke_prompts: list[str] = Field(
         default_factory=lambda: [
             "Hello! Who are you?",

@@ -25,14 +25,20 @@ def served_tokenizer(settings: Settings):  # -> transformers.PreTrainedTokenizer
     """The base model's tokenizer with the chat template the engine renders with (``engine.chat_template``
     when set, e.g. one that renders tools), so training and the gate see the prompts serving sees.
     Raises OSError when that template cannot be read."""
+    return load_tokenizer(settings.model_path(), settings.engine.chat_template)
+
+
+def load_tokenizer(model_path: str, chat_template: str = ""):  # -> transformers.PreTrainedTokenizerBase
+    """A model folder's tokenizer, its chat template replaced by the file `chat_template` when given.
+    Raises OSError when that template cannot be read."""
     from pathlib import Path
 
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(settings.model_path())
-    if settings.engine.chat_template:
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if chat_template:
         try:
-            tokenizer.chat_template = Path(settings.engine.chat_template).read_text()
+            tokenizer.chat_template = Path(chat_template).read_text()
         except OSError as error:
-            raise OSError(f"engine.chat_template {settings.engine.chat_template}: {error}") from error
+            raise OSError(f"engine.chat_template {chat_template}: {error}") from error
     return tokenizer

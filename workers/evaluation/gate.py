@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from services.adapters.manifest import adapter_version_name
-from services.core.config import Settings
+from services.core.config import GateSettings, Settings
 from services.core.repetition import degenerate, distinct_bigram_ratio
 from services.core.runtime import quiet_progress_bars, served_tokenizer, use_cpu_threads
 from workers.evaluation.intervals import PairedComparison, paired_difference, wilson
@@ -263,12 +263,13 @@ def greedy_answers(
     return answers
 
 
-def smoke_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, min_ratio: float, device):
+def smoke_generate(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, min_ratio: float, device, batch_size: int = 8
+):
     outputs = []
     conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
-    for prompt, (text, content) in zip(
-        prompts, greedy_answers(model, tokenizer, conversations, max_new_tokens, device), strict=True
-    ):
+    answers = greedy_answers(model, tokenizer, conversations, max_new_tokens, device, batch_size)
+    for prompt, (text, content) in zip(prompts, answers, strict=True):
         ratio = distinct_bigram_ratio(content)
         outputs.append(
             SmokeOutput(
@@ -282,8 +283,11 @@ def smoke_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, mi
     return outputs
 
 
-def retention_answers(model, tokenizer, cases: list[RetentionCase], max_new_tokens: int, device) -> list[str]:
-    return [text for text, _ in greedy_answers(model, tokenizer, [c.messages for c in cases], max_new_tokens, device)]
+def retention_answers(
+    model, tokenizer, cases: list[RetentionCase], max_new_tokens: int, device, batch_size: int = 8
+) -> list[str]:
+    conversations = [c.messages for c in cases]
+    return [text for text, _ in greedy_answers(model, tokenizer, conversations, max_new_tokens, device, batch_size)]
 
 
 def _use(model, adapter: str | None):
@@ -294,6 +298,18 @@ def _use(model, adapter: str | None):
         return model.disable_adapter()
     model.set_adapter(adapter)
     return contextlib.nullcontext()
+
+
+def _measure(model, tokenizer, gate: GateSettings, pairs, cases: list[RetentionCase], pad_id: int, device):
+    """What the gate measures of one model (candidate or reference): its preference scores on the held-out pairs,
+    its smoke answers and its answers to the regression set."""
+    batch = gate.generation_batch_size
+    score = score_preferences(model, pairs, pad_id, gate.eval_batch_size, device)
+    smoke = smoke_generate(
+        model, tokenizer, gate.smoke_prompts, gate.smoke_max_tokens, gate.smoke_min_distinct_ratio, device, batch
+    )
+    answers = retention_answers(model, tokenizer, cases, gate.retention_max_tokens, device, batch)
+    return score, smoke, answers
 
 
 def evaluate_adapter(
@@ -343,17 +359,11 @@ def evaluate_adapter(
 
     with torch.no_grad():
         with _use(model, CANDIDATE):
-            candidate = score_preferences(model, pairs, pad_id, gate.eval_batch_size, device)
-            smoke = smoke_generate(
-                model, tokenizer, gate.smoke_prompts, gate.smoke_max_tokens, gate.smoke_min_distinct_ratio, device
-            )
-            candidate_answers = retention_answers(model, tokenizer, cases, gate.retention_max_tokens, device)
+            candidate, smoke, candidate_answers = _measure(model, tokenizer, gate, pairs, cases, pad_id, device)
         with _use(model, ACTIVE if active_adapter_dir else None):
-            reference = score_preferences(model, pairs, pad_id, gate.eval_batch_size, device)
-            reference_smoke = smoke_generate(
-                model, tokenizer, gate.smoke_prompts, gate.smoke_max_tokens, gate.smoke_min_distinct_ratio, device
+            reference, reference_smoke, reference_answers = _measure(
+                model, tokenizer, gate, pairs, cases, pad_id, device
             )
-            reference_answers = retention_answers(model, tokenizer, cases, gate.retention_max_tokens, device)
 
     reasons = []
     if candidate.accuracy < gate.min_accuracy:

@@ -157,7 +157,7 @@ class FeedbackConsumer:
         self.cfg = settings.pairs
         self.name = name or consumer_name()
         self.store = PairsStore(redis, keys, retention_s(settings))
-        self.tokens = token_counter or quality.TokenCounter(settings.model_path())
+        self.tokens = token_counter or quality.TokenCounter.for_settings(settings)
         self.strategies = set(self.cfg.strategies)
         self._ready = False
         self._last_reclaim = 0.0

@@ -250,7 +250,7 @@ def consensus_filter(
 def _snapshot(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
     cfg = settings.pairs
     store = PairsStore(redis, keys)
-    tokens = quality.TokenCounter(settings.model_path())
+    tokens = quality.TokenCounter.for_settings(settings)
 
     def fits(messages: list[pairing.Message]) -> bool:
         return tokens.fits(messages, cfg.max_tokens)

@@ -153,7 +153,7 @@ def generate_pairs(
     cfg = settings.pairs
     store = PairsStore(redis, keys, retention_s(settings))
     store.ensure_scripts()
-    tokens = token_counter or quality.TokenCounter(settings.model_path())
+    tokens = token_counter or quality.TokenCounter.for_settings(settings)
     chosen = [s for s in (strategies or cfg.strategies) if s in pairing.GENERATED_STRATEGIES]
     report: dict[str, Any] = {}
     for strategy in chosen:

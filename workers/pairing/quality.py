@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from services.core.config import Settings
 from workers.pairing.rules import Message, PairRecord, answer_text, normalize_text
 
 log = logging.getLogger(__name__)
@@ -89,10 +90,16 @@ class TokenCounter:
     tokenized. If the tokenizer cannot be loaded, a character heuristic (bytes / 3) stands in.
     """
 
-    def __init__(self, model_path: str | None) -> None:
+    def __init__(self, model_path: str | None, chat_template: str = "") -> None:
         self.model_path = model_path
+        self.chat_template = chat_template  # a template file replacing the tokenizer's (engine.chat_template)
         self._tokenizer: Any = None
         self._loaded = False
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> TokenCounter:
+        """Counts as the engine renders: the served model with engine.chat_template when set."""
+        return cls(settings.model_path(), settings.engine.chat_template)
 
     @property
     def tokenizer(self) -> Any:
@@ -100,9 +107,9 @@ class TokenCounter:
             self._loaded = True
             if self.model_path:
                 try:
-                    from transformers import AutoTokenizer
+                    from services.core.runtime import load_tokenizer
 
-                    self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+                    self._tokenizer = load_tokenizer(self.model_path, self.chat_template)
                 except Exception as exc:  # any load failure falls back to the heuristic
                     log.warning("tokenizer at %s not loaded (%s); using a character heuristic", self.model_path, exc)
         return self._tokenizer

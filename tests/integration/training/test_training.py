@@ -240,6 +240,33 @@ def test_retention_fails_a_candidate_that_forgets_what_the_reference_answers(
     assert not broken.passed and broken.reasons[0].startswith("gate.retention_file unusable")
 
 
+def test_the_gate_decides_the_same_at_any_generation_batch_size(
+    first_run, tiny_model_dir: Path, workspace: Path, dataset: Path
+) -> None:
+    """gate.generation_batch_size only changes how many conversations are answered at once: the smoke answers, the
+    regression answers and so the decision are those of one-at-a-time answering."""
+    _, adapter, _ = first_run
+    cases = workspace / "retention-batch.jsonl"
+    rows = [
+        {"prompt": f"Tell me about {topic}.", "expected": answer.split(" is ")[-1]} for topic, answer in FACTS.items()
+    ]
+    rows += [{"prompt": f"What is {n} plus {n}?", "expected": str(2 * n)} for n in range(1, 9)]
+    cases.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    forgetful = publish_lora(tiny_model_dir, workspace / "adapters", "feedloop-forgets-batch", seed=5)
+    results = []
+    for batch_size in (1, 5, 32):
+        settings = training_settings(tiny_model_dir)
+        settings.gate.retention_file = cases
+        settings.gate.generation_batch_size = batch_size
+        results.append(evaluate_adapter(settings, forgetful, dataset / "eval.jsonl", active_adapter_dir=adapter))
+    one, *batched = results
+    assert one.metrics["retention"]["lost"], "the forgetful adapter must lose something for the check to mean anything"
+    for result in batched:
+        assert result.passed == one.passed and result.reasons == one.reasons
+        assert result.metrics["smoke"] == one.metrics["smoke"]
+        assert result.metrics["retention"] == one.metrics["retention"]
+
+
 def test_retention_non_inferior_weighs_what_a_candidate_gains_against_what_it_loses(
     first_run, tiny_model_dir: Path, workspace: Path, dataset: Path
 ) -> None:

@@ -129,6 +129,32 @@ def test_token_counter_uses_the_served_tokenizer(tiny_model_dir):
     assert counter.fits(messages, n) and not counter.fits([{"role": "user", "content": "zq" * 400}], 100)
 
 
+def test_token_counter_renders_with_the_served_chat_template(tiny_model_dir, tmp_path):
+    """engine.chat_template replaces the tokenizer's own for serving, training and the gate: the length check
+    counts the prompt serving renders (here a template that adds a long system message), not the tokenizer's."""
+    from services.core.config import Settings
+
+    template = tmp_path / "long-system.jinja"
+    template.write_text(
+        "{{ '<|system|>' + 'You answer questions about the weather in great and careful detail. ' * 8 }}"
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] }}{% endfor %}"
+    )
+    messages = [{"role": "user", "content": "Hello! How can I help you today?"}]
+    plain = quality.TokenCounter(str(tiny_model_dir))
+    served = quality.TokenCounter.for_settings(
+        Settings(engine={"model": str(tiny_model_dir), "chat_template": str(template)})
+    )
+    rendered = served.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    assert served.count(messages) == len(rendered) > plain.count(messages) + 40
+    assert plain.fits(messages, plain.count(messages)) and not served.fits(messages, plain.count(messages))
+
+
+def test_token_counter_falls_back_when_the_chat_template_is_missing(tiny_model_dir, tmp_path):
+    counter = quality.TokenCounter(str(tiny_model_dir), str(tmp_path / "missing.jinja"))
+    assert counter.tokenizer is None  # logged; the bytes/3 heuristic counts instead of the wrong template
+    assert counter.count([{"role": "user", "content": "abc" * 30}]) > 0
+
+
 # --- duplicates -------------------------------------------------------------------------------------------
 
 
