@@ -66,7 +66,9 @@ def main() -> None:
     cases = load_cases(args.retention, limit=1_000_000)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
 
-    base_answers = retention_answers(model, tokenizer, cases, gate.retention_max_tokens, "cpu")
+    base_answers = retention_answers(
+        model, tokenizer, cases, gate.retention_max_tokens, "cpu", gate.generation_batch_size
+    )
     model = PeftModel.from_pretrained(model, args.adapter).eval()
     set_strength = strength_setter(model)
     for strength in [float(s) for s in args.strengths.split(",")]:
@@ -74,7 +76,9 @@ def main() -> None:
         started = time.monotonic()
         torch.manual_seed(args.seed)
         numbers = measure_identity_and_questions(chat_answers(model, tokenizer, 16), info, args.likes, args.samples)
-        answers = retention_answers(model, tokenizer, cases, gate.retention_max_tokens, "cpu")
+        answers = retention_answers(
+            model, tokenizer, cases, gate.retention_max_tokens, "cpu", gate.generation_batch_size
+        )
         retention = score_retention(cases, base_answers, answers, gate.confidence)
         row = {
             "adapter": args.adapter,

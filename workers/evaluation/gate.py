@@ -264,7 +264,7 @@ def greedy_answers(
 
 
 def smoke_generate(
-    model, tokenizer, prompts: list[str], max_new_tokens: int, min_ratio: float, device, batch_size: int = 8
+    model, tokenizer, prompts: list[str], max_new_tokens: int, min_ratio: float, device, batch_size: int
 ):
     outputs = []
     conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
@@ -284,7 +284,7 @@ def smoke_generate(
 
 
 def retention_answers(
-    model, tokenizer, cases: list[RetentionCase], max_new_tokens: int, device, batch_size: int = 8
+    model, tokenizer, cases: list[RetentionCase], max_new_tokens: int, device, batch_size: int
 ) -> list[str]:
     conversations = [c.messages for c in cases]
     return [text for text, _ in greedy_answers(model, tokenizer, conversations, max_new_tokens, device, batch_size)]
