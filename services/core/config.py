@@ -317,7 +317,15 @@ class TrainingSettings(BaseModel):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         description="Modules LoRA adapts.",
     )
-    beta: float = Field(0.1, description="DPO beta.")
+    beta: float = Field(0.1, description="DPO beta (IPO's tau with loss_type 'ipo').")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid",
+        description="DPO's pairwise loss (TRL's loss_type): 'sigmoid' is DPO's log-sigmoid of the margin, which keeps "
+        "pushing a separated pair apart; 'ipo' (IPO) a squared distance to a margin of 1/(2 beta) per token, and "
+        "'hinge' (SLiC) a hinge at a margin of 1/beta, which both stop once a pair is that far apart: for "
+        "preferences that hold every time, such as a user's correction, where DPO overfits. On one SmolLM2 demo's data "
+        "the hinge kept what DPO kept and IPO did not move identity (BENCHMARKS.md). Ignored by KTO.",
+    )
     sft_weight: float = Field(
         0.0,
         description="Weight of an SFT term (NLL of the chosen answer) added to the DPO loss, as in RPO; it "

@@ -350,9 +350,9 @@ def run_training(
     if cfg.method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        loss: dict[str, Any] = (
-            {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, cfg.sft_weight]} if cfg.sft_weight else {}
-        )
+        loss: dict[str, Any] = {"loss_type": [cfg.loss_type], "loss_weights": [1.0]}
+        if cfg.sft_weight:
+            loss = {"loss_type": [cfg.loss_type, "sft"], "loss_weights": [1.0, cfg.sft_weight]}
         trainer = DPOTrainer(
             model=model,
             args=DPOConfig(**common_args, **loss, ld_alpha=cfg.length_weight),

@@ -401,3 +401,31 @@ def test_length_weight_reaches_the_dpo_loss_and_one_is_plain_dpo(
     assert len(plain) == 3 and plain == pytest.approx(weight_one, rel=1e-6)
     assert weight_zero[0] == pytest.approx(plain[0], rel=1e-6)  # policy = reference: the same log 2 and SFT term
     assert abs(weight_zero[-1] - plain[-1]) > 1e-4, (plain, weight_zero)
+
+
+def test_loss_type_reaches_the_dpo_loss(tiny_model_dir: Path, workspace: Path, dataset: Path) -> None:
+    """training.loss_type picks TRL's pairwise loss. At the first step the policy is the reference (LoRA starts at
+    zero), so each loss sits at its value for a zero margin: DPO log 2, IPO (1/(2 beta))^2, the hinge 1; the SFT term
+    adds the same amount to each."""
+
+    def first_loss(loss_type: str, beta: float, sft_weight: float) -> float:
+        name = f"{loss_type}-{beta}-{sft_weight}"
+        settings = training_settings(
+            tiny_model_dir,
+            max_steps=1,
+            lora_rank=4,
+            lora_alpha=8,
+            logging_steps=1,
+            loss_type=loss_type,
+            beta=beta,
+            sft_weight=sft_weight,
+        )
+        result = run_training(settings, dataset, workspace / "runs" / name, f"run-{name}", "ds-1")
+        return float(result.history[0]["loss"])
+
+    assert first_loss("sigmoid", 0.1, 0.0) == pytest.approx(math.log(2), rel=1e-4)
+    assert first_loss("ipo", 0.25, 0.0) == pytest.approx(4.0, rel=1e-4)
+    assert first_loss("hinge", 0.1, 0.0) == pytest.approx(1.0, rel=1e-4)
+    sft_term = first_loss("sigmoid", 0.1, 1.0) - math.log(2)
+    assert sft_term > 0.1
+    assert first_loss("hinge", 0.1, 1.0) == pytest.approx(1.0 + sft_term, rel=1e-3)
