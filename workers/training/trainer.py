@@ -350,12 +350,15 @@ def run_training(
     if cfg.method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        loss: dict[str, Any] = {"loss_type": [cfg.loss_type], "loss_weights": [1.0]}
-        if cfg.sft_weight:
-            loss = {"loss_type": [cfg.loss_type, "sft"], "loss_weights": [1.0, cfg.sft_weight]}
+        losses = {cfg.loss_type: 1.0, **({"sft": cfg.sft_weight} if cfg.sft_weight else {})}
         trainer = DPOTrainer(
             model=model,
-            args=DPOConfig(**common_args, **loss, ld_alpha=cfg.length_weight),
+            args=DPOConfig(
+                **common_args,
+                loss_type=list(losses),
+                loss_weights=list(losses.values()),
+                ld_alpha=cfg.length_weight,
+            ),
             train_dataset=training_dataset(train_rows),
             eval_dataset=training_dataset(eval_rows) if eval_rows else None,
             processing_class=tokenizer,
