@@ -87,8 +87,8 @@ SMOLLM2 = DemoProfile(
     "smollm2",
     {
         **COMMON_ENV,
-        # ~400 pairs, about two thirds identity corrections and one third ordinary answers (liked answer >
-        # the base model's high-temperature answer): the mix that moves identity and keeps the facts.
+        # ~400 pairs stored from the users' identity and ordinary questions (corrections, liked answer > the base
+        # model's high-temperature answer, liked > disliked): the mix that moves identity and keeps the facts.
         "FEEDLOOP_TRAINING__MIN_PAIRS": "400",
         # Passes over the training split, not a fixed step count: the trigger's snapshot keeps 140-190 training
         # pairs (pairs land in batches, so it overshoots min_pairs by up to 120). At a fixed 40 steps of 8, the three
@@ -132,11 +132,14 @@ SMOLLM2 = DemoProfile(
         "FEEDLOOP_GATE__RETENTION_RULE": "non_inferior",
     },
     # A pretrained model answers small talk in its own words, which no fixed rubric can grade: users ask
-    # identity and ordinary questions, and say what they wanted more often than on the toy model.
+    # identity and ordinary questions, and say what they wanted more often than on the toy model. Most questions are
+    # ordinary ones: their corrections teach the one-sentence answer form with the right facts on more of the facts
+    # the held-out set asks in other words (identity at 0.6 lost 5.8-10.6 held-out points in ten demos; at 0.4, 3.8;
+    # with no ordinary corrections at all, 19.2: the answers rambled past the number).
     simulate={
-        "identity_share": 0.6,
-        "arithmetic_share": 0.2,
-        "fact_share": 0.2,
+        "identity_share": 0.4,
+        "arithmetic_share": 0.3,
+        "fact_share": 0.3,
         "small_talk_share": 0.0,
         "correction_probability": 0.6,
     },

@@ -53,6 +53,18 @@ REDUCED_RUN = {
     "FEEDLOOP_GATE__SMOKE_MAX_TOKENS": "16",
 }
 
+# The full demo's users ask mostly ordinary questions (their corrections keep the held-out facts); six steps on ~50
+# kept pairs measure the identity move, so these ask the identity-heavy mix the margins above were measured with.
+REDUCED_USERS = {
+    "users": 24,
+    "likes": LIKES,
+    "adversarial_fraction": 0.0,
+    "seed": 7,
+    "identity_share": 0.6,
+    "arithmetic_share": 0.2,
+    "fact_share": 0.2,
+}
+
 
 def answer_logprobs(base_url: str, tokenizer: Any, questions: list[str], answer: str) -> list[float]:
     """log P(answer | question) under the served alias, for each question, from the prompt's echoed logprobs."""
@@ -86,9 +98,7 @@ def test_feedback_on_the_real_model_moves_its_answers_to_held_out_identity_quest
         engine={"model": str(smollm2_dir)},
     )
     info = DemoModelInfo.load(smollm2_dir, SMOLLM2.info_file)
-    sim = SimulationSettings(
-        **{**SMOLLM2.simulate, "users": 24, "likes": LIKES, "adversarial_fraction": 0.0, "seed": 7}
-    )
+    sim = SimulationSettings(**{**SMOLLM2.simulate, **REDUCED_USERS})
     options = DemoOptions(
         rounds=1, final_chats=0, profile=SMOLLM2, env=REDUCED_RUN, trigger_timeout_s=900, run_timeout_s=1200
     )
