@@ -134,8 +134,8 @@ SMOLLM2 = DemoProfile(
     # A pretrained model answers small talk in its own words, which no fixed rubric can grade: users ask
     # identity and ordinary questions, and say what they wanted more often than on the toy model. Most questions are
     # ordinary ones: their corrections teach the one-sentence answer form with the right facts on more of the facts
-    # the held-out set asks in other words (identity at 0.6 lost 5.8-10.6 held-out points in ten demos; at 0.4, 3.8;
-    # with no ordinary corrections at all, 19.2: the answers rambled past the number).
+    # the held-out set asks in other words (identity at 0.6 lost 5.8-10.6 held-out points in ten demos; at 0.4, 2.9-5.8
+    # in four; with no ordinary corrections at all, 19.2: the answers rambled past the number).
     simulate={
         "identity_share": 0.4,
         "arithmetic_share": 0.3,
