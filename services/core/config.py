@@ -377,6 +377,13 @@ class TrainingSettings(BaseModel):
         "(bench/dpo_step.py --cpu-bf16).",
     )
     max_length: int = Field(512, description="Longest prompt+completion in tokens during training.")
+    precompute_ref_log_probs: bool = Field(
+        True,
+        description="DPO: compute the reference model's log-probs of every pair once, before the first step, "
+        "instead of in every step, so a run of several passes skips the reference forward pass in all but the "
+        "first (the same loss; bench/dpo_step.py --epochs); a run of at most one pass recomputes. Off: recomputed "
+        "in each step. KTO always recomputes (its KL term pairs each answer with a neighbour in the shuffled batch).",
+    )
     qlora: bool = Field(False, description="Load the base in 4 bit (GPU only, needs bitsandbytes).")
     lease_ttl_s: int = Field(600, description="Training lease time-to-live; renewed while a run is alive.")
     queue_timeout_s: int = Field(

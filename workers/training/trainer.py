@@ -344,6 +344,7 @@ def run_training(
         "seed": cfg.seed,
         "data_seed": cfg.seed,
     }
+    examples_seen = max_steps * micro_batch * accumulation if max_steps else len(train_rows) * cfg.epochs
     history: list[dict[str, float]] = []
     callback = _make_progress_callback(run_id, micro_batch * accumulation, history, progress)
     trainer: Any
@@ -351,6 +352,13 @@ def run_training(
         from trl import DPOConfig, DPOTrainer
 
         losses = {cfg.loss_type: 1.0, **({"sft": cfg.sft_weight} if cfg.sft_weight else {})}
+        # Only a run that sees a pair more than once saves by it; a single pass would pay the eval split on top.
+        precompute = cfg.precompute_ref_log_probs and examples_seen > len(train_rows)
+        if precompute:
+            logger.info(
+                "train run=%s reference log-probs of %d pairs first (training.precompute_ref_log_probs)",
+                run_id, len(train_rows) + len(eval_rows),
+            )  # fmt: skip
         trainer = DPOTrainer(
             model=model,
             args=DPOConfig(
@@ -358,6 +366,7 @@ def run_training(
                 loss_type=list(losses),
                 loss_weights=list(losses.values()),
                 ld_alpha=cfg.length_weight,
+                precompute_ref_log_probs=precompute,
             ),
             train_dataset=training_dataset(train_rows),
             eval_dataset=training_dataset(eval_rows) if eval_rows else None,
@@ -412,7 +421,6 @@ def run_training(
     adapter_dir = output_dir / ADAPTER_SUBDIR
     # With a parent, the model also holds TRL's frozen "ref" copy; only the trained adapter ships.
     trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
-    examples_seen = max_steps * micro_batch * accumulation if max_steps else len(train_rows) * cfg.epochs
     result = TrainingResult(
         run_id=run_id,
         dataset_version=dataset_version,

@@ -429,3 +429,35 @@ def test_loss_type_reaches_the_dpo_loss(tiny_model_dir: Path, workspace: Path, d
     sft_term = first_loss("sigmoid", 0.1, 1.0) - math.log(2)
     assert sft_term > 0.1
     assert first_loss("hinge", 0.1, 1.0) == pytest.approx(1.0 + sft_term, rel=1e-3)
+
+
+def test_precomputed_reference_log_probs_train_the_same_as_recomputed(
+    tiny_model_dir: Path, workspace: Path, dataset: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """training.precompute_ref_log_probs computes the reference once per pair before the first step; a run of more
+    than one pass then reads it in the later passes. The loss and the reward margins are the recomputed ones. A run
+    of one pass recomputes (precomputing would only add the eval split)."""
+    train_pairs = len((dataset / "train.jsonl").read_text().splitlines())
+    one_pass = math.ceil(train_pairs / 8)  # batch_size 8
+
+    def history(name: str, steps: int, precompute: bool) -> list[dict[str, float]]:
+        caplog.clear()
+        settings = training_settings(
+            tiny_model_dir, max_steps=steps, lora_rank=4, lora_alpha=8, precompute_ref_log_probs=precompute
+        )
+        return run_training(settings, dataset, workspace / "runs" / name, f"run-{name}", "ds-1").history
+
+    def precomputed_first() -> bool:
+        return any("reference log-probs of" in record.getMessage() for record in caplog.records)
+
+    caplog.set_level("INFO", logger="workers.training.trainer")
+    precomputed = history("ref-once", one_pass + 2, True)
+    assert precomputed_first()
+    recomputed = history("ref-each-step", one_pass + 2, False)
+    assert not precomputed_first()
+    assert len(precomputed) == len(recomputed) == one_pass + 2
+    for key in ("loss", "rewards/margins", "rewards/chosen"):
+        assert [r[key] for r in precomputed] == pytest.approx([r[key] for r in recomputed], rel=1e-3, abs=1e-4), key
+    assert abs(precomputed[-1]["rewards/margins"]) > 0.05  # the policy moved, so the reference terms mattered
+    history("ref-one-pass", one_pass, True)
+    assert not precomputed_first()
