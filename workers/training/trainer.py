@@ -352,8 +352,10 @@ def run_training(
         from trl import DPOConfig, DPOTrainer
 
         losses = {cfg.loss_type: 1.0, **({"sft": cfg.sft_weight} if cfg.sft_weight else {})}
-        # Only a run that sees a pair more than once saves by it; a single pass would pay the eval split on top.
-        precompute = cfg.precompute_ref_log_probs and examples_seen > len(train_rows)
+        # Only a run of more than one pass saves by it; a single pass would pay the eval split on top.
+        steps_per_pass = math.ceil(len(train_rows) / (micro_batch * accumulation))
+        passes_over_one = max_steps > steps_per_pass if max_steps else cfg.epochs > 1
+        precompute = cfg.precompute_ref_log_probs and passes_over_one
         if precompute:
             logger.info(
                 "train run=%s reference log-probs of %d pairs first (training.precompute_ref_log_probs)",
