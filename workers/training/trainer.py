@@ -344,7 +344,6 @@ def run_training(
         "seed": cfg.seed,
         "data_seed": cfg.seed,
     }
-    examples_seen = max_steps * micro_batch * accumulation if max_steps else len(train_rows) * cfg.epochs
     history: list[dict[str, float]] = []
     callback = _make_progress_callback(run_id, micro_batch * accumulation, history, progress)
     trainer: Any
@@ -423,6 +422,7 @@ def run_training(
     adapter_dir = output_dir / ADAPTER_SUBDIR
     # With a parent, the model also holds TRL's frozen "ref" copy; only the trained adapter ships.
     trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
+    examples_seen = max_steps * micro_batch * accumulation if max_steps else len(train_rows) * cfg.epochs
     result = TrainingResult(
         run_id=run_id,
         dataset_version=dataset_version,
