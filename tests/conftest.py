@@ -77,6 +77,16 @@ def redis_state(client: redis.Redis, prefix: str) -> dict[bytes, object]:
     return state
 
 
+def writes_between(before: dict[bytes, object], after: dict[bytes, object]) -> set[bytes]:
+    """Keys that two redis_state snapshots disagree on, less rate-limit buckets that expired in between.
+
+    A bucket expires on its own a minute after its identity's last vote, so in a namespace shared across the
+    session an earlier test's bucket can vanish between two snapshots; a bucket that appears or changes still counts.
+    """
+    changed = {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
+    return {key for key in changed if not (b":ratelimit:" in key and key not in after)}
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     from demo.tinymodel import build_tiny_model
