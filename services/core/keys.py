@@ -86,6 +86,10 @@ class Keys:
         """Sorted set of completion ids waiting for a generated counterpart (weaker_answer, stronger_answer)."""
         return f"{self.prefix}:pairing:candidates:{strategy}"
 
+    def pairing_generation_lock(self, strategy: str) -> str:
+        """Held while one generation round of a strategy runs, so that overlapping rounds skip."""
+        return f"{self.prefix}:pairing:generating:{strategy}"
+
     @property
     def pairing_attempts(self) -> str:
         """Hash: strategy:completion id -> failed generation attempts."""

@@ -29,6 +29,7 @@ from services.core.config import PairsSettings, Settings
 from services.core.counters import highest_on_disk, next_number
 from services.core.durable import atomic_folder
 from services.core.keys import Keys
+from services.core.redis_lock import redis_lock
 from services.feedback.events import answer_message
 from workers.pairing import consensus, quality
 from workers.pairing import rules as pairing
@@ -37,8 +38,6 @@ from workers.pairing.pii import scrub_messages
 from workers.pairing.store import PairsStore
 
 TRAIN_FILE, EVAL_FILE, KTO_FILE, MANIFEST_FILE = "train.jsonl", "eval.jsonl", "kto.jsonl", "manifest.json"
-
-_RELEASE_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 class SnapshotError(RuntimeError):
@@ -211,13 +210,10 @@ def next_version(redis: Redis, keys: Keys, data_dir: Path) -> str:
 
 def snapshot(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
     """Freeze the current pairs into the next dataset version; return its manifest."""
-    token = uuid.uuid4().hex
-    if not redis.set(keys.snapshot_lock, token, nx=True, px=15 * 60 * 1000):
-        raise SnapshotError("another snapshot is running")
-    try:
+    with redis_lock(redis, keys.snapshot_lock, 15 * 60 * 1000) as held:
+        if not held:
+            raise SnapshotError("another snapshot is running")
         return _snapshot(redis, keys, settings)
-    finally:
-        redis.eval(_RELEASE_LOCK, 1, keys.snapshot_lock, token)
 
 
 def consensus_filter(

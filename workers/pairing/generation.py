@@ -14,6 +14,7 @@ that must prefer it to the disliked response.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from redis import Redis
 
 from services.core.config import Settings
 from services.core.keys import Keys
+from services.core.redis_lock import redis_lock
 from workers.pairing import quality
 from workers.pairing import rules as pairing
 from workers.pairing.pii import scrub_pair
@@ -163,8 +165,24 @@ def generate_pairs(
         if endpoint is None:
             report[strategy] = {"skipped": "no endpoint configured"}
             continue
-        report[strategy] = _run_strategy(redis, keys, settings, store, tokens, strategy, endpoint)
+        # Beat starts a round every few seconds while one may still be waiting on a busy engine. A second round would
+        # take the same first candidates and fill the worker's other slot, and the stream consumer would wait behind
+        # both (one demo's consumer then wrote 172 pairs at once, far past the training trigger).
+        with redis_lock(redis, keys.pairing_generation_lock(strategy), _round_bound_ms(settings, strategy)) as held:
+            if not held:
+                report[strategy] = {"skipped": "another round is running"}
+                continue
+            report[strategy] = _run_strategy(redis, keys, settings, store, tokens, strategy, endpoint)
     return report
+
+
+def _round_bound_ms(settings: Settings, strategy: str) -> int:
+    """How long a round can take: waves of generation_concurrency requests (and judge calls), each up to its
+    timeout twice (one retry); the lock expires then if its worker died."""
+    cfg = settings.pairs
+    waves = math.ceil(cfg.generation_batch / max(1, cfg.generation_concurrency))
+    calls = 2 if strategy == "stronger_answer" and cfg.judge else 1
+    return int(1000 * (waves * calls * 2 * cfg.generation_timeout_s + 60))
 
 
 def _run_strategy(

@@ -41,6 +41,8 @@ class StandInModel(BaseHTTPRequestHandler):
             self.send_response(500)
             self.end_headers()
             return
+        if "SLOW" in text:
+            time.sleep(1.0)
         if messages[0]["content"] == pairing.JUDGE_RUBRIC:
             a = text.split("Answer A:\n", 1)[1].split("\n\nAnswer B:", 1)[0]
             b = text.split("Answer B:\n", 1)[1]
@@ -143,3 +145,49 @@ def test_generated_pairs_with_judge_and_retries(pairs_env: PairsEnv, stand_in_ur
     calls = len(StandInModel.requests)
     third = generate_pairs(pairs_env.redis, pairs_env.keys, pairs_env.settings, token_counter=tokens)
     assert third["weaker_answer"]["candidates"] == 0 and len(StandInModel.requests) == calls
+
+
+def test_a_round_that_overlaps_a_running_one_skips_and_asks_nothing(
+    pairs_env: PairsEnv,  # noqa: F811
+    stand_in_url: str,
+):
+    """Beat starts generation rounds every few seconds; one still waiting on a slow engine must not be joined by a
+    second that takes the same candidates and the worker's other slot."""
+    cfg = pairs_env.settings.pairs
+    cfg.strategies = ["same_prompt", "weaker_answer"]
+    cfg.weaker_source, cfg.weaker_model = stand_in_url, "weak"
+    for i in range(3):
+        xadd(pairs_env.redis, pairs_env.keys.feedback_stream, feedback_event(
+            f"liked-{i}", "like", f"u{i}", prompt=f"SLOW question {i}", response=f"Answer {i}."
+        ))  # fmt: skip
+    pairs_env.consumer().consume(10, until_drained=True)
+    candidates = pairs_env.keys.pairing_candidates("weaker_answer")
+    assert pairs_env.redis.zcard(candidates) == 3
+
+    lock = pairs_env.keys.pairing_generation_lock("weaker_answer")
+    tokens = TokenCounter(None)
+    first: dict = {}
+    running = threading.Thread(
+        target=lambda: first.update(generate_pairs(pairs_env.redis, pairs_env.keys, pairs_env.settings,
+                                                   token_counter=tokens))
+    )  # fmt: skip
+    running.start()
+    deadline = time.monotonic() + 10
+    while not pairs_env.redis.exists(lock) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pairs_env.redis.exists(lock), "the first round never took the lock"
+    overlapping = generate_pairs(pairs_env.redis, pairs_env.keys, pairs_env.settings, token_counter=tokens)
+    running.join(timeout=60)
+
+    assert overlapping["weaker_answer"] == {"skipped": "another round is running"}
+    assert first["weaker_answer"]["written"] == 3
+    asked = sorted(r["messages"][-1]["content"] for r in StandInModel.requests)
+    assert asked == [f"SLOW question {i}" for i in range(3)]  # each candidate generated once
+    assert not pairs_env.redis.exists(lock) and pairs_env.redis.zcard(candidates) == 0
+    # the lock went with the round: the next one runs (and finds nothing left)
+    assert (
+        generate_pairs(pairs_env.redis, pairs_env.keys, pairs_env.settings, token_counter=tokens)["weaker_answer"][
+            "candidates"
+        ]
+        == 0
+    )
