@@ -19,7 +19,8 @@ from __future__ import annotations
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,8 @@ from tests.conftest import (
     ServerProcess,
     delete_prefix,
     free_port,
-    start_feedloop,
+    launch_feedloop,
+    wait_ready,
 )
 from tests.support import celery_procs
 from tests.support.adapter_corpus import publish_lora
@@ -52,6 +54,7 @@ SHARE = 0.3
 USERS = [f"canary-user-{i}" for i in range(30)]
 PROMPTS = {f"Tell me about {topic}.": fact for topic, fact in FACTS.items()}  # prompt -> the answer users like
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+USERS_AT_ONCE = 4  # concurrent users: the engines batch them
 
 
 @dataclass
@@ -82,12 +85,12 @@ class Deployment:
 
     def restart(self, i: int) -> None:
         self.replicas[i].stop()
-        self.replicas[i] = start_replica(self.env, self.ports[i], i)
+        self.replicas[i] = wait_ready(launch_replica(self.env, self.ports[i], i))
 
 
-def start_replica(env: dict[str, str], port: int, i: int) -> ServerProcess:
+def launch_replica(env: dict[str, str], port: int, i: int) -> ServerProcess:
     log = ARTIFACTS / "logs" / f"canary-replica-{i}-{uuid.uuid4().hex[:6]}.log"
-    return start_feedloop(["serve"], {**env, "FEEDLOOP_API__PORT": str(port)}, port, log)
+    return launch_feedloop(["serve"], {**env, "FEEDLOOP_API__PORT": str(port)}, port, log)
 
 
 @pytest.fixture(scope="module")
@@ -123,11 +126,14 @@ def d(
     replicas: list[ServerProcess] = []
     processes: list[celery_procs.CeleryProcess] = []
     try:
-        replicas = [start_replica(env, port, i) for i, port in enumerate(ports)]
+        # everything starts at once; the replicas' engines load side by side
+        replicas = [launch_replica(env, port, i) for i, port in enumerate(ports)]
         processes = [
             celery_procs.worker(env, "pairs", concurrency=2),
             celery_procs.beat(env, data_dir / "beat-schedule"),
         ]
+        for replica in replicas:
+            wait_ready(replica)
         for process in processes:
             process.wait_ready()
         yield Deployment(env, replicas, ports, redis_client, Keys(prefix), data_dir / "adapters", tiny_model_dir)
@@ -199,19 +205,38 @@ def canary_users(version: str) -> set[str]:
     return {u for u in USERS if canary_bucket(version, u) < SHARE}
 
 
-def run_users(d: Deployment, vote_on_answers: bool, rounds: int = 2) -> dict[str, set[str]]:
-    """Every user chats ``rounds`` times per prompt, alternating replicas; with ``vote_on_answers`` they like an
-    answer that states the prompt's fact and dislike any other. Returns each user's served versions."""
+def run_users(
+    d: Deployment,
+    vote_on_answers: bool,
+    prompts: int = len(PROMPTS),
+    replica_offset: int = 0,
+    until: Callable[[], bool] | None = None,
+) -> dict[str, set[str]]:
+    """Every user asks the first ``prompts`` prompts once, alternating replicas (user i's prompt j goes to replica
+    i + j + replica_offset), a few users at a time; with ``vote_on_answers`` they like an answer that states the
+    prompt's fact and dislike any other. Users who have not started once ``until()`` holds (a decision is made)
+    do not chat. Returns each user's served versions."""
     served: dict[str, set[str]] = {u: set() for u in USERS}
-    for r in range(rounds):
-        for i, user in enumerate(USERS):
-            for j, prompt in enumerate(PROMPTS):
-                base_url = d.replicas[(i + j + r) % 2].base_url
-                answer = chat(base_url, ALIAS, prompt, user)
-                served[user].add(answer["system_fingerprint"])
-                if vote_on_answers:
-                    vote(base_url, answer, user, "like" if PROMPTS[prompt] in text(answer) else "dislike")
+
+    def one_user(i: int, user: str) -> None:
+        if until is not None and until():
+            return
+        for j, prompt in enumerate(list(PROMPTS)[:prompts]):
+            base_url = d.replicas[(i + j + replica_offset) % 2].base_url
+            answer = chat(base_url, ALIAS, prompt, user)
+            served[user].add(answer["system_fingerprint"])
+            if vote_on_answers:
+                vote(base_url, answer, user, "like" if PROMPTS[prompt] in text(answer) else "dislike")
+
+    with ThreadPoolExecutor(max_workers=USERS_AT_ONCE) as pool:
+        for future in [pool.submit(one_user, i, user) for i, user in enumerate(USERS)]:
+            future.result()
     return served
+
+
+def decided(d: Deployment, version: str) -> Callable[[], bool]:
+    """Whether the canary of ``version`` has ended (the users can stop: the votes after it change nothing)."""
+    return lambda: (record := d.registry.get(version)) is not None and record.status != "canary"
 
 
 def interaction_versions(d: Deployment, until: float) -> dict[str, set[str]]:
@@ -272,17 +297,18 @@ def test_the_canary_is_sticky_across_replicas_and_a_restart_and_a_good_one_is_pr
     # a request naming a version is never rerouted
     for user in sorted(expected)[:2]:
         assert chat(d.replicas[1].base_url, active, next(iter(PROMPTS)), user)["system_fingerprint"] == active
-    served = run_users(d, vote_on_answers=False, rounds=1)
+    # each user asks one replica before the restart and the other one after it
+    served = run_users(d, vote_on_answers=False, prompts=1)
     d.restart(1)
     assert replicas_serving_canary(d, good)  # ready only once the canary is loaded too
-    after = run_users(d, vote_on_answers=False, rounds=1)
+    after = run_users(d, vote_on_answers=False, prompts=1, replica_offset=1)
     for user in USERS:
         both = served[user] | after[user]
         assert both == ({good} if user in expected else {active}), (user, both)
 
     clear_interactions(d)
     started = time.time()
-    run_users(d, vote_on_answers=True, rounds=1)
+    run_users(d, vote_on_answers=True, until=decided(d, good))
     record = wait_for(
         "the canary's promotion",
         lambda: (r := d.registry.get(good)) is not None and r.status == "active" and r,
@@ -308,7 +334,7 @@ def test_a_bad_canary_is_rolled_back_and_only_its_share_saw_it(
     start_canary(d, bad)
     clear_interactions(d)
     started = time.time()
-    run_users(d, vote_on_answers=True, rounds=1)
+    run_users(d, vote_on_answers=True, until=decided(d, bad))
     record = wait_for(
         "the canary's rollback",
         lambda: (r := d.registry.get(bad)) is not None and r.status == "retired" and r,
@@ -330,7 +356,7 @@ def test_a_degenerate_canary_is_rejected_without_votes(d: Deployment) -> None:
     active = current_active(d)
     degenerate = d.publish(seed=3, fill=0.5)
     start_canary(d, degenerate)
-    run_users(d, vote_on_answers=False, rounds=1)
+    run_users(d, vote_on_answers=False, until=decided(d, degenerate))
     record = wait_for(
         "the degenerate canary's rejection",
         lambda: (r := d.registry.get(degenerate)) is not None and r.status == "rejected" and r,
