@@ -132,14 +132,16 @@ class Stack:
 
 
 def training_progress(history: list[dict[str, Any]]) -> str:
-    """'step 12/40 · 1.9 examples/s · ETA 3m05s · ' from the run's last logged step ('' before the first)."""
+    """'step 12/40 · 1.9 examples/s · ETA 3m05s · ' from the run's last logged step, or 'reference log-probs
+    3/20 · ...' during the reference pass before the first step ('' before either)."""
     if not history:
         return ""
     last = history[-1]
     eta = last.get("eta_s", math.inf)
     eta_text = f"{int(eta // 60)}m{int(eta % 60):02d}s" if math.isfinite(eta) else "?"
+    what = "reference log-probs batch" if last.get("phase") == "reference" else "step"
     return (
-        f"step {int(last.get('step', 0))}/{int(last.get('total_steps', 0))} · "
+        f"{what} {int(last.get('step', 0))}/{int(last.get('total_steps', 0))} · "
         f"{last.get('examples_per_s', 0.0):.1f} examples/s · ETA {eta_text} · "
     )
 

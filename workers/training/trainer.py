@@ -191,6 +191,44 @@ def _make_progress_callback(
     return ProgressLogger()
 
 
+def _with_reference_progress(
+    trainer_class: type, run_id: str, batches: int, pairs_per_batch: int, progress: ProgressCallback | None
+) -> type:
+    """trainer_class reporting the reference log-prob pass that TRL runs before the first step (minutes on CPU,
+    when nothing else reports): a log line and a progress record (phase "reference", rate, ETA) per batch."""
+
+    class ReferenceProgress(trainer_class):  # type: ignore[misc,valid-type]
+        _reference_started: float | None = None
+        _reference_batches = 0
+
+        def compute_ref_log_probs(self, model, inputs):
+            if self._reference_started is None:
+                self._reference_started = time.monotonic()
+            result = super().compute_ref_log_probs(model, inputs)
+            self._reference_batches += 1
+            done = self._reference_batches
+            if done <= batches:  # a later evaluate() may run the pass over the eval split again: not reported
+                elapsed = time.monotonic() - self._reference_started
+                per_s = done / elapsed if elapsed > 0 else 0.0
+                record = {
+                    "phase": "reference",
+                    "step": done,
+                    "total_steps": batches,
+                    "elapsed_s": elapsed,
+                    "examples_per_s": per_s * pairs_per_batch,
+                    "eta_s": (batches - done) / per_s if per_s > 0 else math.inf,
+                }
+                logger.info(
+                    "train run=%s reference log-probs batch %d/%d %.2f pairs/s eta %.0fs",
+                    run_id, done, batches, record["examples_per_s"], record["eta_s"],
+                )  # fmt: skip
+                if progress is not None:
+                    progress(record)  # may raise to abort the run, as a step's record may
+            return result
+
+    return ReferenceProgress
+
+
 def training_dataset(rows: list[dict[str, Any]]) -> Any:
     """The rows as a datasets.Dataset for TRL. Rows without tools load as before. With tool calls anywhere,
     Arrow's schema inference would merge every message's keys (a "tool_calls": None on each plain turn) and
@@ -355,12 +393,15 @@ def run_training(
         steps_per_pass = math.ceil(len(train_rows) / (micro_batch * accumulation))
         passes_over_one = max_steps > steps_per_pass if max_steps else cfg.epochs > 1
         precompute = cfg.precompute_ref_log_probs and passes_over_one
+        trainer_class: type = DPOTrainer
         if precompute:
             logger.info(
                 "train run=%s reference log-probs of %d pairs first (training.precompute_ref_log_probs)",
                 run_id, len(train_rows) + len(eval_rows),
             )  # fmt: skip
-        trainer = DPOTrainer(
+            batches = math.ceil(len(train_rows) / micro_batch) + math.ceil(len(eval_rows) / micro_batch)
+            trainer_class = _with_reference_progress(DPOTrainer, run_id, batches, micro_batch, progress)
+        trainer = trainer_class(
             model=model,
             args=DPOConfig(
                 **common_args,

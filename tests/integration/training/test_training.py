@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -440,12 +441,16 @@ def test_precomputed_reference_log_probs_train_the_same_as_recomputed(
     train_pairs = len((dataset / "train.jsonl").read_text().splitlines())
     one_pass = math.ceil(train_pairs / 8)  # batch_size 8
 
+    reported: list[dict[str, Any]] = []  # what the run reports as it goes (the run's history in Redis)
+
     def history(name: str, steps: int, precompute: bool) -> list[dict[str, float]]:
         caplog.clear()
+        reported.clear()
         settings = training_settings(
             tiny_model_dir, max_steps=steps, lora_rank=4, lora_alpha=8, precompute_ref_log_probs=precompute
         )
-        return run_training(settings, dataset, workspace / "runs" / name, f"run-{name}", "ds-1").history
+        out = workspace / "runs" / name
+        return run_training(settings, dataset, out, f"run-{name}", "ds-1", progress=reported.append).history
 
     def precomputed_first() -> bool:
         return any("reference log-probs of" in record.getMessage() for record in caplog.records)
@@ -453,6 +458,14 @@ def test_precomputed_reference_log_probs_train_the_same_as_recomputed(
     caplog.set_level("INFO", logger="workers.training.trainer")
     precomputed = history("ref-once", one_pass + 2, True)
     assert precomputed_first()
+    # the reference pass reports each batch (rate, ETA) before the first step: train and eval splits, 8 pairs a batch
+    eval_pairs = len((dataset / "eval.jsonl").read_text().splitlines())
+    batches = math.ceil(train_pairs / 8) + math.ceil(eval_pairs / 8)
+    reference = [r for r in reported if r.get("phase") == "reference"]
+    assert [r["step"] for r in reference] == list(range(1, batches + 1))
+    assert {r["total_steps"] for r in reference} == {batches} and reference[-1]["eta_s"] == 0
+    assert all(r["examples_per_s"] > 0 for r in reference)
+    assert reported[: len(reference)] == reference and len(reported) == len(reference) + one_pass + 2
     recomputed = history("ref-each-step", one_pass + 2, False)
     assert not precomputed_first()
     assert len(precomputed) == len(recomputed) == one_pass + 2

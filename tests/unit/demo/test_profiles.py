@@ -88,6 +88,8 @@ def test_training_progress_shows_step_rate_and_eta() -> None:
     line = training_progress([{"step": 12, "total_steps": 40, "examples_per_s": 1.94, "eta_s": 185.0}])
     assert line == "step 12/40 · 1.9 examples/s · ETA 3m05s · "
     assert "ETA ?" in training_progress([{"step": 0, "total_steps": 40, "eta_s": float("inf")}])
+    reference = {"phase": "reference", "step": 3, "total_steps": 20, "examples_per_s": 2.0, "eta_s": 25.5}
+    assert training_progress([reference]) == "reference log-probs batch 3/20 · 2.0 examples/s · ETA 0m25s · "
 
 
 def test_the_demo_promotes_straight_away_unless_a_canary_share_is_asked_for() -> None:
