@@ -66,6 +66,9 @@ def test_dpo_run_writes_a_valid_adapter_and_learns(first_run, tiny_model_dir: Pa
     assert manifest.base_model == str(tiny_model_dir.resolve())
 
     accuracies = [record["rewards/accuracies"] for record in result.history]
+    reference_pass = [record for record in records if record.get("phase") == "reference"]
+    assert reference_pass and records[: len(reference_pass)] == reference_pass  # reported before the first step
+    records = records[len(reference_pass) :]
     assert len(accuracies) == result.steps == len(records) >= 20
     assert sum(accuracies[:3]) / 3 < 0.6 < 0.9 <= sum(accuracies[-3:]) / 3
     assert result.history[-1]["rewards/margins"] > result.history[0]["rewards/margins"] + 0.5
