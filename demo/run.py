@@ -133,7 +133,7 @@ class Stack:
 
 def training_progress(history: list[dict[str, Any]]) -> str:
     """'step 12/40 · 1.9 examples/s · ETA 3m05s · ' from the run's last logged step, or 'reference log-probs
-    3/20 · ...' during the reference pass before the first step ('' before either)."""
+    batch 3/20 · ...' during the reference pass before the first step ('' before either)."""
     if not history:
         return ""
     last = history[-1]
