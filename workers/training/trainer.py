@@ -195,7 +195,9 @@ def _with_reference_progress(
     trainer_class: type, run_id: str, batches: int, pairs_per_batch: int, progress: ProgressCallback | None
 ) -> type:
     """trainer_class reporting the reference log-prob pass that TRL runs before the first step (minutes on CPU,
-    when nothing else reports): a log line and a progress record (phase "reference", rate, ETA) per batch."""
+    when nothing else reports): a log line and a progress record (phase "reference", rate, ETA) per batch, or per
+    fiftieth of the pass from a hundred batches on (a large snapshot on a GPU), and at its end."""
+    every = max(1, batches // 50)
 
     class ReferenceProgress(trainer_class):  # type: ignore[misc,valid-type]
         _reference_started: float | None = None
@@ -207,7 +209,8 @@ def _with_reference_progress(
             result = super().compute_ref_log_probs(model, inputs)
             self._reference_batches += 1
             done = self._reference_batches
-            if done <= batches:  # a later evaluate() may run the pass over the eval split again: not reported
+            # a later evaluate() may run the pass over the eval split again: not reported
+            if done <= batches and (done % every == 0 or done == batches):
                 elapsed = time.monotonic() - self._reference_started
                 per_s = done / elapsed if elapsed > 0 else 0.0
                 record = {
