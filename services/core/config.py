@@ -370,11 +370,12 @@ class TrainingSettings(BaseModel):
         description="torch threads for training and gate scoring on CPU (0: torch's default). More than 1 "
         "only pays on idle cores: OpenMP threads competing with the engine for cores run many times slower.",
     )
-    cpu_bf16: bool = Field(
+    cpu_bf16: bool | Literal["auto"] = Field(
         False,
         description="Train on CPU in bf16 mixed precision (autocast; the weights and the adapter stay float32). "
         "Pays on CPUs with bf16 matrix instructions (avx512_bf16, AMX): 1.4x the DPO step rate on SmolLM2 here "
-        "(bench/dpo_step.py --cpu-bf16).",
+        "(bench/dpo_step.py --cpu-bf16); elsewhere torch emulates bf16, slower than float32. 'auto': on where the "
+        "CPU has those instructions (/proc/cpuinfo).",
     )
     max_length: int = Field(512, description="Longest prompt+completion in tokens during training.")
     precompute_ref_log_probs: bool = Field(

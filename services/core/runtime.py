@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from services.core.config import Settings
 
 
@@ -21,6 +23,31 @@ def use_cpu_threads(settings: Settings, on_gpu: bool) -> None:
         torch.set_num_threads(settings.training.cpu_threads)
 
 
+# CPU feature flags (as /proc/cpuinfo names them) of native bf16 matrix instructions: without them torch computes bf16
+# by converting to float32 and back, slower than float32 itself.
+BF16_MATMUL_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none: not Linux)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def train_cpu_in_bf16(setting: bool | str, flags: frozenset[str] | None = None) -> bool:
+    """training.cpu_bf16 resolved: "auto" is on where the CPU has native bf16 matrix instructions."""
+    if setting == "auto":
+        return bool(BF16_MATMUL_FLAGS & (cpu_flags() if flags is None else flags))
+    return bool(setting)
+
+
 def served_tokenizer(settings: Settings):  # -> transformers.PreTrainedTokenizerBase
     """The base model's tokenizer with the chat template the engine renders with (``engine.chat_template``
     when set, e.g. one that renders tools), so training and the gate see the prompts serving sees.
@@ -31,8 +58,6 @@ def served_tokenizer(settings: Settings):  # -> transformers.PreTrainedTokenizer
 def load_tokenizer(model_path: str, chat_template: str = ""):  # -> transformers.PreTrainedTokenizerBase
     """A model folder's tokenizer, its chat template replaced by the file `chat_template` when given.
     Raises OSError when that template cannot be read."""
-    from pathlib import Path
-
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)

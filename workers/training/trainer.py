@@ -37,7 +37,7 @@ from typing import Any
 
 from services.adapters.manifest import CONFIG_NAME, adapter_version_name, base_model_fingerprint, base_model_id
 from services.core.config import Settings
-from services.core.runtime import quiet_progress_bars, served_tokenizer, use_cpu_threads
+from services.core.runtime import quiet_progress_bars, served_tokenizer, train_cpu_in_bf16, use_cpu_threads
 from workers.pairing.exports import ExportError, load_kto_rows, load_preference_rows
 
 logger = logging.getLogger(__name__)
@@ -331,6 +331,7 @@ def run_training(
     quiet_progress_bars()
     on_gpu = torch.cuda.is_available()
     use_cpu_threads(settings, on_gpu)
+    cpu_bf16 = not on_gpu and train_cpu_in_bf16(cfg.cpu_bf16)
     model_path = settings.model_path()
     try:
         tokenizer = served_tokenizer(settings)  # render as the engine does (e.g. a template that renders tools)
@@ -378,7 +379,7 @@ def run_training(
         "save_strategy": "no",
         "report_to": "none",
         "disable_tqdm": True,
-        "bf16": on_gpu or cfg.cpu_bf16,
+        "bf16": on_gpu or cpu_bf16,
         "fp16": False,
         "use_cpu": not on_gpu,
         "gradient_checkpointing": on_gpu and cfg.gradient_checkpointing,
@@ -443,7 +444,7 @@ def run_training(
         alpha,
         micro_batch,
         accumulation,
-        "cuda bf16" if on_gpu else ("cpu bf16 autocast" if cfg.cpu_bf16 else "cpu fp32"),
+        "cuda bf16" if on_gpu else ("cpu bf16 autocast" if cpu_bf16 else "cpu fp32"),
         parent_dir,
     )
     started = time.monotonic()
@@ -484,7 +485,7 @@ def run_training(
         runtime_s=runtime,
         examples_per_s=examples_seen / runtime if runtime > 0 else 0.0,
         device="cuda" if on_gpu else "cpu",
-        dtype="bfloat16" if on_gpu else ("float32 (bf16 autocast)" if cfg.cpu_bf16 else "float32"),
+        dtype="bfloat16" if on_gpu else ("float32 (bf16 autocast)" if cpu_bf16 else "float32"),
         metrics=metrics,
         history=history,
         versions=trainer_versions(),

@@ -6,6 +6,7 @@ global_keyprefix), so the processes started here only see this test's tasks.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -240,6 +241,12 @@ def test_a_stale_lease_holder_cannot_write(loop_env: LoopEnv) -> None:
     assert loop_env.trigger(queue_timeout_s=5).recover_stale(now=time.time() + 6) == [third]
 
 
+def reported_past_first_step(loop_env: LoopEnv, run_id: str) -> list[dict] | None:
+    """The run's history in Redis once it holds a training step's record (after the reference pass's records)."""
+    history = [json.loads(raw) for raw in loop_env.redis.lrange(loop_env.keys.run_history(run_id), 0, -1)]
+    return history if any(record.get("phase") != "reference" for record in history) else None
+
+
 def test_sigkill_of_a_train_worker_mid_run_fails_the_run_once(loop_env: LoopEnv) -> None:
     loop_env.add_correction_pairs(24)
     env = {**loop_env.env, "FEEDLOOP_TRAINING__EPOCHS": "1000", "FEEDLOOP_TRAINING__BATCH_SIZE": "4"}
@@ -249,11 +256,16 @@ def test_sigkill_of_a_train_worker_mid_run_fails_the_run_once(loop_env: LoopEnv)
         result = trigger.check(enqueue=loop_env.send_run)
         assert result.action == "started" and result.run_id is not None
         run_id = result.run_id
-        loop_env.wait(
-            lambda: loop_env.redis.llen(loop_env.keys.run_history(run_id)) >= 2,
+        history = loop_env.wait(
+            lambda: reported_past_first_step(loop_env, run_id),
             timeout=240,
             what=f"training steps of {run_id}:\n{worker.log()}",
         )
+        # The reference log-prob pass before the first step reports each batch into the run's history.
+        reference = [record for record in history if record.get("phase") == "reference"]
+        assert reference and history[: len(reference)] == reference
+        assert [record["step"] for record in reference] == list(range(1, len(reference) + 1))
+        assert {record["total_steps"] for record in reference} == {len(reference)} and reference[-1]["eta_s"] == 0
         run = loop_env.runs().get(run_id)
         assert run is not None and run["status"] == "running" and run["dataset_version"] == "ds-000001"
         worker.kill()
