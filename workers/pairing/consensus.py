@@ -36,7 +36,9 @@ four of each on the prompt's other answers, which differ from this one. A voter'
 their votes of log P(vote | opposite) - log P(vote | with the others), each vote at most 3:1 either way (a
 misclick against a unanimous answer decides nothing alone), judged from MIN_JUDGED_VOTES votes that say
 something (a vote against evenly split others says nothing); a voter whose votes are at least ``flip_odds``
-times likelier under "opposite" is unreliable. Every pair an unreliable voter contributed to (a vote on
+times likelier under "opposite" is unreliable. Then the voters found are taken out of the others and the rest
+judged again, until no one new is found (``peel_unreliable_voters``): adversaries who like the same bad answers
+otherwise vouch for each other. Every pair an unreliable voter contributed to (a vote on
 either side, or a correction) is dropped (``consensus:unreliable_voter``), corrections included: an
 adversary's correction names what they want.
 
@@ -224,6 +226,26 @@ def unreliable_voters(evidence: Mapping[str, VoterEvidence], flip_odds: float) -
         return frozenset()
     threshold = math.log(flip_odds)
     return frozenset(who for who, e in evidence.items() if e.votes >= MIN_JUDGED_VOTES and e.log_odds >= threshold)
+
+
+def peel_unreliable_voters(
+    group_votes: Iterable[Sequence[tuple[str, str, str]]], flip_odds: float, max_rounds: int = 10
+) -> frozenset[str]:
+    """unreliable_voters, judged again without the votes of those already found, until no one new is found.
+
+    Adversaries agree with each other: where one likes what the honest users dislike, another's like beside it
+    makes both look like the crowd. Once the clearest is found, their votes no longer count among the others
+    and the rest stand against the honest votes alone (in a SmolLM2 demo's votes, 4 adversaries of 40 users,
+    one round found 1 of them, the second round a second)."""
+    groups = [list(votes) for votes in group_votes]
+    found: frozenset[str] = frozenset()
+    for _ in range(max_rounds):
+        remaining = [[vote for vote in votes if vote[0] not in found] for votes in groups] if found else groups
+        more = unreliable_voters(voter_evidence(remaining), flip_odds) - found
+        if not more:
+            break
+        found |= more
+    return found
 
 
 def without_voters(

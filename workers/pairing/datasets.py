@@ -234,7 +234,7 @@ def consensus_filter(
             group_votes.setdefault(record.get("prompt_hash") or "", []).extend(
                 (identity, rating, text) for identity, rating in cast[cid]
             )
-    unreliable = consensus.unreliable_voters(consensus.voter_evidence(group_votes.values()), cfg.voter_flip_odds)
+    unreliable = consensus.peel_unreliable_voters(group_votes.values(), cfg.voter_flip_odds)
     similarity = cfg.consensus_similarity
     groups = {
         ph: consensus.group_answers(consensus.without_voters(group, cast, unreliable), records, similarity)

@@ -245,3 +245,28 @@ def test_without_voters_relabels_what_the_left_out_voters_voted_on_from_the_othe
         1.0,
     )
     assert (group.likes, group.dislikes) == (1, 2)
+
+
+def test_adversaries_who_vouch_for_each_other_are_found_once_the_clearest_is_left_out() -> None:
+    """The second adversary likes only bad answers the first one liked too, each also disliked by an honest user:
+    against those two others its likes say nothing. Judged again without the first one's votes, they do."""
+    from workers.pairing.consensus import peel_unreliable_voters, unreliable_voters, voter_evidence
+
+    crowd = [(f"crowd-{i}", "like", f"right {j}") for i in range(5) for j in range(4)]
+    clear = crowd + [("first", "dislike", f"right {j}") for j in range(4)]
+    shared = [
+        [
+            ("first", "like", f"bad {k}"),
+            ("second", "like", f"bad {k}"),
+            (f"honest-{k}", "dislike", f"bad {k}"),
+            (f"honest-{k}", "like", f"good {k}"),
+            (f"crowd-{k}", "like", f"good {k}"),
+        ]
+        for k in range(4)
+    ]
+    groups = [clear, *shared]
+    assert unreliable_voters(voter_evidence(groups), 9.0) == {"first"}
+    assert peel_unreliable_voters(groups, 9.0) == {"first", "second"}
+    assert peel_unreliable_voters(groups, 0.0) == frozenset()
+    honest_only = [clear[: len(crowd)], *[[vote for vote in g if vote[0] not in ("first", "second")] for g in shared]]
+    assert peel_unreliable_voters(honest_only, 9.0) == frozenset()
