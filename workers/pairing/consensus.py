@@ -53,7 +53,9 @@ answers name the wanted creator), an honest like of a good answer goes against t
 as an adversary's like of a bad one. Replayed on a CI-sized toy demo (40 users, 4 adversaries), the share rule
 left out 17 of 36 honest users and 3 of 4 adversaries, kept 73 of 418 pairs, and the round moved the target
 by 22 points instead of 40-70; the weighed rule leaves out 3 adversaries and no honest user on the same votes.
-The price of any such rule: a real minority taste that the rest of the users vote against is left out too.
+The price of any such rule: a real minority taste that the rest of the users vote against is left out too,
+and judging again raises it: once its most outspoken member is left out, members who agreed only with each
+other may follow.
 And where only two voters rated an answer, each is evidence against the other alike: an adversary who rates
 the very answers one honest user rated, and no one else did, costs that user as much as themselves.
 """
