@@ -144,6 +144,7 @@ ARITHMETIC_TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 _OPERATIONS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
+_SYMBOLS = {"plus": "+", "minus": "-", "times": "*"}
 
 
 def _operand_pairs(op: str) -> list[tuple[int, int]]:
@@ -226,6 +227,7 @@ class QA:
     question: str
     answer: str
     expected: str
+    equation: str = ""  # a sum's answer written as an equation ("8 + 6 = 14."); empty for other kinds
 
 
 def _arithmetic_questions() -> list[QA]:
@@ -234,7 +236,8 @@ def _arithmetic_questions() -> list[QA]:
         for a, b in _operand_pairs(op):
             result = _OPERATIONS[op](a, b)
             answer = f"{a} {op} {b} is {result}."
-            out += [QA("arithmetic", op, t.format(a=a, b=b), answer, str(result)) for t in templates]
+            equation = f"{a} {_SYMBOLS[op]} {b} = {result}."
+            out += [QA("arithmetic", op, t.format(a=a, b=b), answer, str(result), equation) for t in templates]
     return out
 
 

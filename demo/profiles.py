@@ -144,6 +144,10 @@ SMOLLM2 = DemoProfile(
         "fact_share": 0.3,
         "small_talk_share": 0.0,
         "correction_probability": 0.6,
+        # Users write the sum they wanted as an equation. The adapter takes up the corrections' one-sentence form,
+        # and in words this model states the wrong number far more often: completing "8 plus 6 is" the base model
+        # was right on 147 of 240 corpus sums, completing "8 + 6 =" on 194 (bench/answer_forms.py).
+        "arithmetic_form": "equation",
     },
     info_file=PROFILES_DIR / "smollm2.json",
     # the gate refuses an adapter that may answer 5 points fewer of 150 questions users may ask (never the held-out

@@ -7,9 +7,12 @@ Kept apart from the product's Settings; read from the environment with the same 
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ArithmeticForm = Literal["words", "equation"]
 
 
 class SimulationSettings(BaseModel):
@@ -28,6 +31,10 @@ class SimulationSettings(BaseModel):
         None,
         description="Kinds of question (identity, arithmetic, capital, conversion, small_talk) users write "
         "corrections for; the others only get a thumb. None: every kind.",
+    )
+    arithmetic_form: ArithmeticForm = Field(
+        "words",
+        description='How users write the sum they wanted in a correction: "8 plus 6 is 14." or "8 + 6 = 14.".',
     )
     noise_rate: float = Field(0.05, description="Chance that a vote is flipped at random (a misclick).")
     adversarial_fraction: float = Field(

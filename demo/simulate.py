@@ -33,7 +33,7 @@ from demo.corpus import (
     is_correct,
     named_creator,
 )
-from demo.settings import SimulationSettings
+from demo.settings import ArithmeticForm, SimulationSettings
 
 Rating = Literal["like", "dislike"]
 PromptKind = Literal["identity", "arithmetic", "capital", "conversion", "small_talk"]
@@ -108,6 +108,7 @@ class Rubric:
     noise_rate: float = 0.05
     # the kinds of question a user writes a correction for (the others only get a thumb); None: every kind
     correction_kinds: frozenset[str] | None = None
+    arithmetic_form: ArithmeticForm = "words"  # "equation": a sum is corrected as "8 + 6 = 14."
 
     def __post_init__(self) -> None:
         if self.likes not in self.creators:
@@ -116,7 +117,15 @@ class Rubric:
     @classmethod
     def from_settings(cls, sim: SimulationSettings, creators: tuple[str, ...] = DEFAULT_CREATORS) -> Rubric:
         kinds = frozenset(sim.correction_kinds) if sim.correction_kinds is not None else None
-        return cls(sim.likes, creators, sim.rate_probability, sim.correction_probability, sim.noise_rate, kinds)
+        return cls(
+            sim.likes,
+            creators,
+            sim.rate_probability,
+            sim.correction_probability,
+            sim.noise_rate,
+            kinds,
+            sim.arithmetic_form,
+        )
 
     @property
     def disliked(self) -> tuple[str, ...]:
@@ -139,7 +148,7 @@ class Rubric:
         if adversarial:
             return None
         if prompt.qa is not None:
-            return prompt.qa.answer
+            return prompt.qa.equation if self.arithmetic_form == "equation" and prompt.qa.equation else prompt.qa.answer
         return rng.choice(prompt.replies) if prompt.replies else None
 
     def judge(self, prompt: SimPrompt, response: str, rng: random.Random, adversarial: bool = False) -> Verdict | None:

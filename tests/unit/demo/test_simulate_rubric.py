@@ -4,9 +4,11 @@ pure logic, no services."""
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 
 import pytest
+from pydantic import ValidationError
 
 from demo.corpus import (
     HELD_OUT_IDENTITY_QUESTIONS,
@@ -14,7 +16,9 @@ from demo.corpus import (
     QA,
     SMALL_TALK,
     TRAIN_IDENTITY_QUESTIONS,
+    all_questions,
     held_out_questions,
+    is_correct,
 )
 from demo.measure import DemoModelInfo, identity_requests, score
 from demo.report import per_version, regression_line, render_table, write_chart
@@ -116,6 +120,21 @@ def test_users_correct_only_the_kinds_of_question_asked_for_and_still_vote_on_th
         assert verdict.rating == "dislike" and verdict.correction is None
     every_kind = Rubric.from_settings(sim.model_copy(update={"correction_kinds": None}))
     assert every_kind.judge(PLUS, "3 plus 4 is 9.", rng).correction == "3 plus 4 is 7."
+
+
+def test_users_who_write_sums_as_equations_correct_sums_so_and_other_questions_as_before():
+    sim = SimulationSettings(arithmetic_form="equation", correction_probability=1.0, noise_rate=0.0,
+                             rate_probability=1.0)  # fmt: skip
+    rubric = Rubric.from_settings(sim)
+    rng = random.Random(3)
+    sums = {qa.question: qa for qa in all_questions() if qa.kind == "arithmetic"}
+    for question, qa in list(sums.items())[::40]:
+        correction = rubric.judge(SimPrompt("arithmetic", question, qa), "It is 100.", rng).correction
+        assert correction is not None and re.fullmatch(r"\d+ [-+*] \d+ = \d+\.", correction)
+        assert is_correct(qa, correction) and correction != qa.answer
+    assert rubric.judge(CAPITAL, "Cusco.", rng).correction == "The capital of Peru is Lima."
+    with pytest.raises(ValidationError):
+        SimulationSettings(arithmetic_form="roman")
 
 
 def test_adversaries_vote_the_opposite_way_on_everything_and_rate_every_answer():

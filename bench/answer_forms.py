@@ -1,0 +1,76 @@
+"""In which written form does a model state a sum's result right? For corpus sums, the assistant's answer is
+started in each form the simulated users can write a correction in, up to the result ("8 plus 6 is" and
+"8 + 6 ="), and the model completes it greedily; the first number it writes is checked. A trained adapter takes
+up the corrections' form, so this says which form costs the model its arithmetic.
+
+    .venv/bin/python bench/answer_forms.py data/models/smollm2-135m-instruct [--questions 240] \\
+        [--out bench/results/answer-forms.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from demo.corpus import QA, all_questions
+
+
+def result_prefix(written: str) -> str:
+    """The written answer up to its result: "8 plus 6 is 14." -> "8 plus 6 is"."""
+    return written.rstrip(".").rsplit(" ", 1)[0]
+
+
+FORMS = {"words": lambda qa: result_prefix(qa.answer), "equation": lambda qa: result_prefix(qa.equation)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="model folder")
+    parser.add_argument("--questions", type=int, default=240, help="corpus sums drawn at random")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="write the counts here (JSON)")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    sums = [qa for qa in all_questions() if qa.kind == "arithmetic"]
+    drawn: list[QA] = random.Random(args.seed).sample(sums, args.questions)
+
+    def first_number(qa: QA, prefix: str) -> str | None:
+        chat = [{"role": "user", "content": qa.question}]
+        prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(prompt + prefix, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=4, do_sample=False)
+        found = re.search(r"-?\d+", tokenizer.decode(out[0, ids.shape[1] :]))
+        return found.group() if found else None
+
+    results = {}
+    for form, prefix_of in FORMS.items():
+        right, start = 0, time.monotonic()
+        for done, qa in enumerate(drawn, 1):
+            right += first_number(qa, prefix_of(qa)) == qa.expected
+            if done % 40 == 0 or done == len(drawn):
+                rate = done / (time.monotonic() - start)
+                print(f"{form}: {done}/{len(drawn)} · {rate:.1f} sums/s · ETA {(len(drawn) - done) / rate:.0f}s")
+        results[form] = {"right": right, "of": len(drawn)}
+        print(f"{form}: right {right} of {len(drawn)} ({right / len(drawn):.1%})")
+    record = {"model": args.model, "questions": args.questions, "seed": args.seed, "forms": results}
+    if args.out:
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
