@@ -1,10 +1,11 @@
-"""In which written form does a model state a sum's result right? For corpus sums, the assistant's answer is
-started in each form the simulated users can write a correction in, up to the result ("8 plus 6 is" and
-"8 + 6 ="), and the model completes it greedily; the first number it writes is checked. A trained adapter takes
-up the corrections' form, so this says which form costs the model its arithmetic.
+"""In which written form does a model state a result right? For corpus sums (or unit conversions), the
+assistant's answer is started in each form a user could write a correction in, up to the result ("8 plus 6 is"
+and "8 + 6 ="; "3 weeks is", "3 weeks =" and "3 weeks is 3 * 7 ="), and the model completes it greedily; the
+first number it writes is checked. A trained adapter takes up the corrections' form, so this says which form
+costs the model its results.
 
-    .venv/bin/python bench/answer_forms.py data/models/smollm2-135m-instruct [--questions 240] \\
-        [--out bench/results/answer-forms.json]
+    .venv/bin/python bench/answer_forms.py data/models/smollm2-135m-instruct [--kind arithmetic|conversion] \\
+        [--questions 240] [--out bench/results/answer-forms.json]
 """
 
 from __future__ import annotations
@@ -19,21 +20,38 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from demo.corpus import QA, all_questions
+from demo.corpus import CONVERSIONS, QA, all_questions
 
 
-def result_prefix(written: str) -> str:
-    """The written answer up to its result: "8 plus 6 is 14." -> "8 plus 6 is"."""
-    return written.rstrip(".").rsplit(" ", 1)[0]
+def result_prefix(written: str, result: str) -> str:
+    """The written answer up to its result: "8 plus 6 is 14." -> "8 plus 6 is"; "3 weeks = 21 days." -> "3 weeks ="."""
+    return written[: written.rindex(result)].rstrip()
 
 
-FORMS = {"words": lambda qa: result_prefix(qa.answer), "equation": lambda qa: result_prefix(qa.equation)}
+def as_equation(qa: QA) -> str:
+    """The corpus's equation for a sum; a conversion's words answer with "is" as "=" ("3 weeks = 21 days.")."""
+    return qa.equation or qa.answer.replace(" is ", " = ", 1)
+
+
+def with_working(qa: QA) -> str:
+    """A conversion's answer that shows the sum it takes: "3 weeks is 3 * 7 = 21 days."."""
+    factor = next(factor for big, _, factor in CONVERSIONS if big == qa.topic)
+    return qa.answer.replace(" is ", f" is {int(qa.expected) // factor} * {factor} = ", 1)
+
+
+FORMS = {
+    "words": lambda qa: result_prefix(qa.answer, qa.expected),
+    "equation": lambda qa: result_prefix(as_equation(qa), qa.expected),
+    "working": lambda qa: result_prefix(with_working(qa), qa.expected),
+}
+FORMS_OF_KIND = {"arithmetic": ("words", "equation"), "conversion": ("words", "equation", "working")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="model folder")
-    parser.add_argument("--questions", type=int, default=240, help="corpus sums drawn at random")
+    parser.add_argument("--kind", choices=("arithmetic", "conversion"), default="arithmetic")
+    parser.add_argument("--questions", type=int, default=240, help="corpus questions of that kind drawn at random")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write the counts here (JSON)")
@@ -45,8 +63,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    sums = [qa for qa in all_questions() if qa.kind == "arithmetic"]
-    drawn: list[QA] = random.Random(args.seed).sample(sums, args.questions)
+    of_kind = [qa for qa in all_questions() if qa.kind == args.kind]
+    drawn: list[QA] = random.Random(args.seed).sample(of_kind, min(args.questions, len(of_kind)))
 
     def first_number(qa: QA, prefix: str) -> str | None:
         chat = [{"role": "user", "content": qa.question}]
@@ -58,16 +76,17 @@ def main() -> None:
         return found.group() if found else None
 
     results = {}
-    for form, prefix_of in FORMS.items():
+    for form in FORMS_OF_KIND[args.kind]:
+        prefix_of = FORMS[form]
         right, start = 0, time.monotonic()
         for done, qa in enumerate(drawn, 1):
             right += first_number(qa, prefix_of(qa)) == qa.expected
             if done % 40 == 0 or done == len(drawn):
                 rate = done / (time.monotonic() - start)
-                print(f"{form}: {done}/{len(drawn)} · {rate:.1f} sums/s · ETA {(len(drawn) - done) / rate:.0f}s")
+                print(f"{form}: {done}/{len(drawn)} · {rate:.1f} questions/s · ETA {(len(drawn) - done) / rate:.0f}s")
         results[form] = {"right": right, "of": len(drawn)}
         print(f"{form}: right {right} of {len(drawn)} ({right / len(drawn):.1%})")
-    record = {"model": args.model, "questions": args.questions, "seed": args.seed, "forms": results}
+    record = {"model": args.model, "kind": args.kind, "questions": len(drawn), "seed": args.seed, "forms": results}
     if args.out:
         args.out.write_text(json.dumps(record, indent=2) + "\n")
 
