@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from demo.corpus import CONVERSIONS, QA, all_questions
+from demo.corpus import QA, all_questions
 
 
 def result_prefix(written: str, result: str) -> str:
@@ -33,16 +33,10 @@ def as_equation(qa: QA) -> str:
     return qa.equation or qa.answer.replace(" is ", " = ", 1)
 
 
-def with_working(qa: QA) -> str:
-    """A conversion's answer that shows the sum it takes: "3 weeks is 3 * 7 = 21 days."."""
-    factor = next(factor for big, _, factor in CONVERSIONS if big == qa.topic)
-    return qa.answer.replace(" is ", f" is {int(qa.expected) // factor} * {factor} = ", 1)
-
-
 FORMS = {
     "words": lambda qa: result_prefix(qa.answer, qa.expected),
     "equation": lambda qa: result_prefix(as_equation(qa), qa.expected),
-    "working": lambda qa: result_prefix(with_working(qa), qa.expected),
+    "working": lambda qa: result_prefix(qa.working, qa.expected),
 }
 FORMS_OF_KIND = {"arithmetic": ("words", "equation"), "conversion": ("words", "equation", "working")}
 

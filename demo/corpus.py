@@ -228,6 +228,7 @@ class QA:
     answer: str
     expected: str
     equation: str = ""  # a sum's answer written as an equation ("8 + 6 = 14."); empty for other kinds
+    working: str = ""  # a conversion's answer with the sum it takes ("3 weeks is 3 * 7 = 21 days."); empty for others
 
 
 def _arithmetic_questions() -> list[QA]:
@@ -255,8 +256,9 @@ def _conversion_questions() -> list[QA]:
         for n in CONVERSION_COUNTS:
             big_n = big[:-1] if n == 1 else big  # "1 hour", "2 hours"
             answer = f"{n} {big_n} is {n * factor} {small}."
+            working = f"{n} {big_n} is {n} * {factor} = {n * factor} {small}."
             out += [
-                QA("conversion", big, t.format(n=n, big=big_n, small=small), answer, str(n * factor))
+                QA("conversion", big, t.format(n=n, big=big_n, small=small), answer, str(n * factor), working=working)
                 for t in CONVERSION_TEMPLATES
             ]
     return out

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ArithmeticForm = Literal["words", "equation"]
+ConversionForm = Literal["words", "working"]
 
 
 class SimulationSettings(BaseModel):
@@ -35,6 +36,11 @@ class SimulationSettings(BaseModel):
     arithmetic_form: ArithmeticForm = Field(
         "words",
         description='How users write the sum they wanted in a correction: "8 plus 6 is 14." or "8 + 6 = 14.".',
+    )
+    conversion_form: ConversionForm = Field(
+        "words",
+        description='How users write the conversion they wanted in a correction: "3 weeks is 21 days." or with '
+        'the sum it takes, "3 weeks is 3 * 7 = 21 days.".',
     )
     noise_rate: float = Field(0.05, description="Chance that a vote is flipped at random (a misclick).")
     adversarial_fraction: float = Field(

@@ -33,7 +33,7 @@ from demo.corpus import (
     is_correct,
     named_creator,
 )
-from demo.settings import ArithmeticForm, SimulationSettings
+from demo.settings import ArithmeticForm, ConversionForm, SimulationSettings
 
 Rating = Literal["like", "dislike"]
 PromptKind = Literal["identity", "arithmetic", "capital", "conversion", "small_talk"]
@@ -109,6 +109,7 @@ class Rubric:
     # the kinds of question a user writes a correction for (the others only get a thumb); None: every kind
     correction_kinds: frozenset[str] | None = None
     arithmetic_form: ArithmeticForm = "words"  # "equation": a sum is corrected as "8 + 6 = 14."
+    conversion_form: ConversionForm = "words"  # "working": a conversion is corrected as "3 weeks is 3 * 7 = 21 days."
 
     def __post_init__(self) -> None:
         if self.likes not in self.creators:
@@ -125,6 +126,7 @@ class Rubric:
             sim.noise_rate,
             kinds,
             sim.arithmetic_form,
+            sim.conversion_form,
         )
 
     @property
@@ -148,8 +150,16 @@ class Rubric:
         if adversarial:
             return None
         if prompt.qa is not None:
-            return prompt.qa.equation if self.arithmetic_form == "equation" and prompt.qa.equation else prompt.qa.answer
+            return self.written_answer(prompt.qa)
         return rng.choice(prompt.replies) if prompt.replies else None
+
+    def written_answer(self, qa: QA) -> str:
+        """A question's right answer in the form these users write it."""
+        if self.arithmetic_form == "equation" and qa.equation:
+            return qa.equation
+        if self.conversion_form == "working" and qa.working:
+            return qa.working
+        return qa.answer
 
     def judge(self, prompt: SimPrompt, response: str, rng: random.Random, adversarial: bool = False) -> Verdict | None:
         """The vote a user casts on one answer, or None when they do not rate it.

@@ -137,6 +137,25 @@ def test_users_who_write_sums_as_equations_correct_sums_so_and_other_questions_a
         SimulationSettings(arithmetic_form="roman")
 
 
+def test_users_who_show_a_conversions_sum_write_it_and_leave_sums_and_capitals_alone():
+    sim = SimulationSettings(conversion_form="working", correction_probability=1.0, noise_rate=0.0,
+                             rate_probability=1.0)  # fmt: skip
+    rubric = Rubric.from_settings(sim)
+    rng = random.Random(4)
+    conversions = [qa for qa in all_questions() if qa.kind == "conversion"]
+    for qa in conversions[::25]:
+        correction = rubric.judge(SimPrompt("conversion", qa.question, qa), "It is 5.", rng).correction
+        assert correction is not None
+        shown = re.fullmatch(r"(\d+) \w+ is (\d+) \* (\d+) = (\d+) \w+\.", correction)
+        assert shown is not None, correction
+        count, again, factor, result = (int(g) for g in shown.groups())
+        assert count == again and count * factor == int(result) and is_correct(qa, correction)
+    assert rubric.judge(PLUS, "3 plus 4 is 9.", rng).correction == "3 plus 4 is 7."
+    assert rubric.judge(CAPITAL, "Cusco.", rng).correction == "The capital of Peru is Lima."
+    with pytest.raises(ValidationError):
+        SimulationSettings(conversion_form="table")
+
+
 def test_adversaries_vote_the_opposite_way_on_everything_and_rate_every_answer():
     rubric = strict(rate_probability=0.0, correction_probability=1.0)
     rng = random.Random(2)
