@@ -146,8 +146,8 @@ SMOLLM2 = DemoProfile(
         "correction_probability": 0.6,
         # Users write the sum they wanted as an equation. The adapter takes up the corrections' one-sentence form,
         # and in words this model states the wrong number far more often: completing "8 plus 6 is" the base model
-        # was right on 147 of 240 corpus sums, completing "8 + 6 =" on 194 (bench/answer_forms.py). Five demos with it
-        # dropped 2.9-8.7 held-out points (four within 5), keeping 94.5-98.2% of the sums (twelve before: 89.1-96.4%).
+        # was right on 147 of 240 corpus sums, completing "8 + 6 =" on 194 (bench/answer_forms.py). Nine demos with it
+        # dropped 1.0-15.4 held-out points (six within 5), keeping 92.7-100% of the sums (twelve before: 89.1-96.4%).
         "arithmetic_form": "equation",
     },
     info_file=PROFILES_DIR / "smollm2.json",
