@@ -284,7 +284,10 @@ class PairsSettings(BaseModel):
     generate_interval_s: float = Field(
         30.0, description="How often beat starts the task generating weaker/stronger answers."
     )
-    generation_batch: int = Field(16, description="Candidates one generation task handles.")
+    generation_batch: int = Field(
+        16,
+        description="Candidates one generation task handles, shared among the users who rated them (one each in turn).",
+    )
     generation_concurrency: int = Field(4, description="Generation requests in flight at once.")
     generation_max_tokens: int = Field(256, description="max_tokens of a generated weaker/stronger answer.")
     generation_max_attempts: int = Field(3, description="Failed generations before a candidate is given up.")

@@ -5,6 +5,11 @@ liked counterpart) in a sorted set; the ``pairs.generate`` task takes a batch of
 OpenAI-compatible endpoint for the missing side, and stores the pairs. A candidate leaves the set once it
 yields a pair, is no longer eligible, or has failed ``generation_max_attempts`` times.
 
+A round shares its batch among the users who rated the candidates, oldest first, one each in turn. While the engine
+is busy the set backs up, and taken strictly by age it went mostly to whoever rated most: in one demo 25 of the 42
+weaker answers written before training were for the likes of four adversaries (rating every answer, from two
+loops), whose pairs the voter rule then dropped, while honest users' likes waited.
+
 Sources: the weaker answer comes from the served base model without adapter (``feedloop-base`` on the
 feedloop API) at a high temperature, or from any OpenAI-compatible URL (``pairs.weaker_source``); the
 stronger answer comes from a teacher endpoint (``pairs.teacher_url``), optionally checked by an LLM judge
@@ -16,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +39,9 @@ from workers.pairing.rules import PairRecord, RatedResponse
 from workers.pairing.store import CommandBatch, PairsStore, parse_label, tally
 
 log = logging.getLogger(__name__)
+
+# A round looks this many batches deep into the candidate set for users to share its batch among.
+FAIR_WINDOW_BATCHES = 8
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,23 @@ def _eligible(
     return keep, stale
 
 
+def fair_share(candidates: list[_Candidate], size: int) -> list[_Candidate]:
+    """Up to ``size`` candidates, one per user in turn (users in the order of their oldest candidate, each user's
+    oldest first); a candidate belongs to the first user who rated it."""
+    queues: dict[str, deque[_Candidate]] = {}
+    for cand in candidates:
+        queues.setdefault(cand.rated.users[0] if cand.rated.users else "", deque()).append(cand)
+    picked: list[_Candidate] = []
+    while queues and len(picked) < size:
+        for user in list(queues):
+            picked.append(queues[user].popleft())
+            if not queues[user]:
+                del queues[user]
+            if len(picked) == size:
+                break
+    return picked
+
+
 def _build(strategy: str, cand: _Candidate, text: str, source: str, judged: bool) -> PairRecord:
     rec = cand.record
     common = {"created_at": time.time(), "phash": rec["prompt_hash"], "entry_id": rec.get("entry_id", "")}
@@ -196,13 +222,14 @@ def _run_strategy(
 ) -> dict[str, int]:
     cfg = settings.pairs
     candidates_key = keys.pairing_candidates(strategy)
-    raw: Any = redis.zrange(candidates_key, 0, cfg.generation_batch - 1)
+    raw: Any = redis.zrange(candidates_key, 0, cfg.generation_batch * FAIR_WINDOW_BATCHES - 1)
     cids = [c.decode() if isinstance(c, bytes) else c for c in raw]
-    counts = {"candidates": len(cids), "written": 0, "dropped": 0, "failed": 0, "ineligible": 0}
+    counts = {"candidates": len(cids), "written": 0, "dropped": 0, "failed": 0, "ineligible": 0, "deferred": 0}
     if not cids:
         return counts
-    todo, stale = _eligible(redis, keys, store, strategy, cids)
-    counts["ineligible"] = len(stale)
+    eligible, stale = _eligible(redis, keys, store, strategy, cids)
+    todo = fair_share(eligible, cfg.generation_batch)
+    counts["ineligible"], counts["deferred"] = len(stale), len(eligible) - len(todo)
     if stale:
         redis.zrem(candidates_key, *stale)
     client = endpoint.client(cfg.generation_timeout_s)

@@ -111,6 +111,7 @@ def test_generated_pairs_with_judge_and_retries(pairs_env: PairsEnv, stand_in_ur
         "dropped": 0,
         "failed": 0,
         "ineligible": 1,
+        "deferred": 0,
     }
     assert report["stronger_answer"] == {
         "candidates": 3,
@@ -118,6 +119,7 @@ def test_generated_pairs_with_judge_and_retries(pairs_env: PairsEnv, stand_in_ur
         "dropped": 1,
         "failed": 1,
         "ineligible": 0,
+        "deferred": 0,
     }
 
     weaker = pairs_env.pair(pairing.pair_id("weaker_answer", "liked"))
@@ -145,6 +147,43 @@ def test_generated_pairs_with_judge_and_retries(pairs_env: PairsEnv, stand_in_ur
     calls = len(StandInModel.requests)
     third = generate_pairs(pairs_env.redis, pairs_env.keys, pairs_env.settings, token_counter=tokens)
     assert third["weaker_answer"]["candidates"] == 0 and len(StandInModel.requests) == calls
+
+
+def test_a_round_shares_its_batch_among_the_users_who_rated_the_candidates(
+    pairs_env: PairsEnv,  # noqa: F811
+    stand_in_url: str,
+):
+    """One user who likes many answers first must not take a whole round while others' likes wait behind them."""
+    cfg = pairs_env.settings.pairs
+    cfg.strategies = ["same_prompt", "weaker_answer"]
+    cfg.weaker_source, cfg.weaker_model = stand_in_url, "weak"
+    cfg.generation_batch = 4
+    events = [feedback_event(f"heavy-{i}", "like", "heavy", prompt=f"Heavy question {i}", response="Yes.")
+              for i in range(10)]  # fmt: skip
+    events += [feedback_event(f"light-{i}", "like", f"light-{i}", prompt=f"Light question {i}", response="Yes.")
+               for i in range(3)]  # fmt: skip
+    for event in events:
+        xadd(pairs_env.redis, pairs_env.keys.feedback_stream, event)
+    pairs_env.consumer().consume(20, until_drained=True)
+    candidates = pairs_env.keys.pairing_candidates("weaker_answer")
+    assert pairs_env.redis.zcard(candidates) == 13
+    oldest = [c.decode() for c in pairs_env.redis.zrange(candidates, 0, 3)]
+    assert all(c.startswith("heavy-") for c in oldest)  # by age alone the round would be the heavy user's
+
+    tokens = TokenCounter(None)
+    first = generate_pairs(pairs_env.redis, pairs_env.keys, pairs_env.settings, token_counter=tokens)["weaker_answer"]
+    assert first == {"candidates": 13, "written": 4, "dropped": 0, "failed": 0, "ineligible": 0, "deferred": 9}
+    asked = sorted(r["messages"][-1]["content"] for r in StandInModel.requests)
+    assert asked == ["Heavy question 0", "Light question 0", "Light question 1", "Light question 2"]
+
+    # the heavy user's other likes are kept, not lost: later rounds take them, oldest first
+    rounds = [generate_pairs(pairs_env.redis, pairs_env.keys, pairs_env.settings, token_counter=tokens)
+              for _ in range(3)]  # fmt: skip
+    assert [r["weaker_answer"]["written"] for r in rounds] == [4, 4, 1]
+    assert pairs_env.redis.zcard(candidates) == 0
+    assert pairs_env.stats().created == {"weaker_answer": 13}
+    later = sorted(r["messages"][-1]["content"] for r in StandInModel.requests[4:])
+    assert later == [f"Heavy question {i}" for i in range(1, 10)]
 
 
 def test_a_round_that_overlaps_a_running_one_skips_and_asks_nothing(
