@@ -5,10 +5,10 @@ liked counterpart) in a sorted set; the ``pairs.generate`` task takes a batch of
 OpenAI-compatible endpoint for the missing side, and stores the pairs. A candidate leaves the set once it
 yields a pair, is no longer eligible, or has failed ``generation_max_attempts`` times.
 
-A round shares its batch among the users who rated the candidates, oldest first, one each in turn. While the engine
-is busy the set backs up, and taken strictly by age it went mostly to whoever rated most: in one demo 25 of the 42
-weaker answers written before training were for the likes of four adversaries (rating every answer, from two
-loops), whose pairs the voter rule then dropped, while honest users' likes waited.
+A round shares its batch among the users who rated the candidates, one each in turn, each user's oldest first.
+When likes come faster than a batch a round, the set backs up, and taken strictly by age a round would go to
+whoever rated most: one heavy user, or an adversary rating every answer, could hold back everyone
+else's generated pairs.
 
 Sources: the weaker answer comes from the served base model without adapter (``feedloop-base`` on the
 feedloop API) at a high temperature, or from any OpenAI-compatible URL (``pairs.weaker_source``); the
