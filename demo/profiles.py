@@ -146,7 +146,7 @@ SMOLLM2 = DemoProfile(
         "correction_probability": 0.6,
         # Users write the sum they wanted as an equation. The adapter takes up the corrections' one-sentence form,
         # and in words this model states the wrong number far more often: completing "8 plus 6 is" the base model
-        # was right on 147 of 240 corpus sums, completing "8 + 6 =" on 194 (bench/answer_forms.py). Nine demos with it
+        # was right on 147 of 240 corpus sums, completing "8 + 6 =" on 194 (bench/answer_forms.py). Ten demos with it
         # dropped 1.0-15.4 held-out points (six within 5), keeping 92.7-100% of the sums (twelve before: 89.1-96.4%).
         "arithmetic_form": "equation",
     },
