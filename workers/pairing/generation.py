@@ -6,9 +6,9 @@ OpenAI-compatible endpoint for the missing side, and stores the pairs. A candida
 yields a pair, is no longer eligible, or has failed ``generation_max_attempts`` times.
 
 A round shares its batch among the users who rated the candidates, one each in turn, each user's oldest first.
-When likes come faster than a batch a round, the set backs up, and taken strictly by age a round would go to
-whoever rated most: one heavy user, or an adversary rating every answer, could hold back everyone
-else's generated pairs.
+When candidates arrive faster than rounds take them, the set backs up, and taken strictly by age a round would go
+to whoever rated most: one heavy user, or an adversary rating every answer, could hold back everyone else's
+generated pairs.
 
 Sources: the weaker answer comes from the served base model without adapter (``feedloop-base`` on the
 feedloop API) at a high temperature, or from any OpenAI-compatible URL (``pairs.weaker_source``); the
