@@ -149,6 +149,10 @@ SMOLLM2 = DemoProfile(
         # was right on 147 of 240 corpus sums, completing "8 + 6 =" on 194 (bench/answer_forms.py). Ten demos with it
         # dropped 1.0-15.4 held-out points (six within 5), keeping 92.7-100% of the sums (twelve before: 89.1-96.4%).
         "arithmetic_form": "equation",
+        # ... and a conversion with its sum shown ("3 weeks is 3 * 7 = 21 days."), as the base model works it out
+        # when right: in words the adapters kept 3-8 of the gate's 7-11 right conversions; one demo with the sum
+        # shown took them from 11 to 43 of 50 (held-out drop 2.9).
+        "conversion_form": "working",
     },
     info_file=PROFILES_DIR / "smollm2.json",
     # the gate refuses an adapter that may answer 5 points fewer of 150 questions users may ask (never the held-out

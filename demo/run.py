@@ -456,6 +456,7 @@ class Demo:
             "reasons": run.get("reasons"),
             "error": run.get("error"),
             "trigger_reason": (run.get("trigger") or {}).get("reason"),
+            "waited_for_generation_s": (run.get("trigger") or {}).get("waited_for_generation_s"),
             "triggered_at": run.get("created_at"),
             "simulation": stats.to_dict(),
             "like_rate": _like_rate_on(stats, before),

@@ -313,6 +313,13 @@ class TrainingSettings(BaseModel):
         description="After a failed run, wait this long before the trigger starts another (doubling with each "
         "further failure in a row, at most max_interval_s); `feedloop train --now` ignores it.",
     )
+    generation_wait_s: float = Field(
+        120.0,
+        ge=0,
+        description="Longest a due run waits for the generated pairs (pairs.strategies weaker_answer, "
+        "stronger_answer) whose candidates were pending when it became due, so that what its dataset holds does not "
+        "depend on where the generation round was. 0: no wait; `feedloop train --now` never waits.",
+    )
     continue_from_active: bool = Field(True, description="Continue training the active adapter.")
     lora_rank: int = Field(8, description="LoRA rank (must not exceed engine.max_lora_rank).")
     lora_alpha: int = Field(16, description="LoRA alpha.")
@@ -476,6 +483,14 @@ class GateSettings(BaseModel):
         description="Under gate.retention_rule non_inferior: the largest drop in regression-set accuracy the "
         "candidate may have at the lower end of its interval. A kind of case fails when it is shown worse (upper end "
         "below 0) by more than this.",
+    )
+    kept_floor: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Under gate.retention_rule non_inferior, besides it: the least share of the regression cases the "
+        "reference answers right that the candidate must still answer right, whatever it gains on the others. "
+        "0: none.",
     )
     max_retention_cases: int = Field(200, gt=0, description="Most regression cases the gate answers.")
     retention_max_tokens: int = Field(48, gt=0, description="Tokens generated per regression case (greedy).")

@@ -381,7 +381,7 @@ def evaluate_adapter(
     retention = score_retention(cases, reference_answers, candidate_answers, gate.confidence) if cases else None
     if retention is not None:
         rule, margin = gate.retention_rule, gate.retention_margin
-        reasons.extend(retention_failures(retention, rule, gate.min_retention, margin, reference_name))
+        reasons.extend(retention_failures(retention, rule, gate.min_retention, margin, reference_name, gate.kept_floor))
     metrics.update(
         candidate=candidate.summary(gate.confidence),
         reference_score=reference.summary(gate.confidence),

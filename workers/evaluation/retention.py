@@ -25,6 +25,8 @@ cases the reference answers right, the share the candidate still answers right i
   model whose right answers are fragile, a set of the questions it happens to answer right can only lose:
   SmolLM2-135M answers about a third of the demo's corpus questions right, and an adapter that answered 66% of
   400 of them right (23 lost, 151 gained) kept only 83% of the base model's right ones (BENCHMARKS.md).
+  Gains can then pay for any loss; ``gate.kept_floor`` (0: off) also fails a candidate that keeps less than that
+  share of the reference's right cases.
 
 An optional ``"kind"`` names the group a case belongs to (capitals, arithmetic, ...). When the set has more than
 one kind, each kind is checked on its own as well as the whole set, so that gains on one kind cannot hide a loss on
@@ -173,12 +175,23 @@ def _score(
 
 
 def retention_failures(
-    score: RetentionScore, rule: str, min_retention: float, margin: float, reference_name: str
+    score: RetentionScore,
+    rule: str,
+    min_retention: float,
+    margin: float,
+    reference_name: str,
+    kept_floor: float = 0.0,
 ) -> list[str]:
-    """Why the candidate fails the retention check under ``rule`` (gate.retention_rule): the whole set's reason
-    first, then each failing kind's; empty when it passes."""
+    """Why the candidate fails the retention check under ``rule`` (gate.retention_rule): the whole set's reasons
+    first, then each failing kind's; empty when it passes. ``kept_floor`` (gate.kept_floor) applies under
+    non_inferior."""
     whole_set = _whole_set_failure(score, rule, min_retention, margin, reference_name)
     reasons = [whole_set] if whole_set else []
+    if rule == "non_inferior" and score.rate < kept_floor:
+        reasons.append(
+            f"retention {score.rate:.3f} ({score.kept}/{score.reference_right} of the regression cases "
+            f"{reference_name} answers right, {score.gained} gained) below gate.kept_floor {kept_floor}"
+        )
     for kind, part in score.by_kind.items():
         paired = part.accuracy
         if rule == "non_inferior" and paired.upper < 0 and paired.difference < -margin:

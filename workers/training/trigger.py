@@ -4,6 +4,12 @@ A run starts when the pairs stored since the last run's dataset snapshot reach `
 when ``training.max_interval_s`` has passed since the last run (since the first check, before any run) and
 at least ``training.min_pairs_floor`` new pairs are there. :func:`decide` is that rule, pure.
 
+A due run first waits (at most ``training.generation_wait_s``) for the generated pairs whose candidates were
+pending when it became due. Generation rounds run apart from the votes, so without the wait the snapshot would
+take the weaker-answer pairs (the liked answer against the base model's) that happened to be written by then:
+one demo's run got 42 of them, the same users' run again 69, and the held-out answers those pairs anchor fell
+15.4 and 5.8 points. Candidates arriving during the wait are left to the next run, so the wait is bounded.
+
 Starting is idempotent, because beat can run twice (two beat processes, a restarted one) and tasks can be
 delivered twice. :func:`check_training` claims a run in one Lua script that
 
@@ -34,11 +40,13 @@ from redis import Redis
 from services.core import metrics
 from services.core.config import Settings, TrainingSettings
 from services.core.keys import Keys
+from workers.pairing.rules import GENERATED_STRATEGIES
 from workers.training.runs import ACTIVE, RunStore, encode
 
 log = logging.getLogger(__name__)
 
 STALE_SCAN = 20  # recent runs examined for staleness at each check
+DUE_AT = "due_at"  # training_state field: when the rule first called for the run now waiting on generation
 
 # KEYS: current slot, window key, run hash, runs index. ARGV: run id, window ttl ms (0: no window), now,
 # field/value pairs of the new run record.
@@ -92,6 +100,12 @@ def decide(new_pairs: int, since_last_s: float | None, cfg: TrainingSettings) ->
     return Decision(False, "waiting_for_pairs", new_pairs, since_last_s)
 
 
+def waits_for_generation(pending: int, due_at: float, now: float, wait_s: float) -> bool:
+    """Whether a due run still waits: ``pending`` generation candidates date from before ``due_at``, and less than
+    ``wait_s`` has passed since."""
+    return pending > 0 and now - due_at < wait_s
+
+
 def backoff_remaining(recent_runs: list[dict[str, Any]], now: float, cfg: TrainingSettings) -> float:
     """Seconds the trigger still waits after failed runs (0: none). Runs newest first; the wait doubles with
     each failure in a row, so a broken setup does not start a doomed run at every check."""
@@ -126,7 +140,9 @@ def stale_reason(run: dict[str, Any], lease_holder: str | None, now: float, queu
 @dataclass
 class CheckResult:
     action: str  # started | skipped
-    reason: str  # a Decision reason, run_in_progress, canary_running, window_taken or backing_off_after_failure
+    # a Decision reason, run_in_progress, canary_running, window_taken, backing_off_after_failure or
+    # waiting_for_generation
+    reason: str
     run_id: str | None = None
     decision: Decision | None = None
     recovered: list[str] = field(default_factory=list)
@@ -183,6 +199,27 @@ class Trigger:
         except datasets.SnapshotError:  # the version's record is gone: count everything
             return datasets.count_new_pairs(self.redis, self.keys, None)
 
+    def pending_generation(self, now: float) -> int:
+        """Generation candidates the due run still waits for (0: start it); the first call marks when it was due."""
+        wait_s = self.settings.training.generation_wait_s
+        strategies = [s for s in self.settings.pairs.strategies if s in GENERATED_STRATEGIES]
+        if wait_s <= 0 or not strategies:
+            return 0
+        self.redis.hsetnx(self.keys.training_state, DUE_AT, repr(now))
+        due_at = float(self.runs.training_state().get(DUE_AT) or now)
+        pipe = self.redis.pipeline(transaction=False)
+        for strategy in strategies:
+            pipe.zcount(self.keys.pairing_candidates(strategy), "-inf", due_at)
+        pending = sum(int(n) for n in pipe.execute())
+        if not waits_for_generation(pending, due_at, now, wait_s):
+            return 0
+        log.info(
+            "training is due; waiting %.0fs more at most for %d generated pairs pending since then",
+            wait_s - (now - due_at),
+            pending,
+        )
+        return pending
+
     def evaluate(self, now: float | None = None) -> Decision:
         """The trigger rule on the current data (no side effect but remembering the first check time)."""
         now = time.time() if now is None else now
@@ -203,6 +240,7 @@ class Trigger:
         recovered = self.recover_stale(now)
         current = self.runs.current()
         if current is not None:
+            self.redis.hdel(self.keys.training_state, DUE_AT)  # a check racing the claim may have set it again
             return CheckResult("skipped", "run_in_progress", current, recovered=recovered)
         if not force and self.redis.exists(self.keys.canary_adapter):
             # its candidate could not be promoted (one canary at a time): train once live votes have decided
@@ -212,7 +250,11 @@ class Trigger:
             return CheckResult("skipped", "backing_off_after_failure", None, recovered=recovered)
         decision = Decision(True, "forced", self.new_pairs(), None) if force else self.evaluate(now)
         if not decision.start:
+            self.redis.hdel(self.keys.training_state, DUE_AT)
             return CheckResult("skipped", decision.reason, None, decision, recovered)
+        if not force and self.pending_generation(now):
+            return CheckResult("skipped", "waiting_for_generation", None, decision, recovered)
+        due_at = self.runs.training_state().get(DUE_AT)
         run_id = self.runs.next_run_id()
         interval = self.settings.training.check_interval_s
         record = encode(
@@ -221,7 +263,10 @@ class Trigger:
                 "status": "queued",
                 "created_at": now,
                 "queued_at": now,
-                "trigger": decision.to_dict(),
+                "trigger": {
+                    **decision.to_dict(),
+                    "waited_for_generation_s": round(now - float(due_at), 1) if due_at and not force else 0.0,
+                },
                 "method": self.settings.training.method,
             }
         )
@@ -244,6 +289,7 @@ class Trigger:
         )
         if outcome != "claimed":
             return CheckResult("skipped", outcome, detail or None, decision, recovered)
+        self.redis.hdel(self.keys.training_state, DUE_AT)
         log.info("training run %s queued (%s, %d new pairs)", run_id, decision.reason, decision.new_pairs)
         if enqueue is not None:
             try:

@@ -160,6 +160,43 @@ def test_not_enough_new_pairs_starts_nothing(loop_env: LoopEnv) -> None:
     assert loop_env.trigger().check(enqueue=lambda run_id: None, now=later).reason == "interval_elapsed"
 
 
+def test_a_due_run_waits_for_the_generated_pairs_pending_when_it_became_due(loop_env: LoopEnv) -> None:
+    """The snapshot should hold the weaker-answer pairs of every like voted before the run was due, wherever the
+    generation round was; candidates arriving later do not hold the run, and the wait is bounded."""
+    loop_env.settings.pairs.strategies = ["correction", "weaker_answer"]
+    loop_env.seed_pair_ids(12)
+    candidates = loop_env.keys.pairing_candidates("weaker_answer")
+    now = time.time()
+    loop_env.redis.zadd(candidates, {"liked-before": now - 5})
+    sent: list[str] = []
+    trigger = loop_env.trigger(generation_wait_s=120.0)
+
+    first = trigger.check(enqueue=sent.append, now=now)
+    assert (first.action, first.reason, sent) == ("skipped", "waiting_for_generation", [])
+    assert first.decision is not None and first.decision.reason == "enough_pairs"
+    loop_env.redis.zadd(candidates, {"liked-after": now + 10})  # voted while the run waits
+    assert trigger.check(enqueue=sent.append, now=now + 20).reason == "waiting_for_generation"
+    loop_env.redis.zrem(candidates, "liked-before")  # the round wrote its pair (or dropped it)
+    started = trigger.check(enqueue=sent.append, now=now + 30)
+    assert (started.action, started.reason, sent) == ("started", "enough_pairs", [started.run_id])
+    assert loop_env.redis.hget(loop_env.keys.training_state, "due_at") is None  # the next run waits afresh
+    assert loop_env.runs().get(started.run_id)["trigger"]["waited_for_generation_s"] == 30.0  # type: ignore[index]
+
+    # The next due run: a candidate that never clears holds it for generation_wait_s, no longer.
+    run_id = started.run_id
+    assert run_id is not None
+    loop_env.runs().update(run_id, {"status": "promoted"})
+    assert loop_env.runs().release_slot(run_id)
+    later = now + 600
+    loop_env.redis.zadd(candidates, {"liked-failing": later - 1})
+    assert trigger.check(enqueue=sent.append, now=later).reason == "waiting_for_generation"
+    assert trigger.check(enqueue=sent.append, now=later + 119).reason == "waiting_for_generation"
+    assert trigger.check(enqueue=sent.append, now=later + 120).action == "started"
+    assert len(sent) == 2
+    # `feedloop train --now` and a zero wait never wait.
+    assert loop_env.trigger(generation_wait_s=0.0).pending_generation(later) == 0
+
+
 def test_no_run_starts_while_a_canary_is_deciding(loop_env: LoopEnv) -> None:
     """A candidate trained now could not be promoted before live votes decide the running canary."""
     loop_env.seed_pair_ids(50)

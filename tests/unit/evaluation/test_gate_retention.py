@@ -71,6 +71,19 @@ def test_non_inferior_counts_what_the_candidate_gains_against_what_it_loses() ->
     assert score.accuracy.difference == pytest.approx(0.36)
 
 
+def test_a_kept_floor_fails_a_candidate_whose_gains_pay_for_too_many_losses() -> None:
+    # measured on SmolLM2: 54 of the base's 66 right answers kept (81.8%), 48 gained; held-out retention fell 6.7
+    reference = [i < 66 for i in range(150)]
+    candidate = [i < 54 or 66 <= i < 114 for i in range(150)]
+    score = scored(reference, candidate)
+    assert not retention_failures(score, "non_inferior", 0.9, 0.05, "base")  # the gains pay for the losses
+    [failure] = retention_failures(score, "non_inferior", 0.9, 0.05, "base", kept_floor=0.85)
+    assert "0.818 (54/66" in failure and "48 gained" in failure and "gate.kept_floor 0.85" in failure
+    assert not retention_failures(score, "non_inferior", 0.9, 0.05, "base", kept_floor=0.8)
+    # under "kept" the floor is gate.min_retention's job: kept_floor adds nothing
+    assert len(retention_failures(score, "kept", 0.8, 0.05, "base", kept_floor=0.85)) == 0
+
+
 def test_non_inferior_fails_a_candidate_that_may_be_worse_beyond_the_margin() -> None:
     # a partial collapse: it loses 29 of the reference's 65 right answers and gains 17 (measured on SmolLM2): the
     # difference's interval reaches above 0, but also far below -0.05
