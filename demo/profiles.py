@@ -90,6 +90,10 @@ SMOLLM2 = DemoProfile(
         # ~400 pairs stored from the users' identity and ordinary questions (corrections, liked answer > the base
         # model's high-temperature answer, liked > disliked): the mix that moves identity and keeps the facts.
         "FEEDLOOP_TRAINING__MIN_PAIRS": "400",
+        # No wait for the generated pairs pending at the trigger: the users keep chatting through it, and in three
+        # demos with the 120 s default the snapshots grew from ~400 to 617-625 stored pairs, mostly corrections,
+        # and dropped 5.8-7.7 held-out points (capitals unasked by the users, in the corrections' one sentence).
+        "FEEDLOOP_TRAINING__GENERATION_WAIT_S": "0",
         # Passes over the training split, not a fixed step count: the trigger's snapshot keeps 140-190 training
         # pairs (pairs land in batches, so it overshoots min_pairs by up to 120). At a fixed 40 steps of 8, the three
         # runs that missed the identity target (63-75%) had 171-187 pairs (1.7-1.9 passes); of the eight that reached
