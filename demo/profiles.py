@@ -150,12 +150,13 @@ SMOLLM2 = DemoProfile(
         "correction_probability": 0.6,
         # Users write the sum they wanted as an equation. The adapter takes up the corrections' one-sentence form,
         # and in words this model states the wrong number far more often: completing "8 plus 6 is" the base model
-        # was right on 147 of 240 corpus sums, completing "8 + 6 =" on 194 (bench/answer_forms.py). Ten demos with it
-        # dropped 1.0-15.4 held-out points (six within 5), keeping 92.7-100% of the sums (twelve before: 89.1-96.4%).
+        # was right on 147 of 240 corpus sums, completing "8 + 6 =" on 194 (bench/answer_forms.py). Fourteen demos
+        # with it dropped 1.0-15.4 held-out points (seven within 5), keeping 92.7-100% of the sums (twelve before:
+        # 89.1-96.4%).
         "arithmetic_form": "equation",
         # ... and a conversion with its sum shown ("3 weeks is 3 * 7 = 21 days."), as the base model works it out
-        # when right: in words the adapters kept 3-8 of the gate's 7-11 right conversions; one demo with the sum
-        # shown took them from 11 to 43 of 50 (held-out drop 2.9).
+        # when right: in words the adapters kept 3-8 of the gate's 7-11 right conversions; four demos with the sum
+        # shown took them from 7-12 to 42-43 of 50, losing at most one (seeds 50-53).
         "conversion_form": "working",
     },
     info_file=PROFILES_DIR / "smollm2.json",
