@@ -156,7 +156,7 @@ SMOLLM2 = DemoProfile(
         "arithmetic_form": "equation",
         # ... and a conversion with its sum shown ("3 weeks is 3 * 7 = 21 days."), as the base model works it out
         # when right: in words the adapters kept 3-8 of the gate's 7-11 right conversions; four demos with the sum
-        # shown took them from 7-12 to 42-43 of 50, losing at most one (seeds 50-53).
+        # shown took them from 7-12 to 42-46 of 50, losing at most one (seeds 50-53).
         "conversion_form": "working",
     },
     info_file=PROFILES_DIR / "smollm2.json",
