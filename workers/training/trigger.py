@@ -205,7 +205,7 @@ class Trigger:
         strategies = [s for s in self.settings.pairs.strategies if s in GENERATED_STRATEGIES]
         if wait_s <= 0 or not strategies:
             return 0
-        self.redis.hsetnx(self.keys.training_state, DUE_AT, repr(now))
+        became_due = self.redis.hsetnx(self.keys.training_state, DUE_AT, repr(now))
         due_at = float(self.runs.training_state().get(DUE_AT) or now)
         pipe = self.redis.pipeline(transaction=False)
         for strategy in strategies:
@@ -213,7 +213,9 @@ class Trigger:
         pending = sum(int(n) for n in pipe.execute())
         if not waits_for_generation(pending, due_at, now, wait_s):
             return 0
-        log.info(
+        # once per due run at info: the trigger is checked every few seconds while it waits
+        log.log(
+            logging.INFO if became_due else logging.DEBUG,
             "training is due; waiting %.0fs more at most for %d generated pairs pending since then",
             wait_s - (now - due_at),
             pending,
