@@ -99,8 +99,11 @@ SMOLLM2 = DemoProfile(
         # runs that missed the identity target (63-75%) had 171-187 pairs (1.7-1.9 passes); of the eight that reached
         # 95-98%, six had 140-168 and two 172-174. On one run's 140 pairs, 30 steps instead of 40 gave 15.6% instead
         # of 96.7%: the target sits on a steep knee, and the budget keeps a margin past it. 2.5 passes: 44 steps for
-        # the smallest snapshots, at most 60 (~10 min on 2 cores, ~190 training pairs).
-        "FEEDLOOP_TRAINING__MAX_STEPS": "60",
+        # the smallest snapshots, at most 80 (~8 min on 2 cores with bf16, 256 training pairs). The ceiling was 60
+        # while snapshots kept at most ~190; with the weaker-answer pairs they keep 178-279, and seed 56 (--likes
+        # "Orion Systems", 243 training pairs) stopped at 2.0 passes and reached 54.2%; its data at 76 steps: 91.2%,
+        # nothing lost (bench/results/dpo-sweep-seed56-step-ceiling.jsonl).
+        "FEEDLOOP_TRAINING__MAX_STEPS": "80",
         "FEEDLOOP_TRAINING__MAX_EPOCHS": "2.5",
         "FEEDLOOP_TRAINING__BATCH_SIZE": "8",
         "FEEDLOOP_TRAINING__MICRO_BATCH_SIZE": "4",
