@@ -31,16 +31,25 @@ on the same answer to the same prompt when there are any, else with the other vo
 least two; fewer say nothing). From those others' like rate q a vote is weighed as evidence between two
 hypotheses: the voter votes as the others do (a like has probability q) or the opposite way on purpose (a
 like has probability 1 - q). Each other voter counts once, by their own share of likes (a voter with four
-chat loops is one voter). q is smoothed towards one half: by one like and one dislike on the same answer, by
-four of each on the prompt's other answers, which differ from this one. A voter's evidence is the sum over
-their votes of log P(vote | opposite) - log P(vote | with the others), each vote at most 3:1 either way (a
-misclick against a unanimous answer decides nothing alone), judged from MIN_JUDGED_VOTES votes that say
-something (a vote against evenly split others says nothing); a voter whose votes are at least ``flip_odds``
-times likelier under "opposite" is unreliable. Then the voters found are taken out of the others and the rest
-judged again, until no one new is found (``peel_unreliable_voters``): adversaries who like the same bad answers
-otherwise vouch for each other. Every pair an unreliable voter contributed to (a vote on
-either side, or a correction) is dropped (``consensus:unreliable_voter``), corrections included: an
-adversary's correction names what they want.
+chat loops is one voter). q is smoothed by one like and one dislike on the same answer (its own votes are
+direct evidence: split evenly, they say nothing), and by eight votes at the crowd's like rate on the prompt's
+other answers, which differ from this one: the mean share of likes of every other voter on answers from the
+same served model (the base or one adapter). A voter's evidence is the sum over their votes of
+log P(vote | opposite) - log P(vote | with the others), each vote at most 3:1 either way (a misclick against a
+unanimous answer decides nothing alone), judged from MIN_JUDGED_VOTES votes that say something; a voter whose
+votes are at least ``flip_odds`` times likelier under "opposite" is unreliable. Then the voters found are taken
+out of the others and the rest judged again, until no one new is found (``peel_unreliable_voters``):
+adversaries who like the same bad answers otherwise vouch for each other. Every pair an unreliable voter
+contributed to (a vote on either side, or a correction) is dropped (``consensus:unreliable_voter``),
+corrections included: an adversary's correction names what they want.
+
+Why the crowd's like rate (2026-12-08; before, one half): a prompt's few other votes said little where the
+crowd liked a quarter of a model's answers. An adversary's like beside two dislikes weighed 3:2, and in a
+SmolLM2 demo (40 users, 4 adversaries, ``--likes "Orion Systems"``, seed 56) two adversaries stayed under the
+odds of 9 at the snapshot (log-odds 0.6 and 1.2, from 7-8 informative votes); their likes became a third of
+the identity pairs. Towards the crowd's rate the same votes put all four at 7.9-13.0 and no honest voter above
+1.1 (bench/voter_replay.py). The price: where the crowd likes most of a model's answers, two users who dislike
+answers another user liked go against it, where one half read that tie as saying nothing.
 
 The unreliable voters' votes are also taken out of the prompt groups the rules above read: a completion they
 voted on is labelled by its other votes alone (``without_voters``). Otherwise an adversary's likes, left out of
@@ -93,6 +102,15 @@ SIDES: dict[str, tuple[str, ...]] = {
     "weaker_answer": ("like",),
     "stronger_answer": ("dislike",),
 }
+
+
+# A vote as the voter rule reads it: (identity, rating, answer text) and optionally the served model that gave
+# the answer (its adapter; absent or "" for the base model).
+Vote = tuple[str, str, str] | tuple[str, str, str, str]
+
+
+def served(vote: Vote) -> str:
+    return vote[3] if len(vote) > 3 else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,42 +197,55 @@ class _Votes:
             return self._shares, len(self.total)
         return self._shares - self.likes[identity] / own, len(self.total) - 1
 
+    def like_rate(self, identity: str) -> float:
+        """The other voters' mean share of likes (one half when there are none)."""
+        likes, voters = self.others(identity)
+        return likes / voters if voters else 0.5
+
 
 @dataclass(frozen=True, slots=True)
 class VoterEvidence:
     votes: int  # informative votes: those with others to compare with
-    log_odds: float  # log P(votes | voting opposite to the others) - log P(votes | voting with them)
+    log_odds: float  # log P(votes | voting opposite to the others) - log P(votes | with them)
 
 
-def vote_log_odds(rating: str, other_likes: float, others: int, prior_votes: float = 1.0) -> float:
+def vote_log_odds(rating: str, other_likes: float, others: int, prior_votes: float = 1.0, center: float = 0.5) -> float:
     """log P(this vote | the voter votes opposite to the others) - log P(this vote | with them), the others' like
-    rate smoothed by prior_votes (> 0) likes and as many dislikes, at most MAX_VOTE_LOG_ODDS either way."""
-    like_rate = (other_likes + prior_votes) / (others + 2 * prior_votes)
+    rate smoothed by 2 * prior_votes (> 0) votes at the rate ``center``, at most MAX_VOTE_LOG_ODDS either way."""
+    like_rate = (other_likes + 2 * prior_votes * center) / (others + 2 * prior_votes)
     evidence = max(-MAX_VOTE_LOG_ODDS, min(MAX_VOTE_LOG_ODDS, math.log((1 - like_rate) / like_rate)))
     return evidence if rating == "like" else -evidence
 
 
-def voter_evidence(group_votes: Iterable[Sequence[tuple[str, str, str]]]) -> dict[str, VoterEvidence]:
-    """identity -> VoterEvidence, from each prompt group's votes as (identity, rating, answer text). A vote is
-    compared with the other voters' votes on the same answer when there are any, else with the other votes on
-    the prompt (at least two)."""
+def voter_evidence(group_votes: Iterable[Sequence[Vote]], center_on_crowd: bool = True) -> dict[str, VoterEvidence]:
+    """identity -> VoterEvidence, from each prompt group's votes as (identity, rating, answer text[, served model]).
+    A vote is compared with the other voters' votes on the same answer when there are any, else with the other
+    votes on the prompt (at least two), smoothed towards the crowd's like rate of the same served model's answers
+    (center_on_crowd=False: towards one half, the rule before 2026-12-08, kept to measure one against the other)."""
+    groups = [list(votes) for votes in group_votes]
+    crowd: defaultdict[str, _Votes] = defaultdict(_Votes)
+    for votes in groups:
+        for vote in votes:
+            crowd[served(vote)].add(vote[0], vote[1])
     log_odds: defaultdict[str, float] = defaultdict(float)
     informative: Counter[str] = Counter()
-    for votes in group_votes:
+    for votes in groups:
         group = _Votes()
         by_answer: defaultdict[str, _Votes] = defaultdict(_Votes)
-        for identity, rating, text in votes:
-            group.add(identity, rating)
-            by_answer[answer_key(text)].add(identity, rating)
-        for identity, rating, text in votes:
+        for vote in votes:
+            group.add(vote[0], vote[1])
+            by_answer[answer_key(vote[2])].add(vote[0], vote[1])
+        for vote in votes:
+            identity, rating, text = vote[0], vote[1], vote[2]
             other_likes, others = by_answer[answer_key(text)].others(identity)
-            prior = ANSWER_PRIOR_VOTES
-            if not others:
+            if others:
+                evidence = vote_log_odds(rating, other_likes, others, ANSWER_PRIOR_VOTES)
+            else:
                 other_likes, others = group.others(identity)
-                prior = PROMPT_PRIOR_VOTES
                 if others < 2:
                     continue
-            evidence = vote_log_odds(rating, other_likes, others, prior)
+                center = crowd[served(vote)].like_rate(identity) if center_on_crowd else 0.5
+                evidence = vote_log_odds(rating, other_likes, others, PROMPT_PRIOR_VOTES, center)
             if abs(evidence) > 1e-9:  # the others are split evenly (up to rounding of their like shares)
                 informative[identity] += 1
                 log_odds[identity] += evidence
@@ -231,7 +262,7 @@ def unreliable_voters(evidence: Mapping[str, VoterEvidence], flip_odds: float) -
 
 
 def peel_unreliable_voters(
-    group_votes: Iterable[Sequence[tuple[str, str, str]]], flip_odds: float, max_rounds: int = 10
+    group_votes: Iterable[Sequence[Vote]], flip_odds: float, max_rounds: int = 10, center_on_crowd: bool = True
 ) -> frozenset[str]:
     """unreliable_voters, judged again without the votes of those already found, until no one new is found.
 
@@ -243,7 +274,7 @@ def peel_unreliable_voters(
     found: frozenset[str] = frozenset()
     for _ in range(max_rounds):
         remaining = [[vote for vote in votes if vote[0] not in found] for votes in groups] if found else groups
-        more = unreliable_voters(voter_evidence(remaining), flip_odds) - found
+        more = unreliable_voters(voter_evidence(remaining, center_on_crowd), flip_odds) - found
         if not more:
             break
         found |= more

@@ -225,14 +225,14 @@ def consensus_filter(
     cids = [cid for group in labels.values() for cid in group]
     records: dict[str, dict[str, Any]] = {}
     cast: dict[str, list[tuple[str, str]]] = {}
-    group_votes: dict[str, list[tuple[str, str, str]]] = {}
+    group_votes: dict[str, list[consensus.Vote]] = {}
     for start in range(0, len(cids), 5000):
         for cid, (record, votes) in store.completions_with_votes(cids[start : start + 5000]).items():
             records[cid] = record
-            text = str(record.get("response") or "")
+            text, model = str(record.get("response") or ""), str(record.get("adapter") or "")
             cast[cid] = list(pairs_store.ratings(votes))
             group_votes.setdefault(record.get("prompt_hash") or "", []).extend(
-                (identity, rating, text) for identity, rating in cast[cid]
+                (identity, rating, text, model) for identity, rating in cast[cid]
             )
     unreliable = consensus.peel_unreliable_voters(group_votes.values(), cfg.voter_flip_odds)
     similarity = cfg.consensus_similarity

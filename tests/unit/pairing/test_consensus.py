@@ -171,6 +171,40 @@ def test_honest_likes_on_a_split_prompt_are_weak_evidence_and_contrarian_votes_o
     assert unreliable_voters(evidence, 0.0) == frozenset()
 
 
+def test_a_prompt_s_few_other_votes_are_read_against_the_crowd_s_like_rate_of_the_same_served_model() -> None:
+    """Where the crowd likes a fifth of a model's answers, a like beside two dislikes on a prompt is a like against
+    the crowd; towards one half it would weigh 3:2, and four such likes stayed under the odds of 9. The crowd's rate
+    is the rate of the same served model: where users like most of an adapter's answers, the same votes say little."""
+    from workers.pairing.consensus import PROMPT_PRIOR_VOTES, unreliable_voters, vote_log_odds, voter_evidence
+
+    def votes(model: str, crowd_likes: int) -> list[list[tuple[str, str, str, str]]]:
+        background = [
+            [(f"crowd-{i}", "like" if i < crowd_likes else "dislike", f"{model} answer {i}", model)] for i in range(10)
+        ]
+        prompts = [
+            [("crowd-0", "dislike", f"p{k} a", model), ("crowd-5", "dislike", f"p{k} b", model),
+             ("judged", "like", f"p{k} c", model)]
+            for k in range(4)
+        ]  # fmt: skip
+        return background + prompts
+
+    base = voter_evidence(votes("", crowd_likes=2))["judged"]
+    assert base.votes == 4
+    assert base.log_odds == pytest.approx(4 * vote_log_odds("like", 0, 2, PROMPT_PRIOR_VOTES, center=2 / 11))
+    assert base.log_odds >= math.log(9.0) > 4 * vote_log_odds("like", 0, 2, PROMPT_PRIOR_VOTES)  # towards 1/2
+    assert unreliable_voters(voter_evidence(votes("", crowd_likes=2)), 9.0) == {"judged"}
+    before = voter_evidence(votes("", crowd_likes=2), center_on_crowd=False)["judged"]  # the rule before, measured
+    assert before.log_odds == pytest.approx(4 * vote_log_odds("like", 0, 2, PROMPT_PRIOR_VOTES))
+    liked = votes("adapter-v2", crowd_likes=8)  # the crowd likes 8 in 11 of this model's answers
+    assert voter_evidence(liked)["judged"].log_odds < 0
+    # ... and it is the two who disliked those four answers that go against it, each vote against one like and one
+    # dislike of others (a tie the rule before read as saying nothing)
+    assert unreliable_voters(voter_evidence(liked), 9.0) == {"crowd-0", "crowd-5"}
+    # both models' votes at once: each vote on a base answer is still read against the base's crowd
+    both = voter_evidence(votes("", crowd_likes=2) + liked[:10])["judged"]
+    assert both.log_odds == pytest.approx(base.log_odds)
+
+
 def test_no_single_vote_decides_and_a_heavy_voter_counts_once_among_the_others() -> None:
     from workers.pairing.consensus import MAX_VOTE_LOG_ODDS, unreliable_voters, vote_log_odds, voter_evidence
 
@@ -180,7 +214,9 @@ def test_no_single_vote_decides_and_a_heavy_voter_counts_once_among_the_others()
     unanimous = [(f"crowd-{i}", "like", "Paris.") for i in range(10)] + [("clumsy", "dislike", "Paris.")]
     split = [("clumsy", "like", "Lyon."), ("a", "like", "Nice."), ("b", "dislike", "Metz.")]  # a 1:1 tie
     evidence = voter_evidence([unanimous, split, [("clumsy", "like", "x"), ("c", "like", "y"), ("d", "dislike", "z")]])
-    assert evidence["clumsy"].votes == 1  # the two votes against evenly split others say nothing
+    # against evenly split others on a prompt, a vote is weighed by the crowd's like rate: these others liked most
+    # answers (10 of 12 voters like all theirs), so the two likes agree with them and outweigh the misclick
+    assert evidence["clumsy"].votes == 3 and evidence["clumsy"].log_odds < 0
     assert unreliable_voters(evidence, 9.0) == frozenset()
 
     # one voter liking "Rome." from four loops is one other voter, as the honest one disliking it is
