@@ -26,30 +26,29 @@ on it). Corrections still carry the users' intent.
 
 Corrections are exempt from both rules above: their chosen side is what a user wrote, not a rated answer.
 
-Voters who vote against the crowd (``flip_odds`` > 0). Each vote is compared with the other voters' votes
-on the same answer to the same prompt when there are any, else with the other votes in its prompt group (at
-least two; fewer say nothing). From those others' like rate q a vote is weighed as evidence between two
-hypotheses: the voter votes as the others do (a like has probability q) or the opposite way on purpose (a
-like has probability 1 - q). Each other voter counts once, by their own share of likes (a voter with four
-chat loops is one voter). q is smoothed by one like and one dislike on the same answer (its own votes are
-direct evidence: split evenly, they say nothing), and by eight votes at the crowd's like rate on the prompt's
-other answers, which differ from this one: the mean share of likes of every other voter on answers from the
-same served model (the base or one adapter). A voter's evidence is the sum over their votes of
-log P(vote | opposite) - log P(vote | with the others), each vote at most 3:1 either way (a misclick against a
-unanimous answer decides nothing alone), judged from MIN_JUDGED_VOTES votes that say something; a voter whose
-votes are at least ``flip_odds`` times likelier under "opposite" is unreliable. Then the voters found are taken
-out of the others and the rest judged again, until no one new is found (``peel_unreliable_voters``):
-adversaries who like the same bad answers otherwise vouch for each other. Every pair an unreliable voter
-contributed to (a vote on either side, or a correction) is dropped (``consensus:unreliable_voter``),
-corrections included: an adversary's correction names what they want.
+Voters who vote against the crowd (``flip_odds`` > 0). Each vote is compared with the other voters' votes on the
+same answer to the same prompt when there are any, else with the other votes in its prompt group (at least two;
+fewer say nothing). From those others' like rate q a vote is weighed as evidence between two hypotheses: the voter
+votes as the others do (a like has probability q) or the opposite way on purpose (a like has probability 1 - q).
+Each other voter counts once, by their own share of likes (a voter with four chat loops is one voter). q is
+smoothed by one like and one dislike on the same answer (its own votes are direct evidence: split evenly, they say
+nothing), and by eight votes at the crowd's like rate on the prompt's other answers, which differ from this one:
+the mean share of likes of every other voter on answers from the same served model (the base or one adapter), with
+one voter more on each side. A voter's evidence is the sum over their votes of log P(vote | opposite) - log P(vote
+| with the others), each vote at most 3:1 either way (a misclick against a unanimous answer decides nothing alone),
+judged from MIN_JUDGED_VOTES votes that say something; a voter whose votes are at least ``flip_odds`` times
+likelier under "opposite" is unreliable. Then the voters found are taken out of the others and the rest judged
+again, until no one new is found (``peel_unreliable_voters``): adversaries who like the same bad answers otherwise
+vouch for each other. Every pair an unreliable voter contributed to (a vote on either side, or a correction) is
+dropped (``consensus:unreliable_voter``), corrections included: an adversary's correction names what they want.
 
-Why the crowd's like rate (2026-12-08; before, one half): a prompt's few other votes said little where the
-crowd liked a quarter of a model's answers. An adversary's like beside two dislikes weighed 3:2, and in a
-SmolLM2 demo (40 users, 4 adversaries, ``--likes "Orion Systems"``, seed 56) two adversaries stayed under the
-odds of 9 at the snapshot (log-odds 0.6 and 1.2, from 7-8 informative votes); their likes became a third of
-the identity pairs. Towards the crowd's rate the same votes put all four at 7.9-13.0 and no honest voter above
-1.1 (bench/voter_replay.py). The price: where the crowd likes most of a model's answers, two users who dislike
-answers another user liked go against it, where one half read that tie as saying nothing.
+Why the crowd's like rate (2026-12-08; before, one half): a prompt's few other votes said little where the crowd
+liked a quarter of a model's answers. An adversary's like beside two dislikes weighed 3:2, and in a SmolLM2 demo
+(40 users, 4 adversaries, ``--likes "Orion Systems"``, seed 56) two adversaries stayed under the odds of 9 at the
+snapshot (log-odds 0.6 and 1.2, from 7-8 informative votes); their likes became a third of the identity pairs.
+Towards the crowd's rate the same votes put all four at 7.5-12.7 and no honest voter above 1.1
+(bench/voter_replay.py). The price: where the crowd likes most of a model's answers, two users who dislike answers
+another user liked go against it, where one half read that tie as saying nothing.
 
 The unreliable voters' votes are also taken out of the prompt groups the rules above read: a completion they
 voted on is labelled by its other votes alone (``without_voters``). Otherwise an adversary's likes, left out of
@@ -198,9 +197,10 @@ class _Votes:
         return self._shares - self.likes[identity] / own, len(self.total) - 1
 
     def like_rate(self, identity: str) -> float:
-        """The other voters' mean share of likes (one half when there are none)."""
+        """The other voters' mean share of likes, with one more voter who likes everything and one who likes
+        nothing: never 0 or 1 (a crowd that disliked every answer so far leaves a like possible), one half for none."""
         likes, voters = self.others(identity)
-        return likes / voters if voters else 0.5
+        return (likes + 1) / (voters + 2)
 
 
 @dataclass(frozen=True, slots=True)

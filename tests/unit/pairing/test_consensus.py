@@ -190,12 +190,14 @@ def test_a_prompt_s_few_other_votes_are_read_against_the_crowd_s_like_rate_of_th
 
     base = voter_evidence(votes("", crowd_likes=2))["judged"]
     assert base.votes == 4
-    assert base.log_odds == pytest.approx(4 * vote_log_odds("like", 0, 2, PROMPT_PRIOR_VOTES, center=2 / 11))
+    assert base.log_odds == pytest.approx(
+        4 * vote_log_odds("like", 0, 2, PROMPT_PRIOR_VOTES, center=2.2 / 12)
+    )  # at the 3:1 cap
     assert base.log_odds >= math.log(9.0) > 4 * vote_log_odds("like", 0, 2, PROMPT_PRIOR_VOTES)  # towards 1/2
     assert unreliable_voters(voter_evidence(votes("", crowd_likes=2)), 9.0) == {"judged"}
     before = voter_evidence(votes("", crowd_likes=2), center_on_crowd=False)["judged"]  # the rule before, measured
     assert before.log_odds == pytest.approx(4 * vote_log_odds("like", 0, 2, PROMPT_PRIOR_VOTES))
-    liked = votes("adapter-v2", crowd_likes=8)  # the crowd likes 8 in 11 of this model's answers
+    liked = votes("adapter-v2", crowd_likes=10)  # the others like most of this model's answers (0.78 smoothed)
     assert voter_evidence(liked)["judged"].log_odds < 0
     # ... and it is the two who disliked those four answers that go against it, each vote against one like and one
     # dislike of others (a tie the rule before read as saying nothing)
@@ -203,6 +205,20 @@ def test_a_prompt_s_few_other_votes_are_read_against_the_crowd_s_like_rate_of_th
     # both models' votes at once: each vote on a base answer is still read against the base's crowd
     both = voter_evidence(votes("", crowd_likes=2) + liked[:10])["judged"]
     assert both.log_odds == pytest.approx(base.log_odds)
+
+
+def test_a_crowd_that_rated_every_answer_one_way_leaves_the_other_way_possible() -> None:
+    """A crowd that disliked (or liked) every answer so far is smoothed like any other: a vote the other way is
+    strong evidence, not an impossible one, and nothing divides by zero."""
+    from workers.pairing.consensus import MAX_VOTE_LOG_ODDS, voter_evidence
+
+    for rating, other in (("dislike", "like"), ("like", "dislike")):
+        groups = [
+            [(f"crowd-{i}", rating, f"{k} {i}") for i in range(3)] + [("judged", other, f"{k} x")] for k in range(4)
+        ]
+        evidence = voter_evidence(groups)["judged"]
+        assert (evidence.votes, evidence.log_odds) == (4, pytest.approx(4 * MAX_VOTE_LOG_ODDS))
+        assert voter_evidence(groups)["crowd-0"].log_odds < 0
 
 
 def test_no_single_vote_decides_and_a_heavy_voter_counts_once_among_the_others() -> None:
