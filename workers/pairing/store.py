@@ -272,9 +272,11 @@ def tally(votes: Sequence[bytes | str], limit: int = 20) -> tuple[str | None, li
 
 
 def ratings(votes: Sequence[bytes | str]) -> Iterator[tuple[str, str]]:
-    """(identity, rating) of each vote in a completion's votes (flat HGETALL list)."""
+    """(identity, rating) of each like and dislike in a completion's votes (flat HGETALL list); a withdrawn vote
+    stays in the hash (its timestamp orders later votes) but rates nothing."""
     for vote in parse_votes(votes):
-        yield vote.voter, vote.rating
+        if vote.rating in ("like", "dislike"):
+            yield vote.voter, vote.rating
 
 
 def supporters(votes: Sequence[bytes | str], rating: str | None, limit: int = 20) -> tuple[list[str], list[str]]:

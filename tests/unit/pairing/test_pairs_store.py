@@ -76,6 +76,8 @@ def test_tally_supporters_and_ratings_read_voters_from_the_values():
         b"1.0|f1|like|",
         b"u2",
         vote_value(2.0, "f2", "dislike", "", "u2").encode(),
+        b"u3",
+        vote_value(4.0, "f4", "withdrawn", "", "u3").encode(),  # rates nothing (the voter rule read it as a dislike)
     ]
     assert tally(votes) == ("like", ["f1", "f3"], ["u1", "ip:b"])
     assert supporters(votes, "dislike") == (["f2"], ["u2"])
