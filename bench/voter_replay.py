@@ -42,12 +42,12 @@ def votes_until(store: PairsStore, cutoff: float) -> list[list[consensus.Vote]]:
     groups: defaultdict[str, list[consensus.Vote]] = defaultdict(list)
     for start in range(0, len(cids), 2000):
         for record, votes in store.completions_with_votes(cids[start : start + 2000]).values():
-            text, model = str(record.get("response") or ""), str(record.get("adapter") or "")
-            groups[str(record.get("prompt_hash") or "")].extend(
-                (vote.voter, vote.rating, text, model)
+            cast = [
+                (vote.voter, vote.rating)
                 for vote in parse_votes(votes)
                 if vote.created_at <= cutoff and vote.rating in ("like", "dislike")
-            )
+            ]
+            groups[str(record.get("prompt_hash") or "")].extend(consensus.answer_votes(record, cast))
     return list(groups.values())
 
 

@@ -112,6 +112,12 @@ def served(vote: Vote) -> str:
     return vote[3] if len(vote) > 3 else ""
 
 
+def answer_votes(record: Mapping[str, Any], ratings: Iterable[tuple[str, str]]) -> list[Vote]:
+    """The votes on one completion (its pairing record) as the voter rule reads them, from (identity, rating)."""
+    text, model = str(record.get("response") or ""), str(record.get("adapter") or "")
+    return [(identity, rating, text, model) for identity, rating in ratings]
+
+
 @dataclass(frozen=True, slots=True)
 class RatedAnswer:
     completion_id: str

@@ -229,10 +229,9 @@ def consensus_filter(
     for start in range(0, len(cids), 5000):
         for cid, (record, votes) in store.completions_with_votes(cids[start : start + 5000]).items():
             records[cid] = record
-            text, model = str(record.get("response") or ""), str(record.get("adapter") or "")
             cast[cid] = list(pairs_store.ratings(votes))
             group_votes.setdefault(record.get("prompt_hash") or "", []).extend(
-                (identity, rating, text, model) for identity, rating in cast[cid]
+                consensus.answer_votes(record, cast[cid])
             )
     unreliable = consensus.peel_unreliable_voters(group_votes.values(), cfg.voter_flip_odds)
     similarity = cfg.consensus_similarity
