@@ -48,7 +48,8 @@ liked a quarter of a model's answers. An adversary's like beside two dislikes we
 snapshot (log-odds 0.6 and 1.2, from 7-8 informative votes); their likes became a third of the identity pairs.
 Towards the crowd's rate the same votes put all four at 7.5-12.7 and no honest voter above 1.1
 (bench/voter_replay.py). The price: where the crowd likes most of a model's answers, two users who dislike answers
-another user liked go against it, where one half read that tie as saying nothing.
+another user liked go against it, where one half read that tie as saying nothing; on a toy demo's later snapshots
+(votes on adapters the crowd likes) it left out 1 and 2 honest users where one half left out 0 and 1.
 
 The unreliable voters' votes are also taken out of the prompt groups the rules above read: a completion they
 voted on is labelled by its other votes alone (``without_voters``). Otherwise an adversary's likes, left out of
